@@ -1,0 +1,135 @@
+"""Named exceptions of mla-seam, each with its own process exit code.
+
+Every error says what was wrong and what to do about it. The CLI maps the class to
+``exit_code``; tests assert on both the class and the code, so codes never change meaning.
+"""
+
+from __future__ import annotations
+
+
+class SeamError(Exception):
+    """Base class: a failure the user can act on. ``hint`` says what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  -> {self.hint}" if self.hint else self.message
+
+
+class UsageError(SeamError):
+    """Command-line arguments that cannot be acted on."""
+
+    exit_code = 2
+
+
+class TreeNotFoundError(SeamError):
+    """The MEGATRON_DIR given does not exist or is not a directory."""
+
+    exit_code = 3
+
+
+class NotMegatronTreeError(SeamError):
+    """The directory holds no ``megatron/core`` package."""
+
+    exit_code = 4
+
+
+class UnsupportedVersionError(SeamError):
+    """No patch series serves the tree's megatron-core version."""
+
+    exit_code = 5
+
+
+class PreimageMismatchError(SeamError):
+    """A touched file differs from every pre-image the series recorded (upstream moved)."""
+
+    exit_code = 6
+
+
+class DirtyTreeError(SeamError):
+    """Uncommitted user changes overlap a file the series touches."""
+
+    exit_code = 7
+
+
+class SeriesCorruptError(SeamError):
+    """The series on disk disagrees with its manifest, or a patch cannot be parsed."""
+
+    exit_code = 8
+
+
+class UnsafePathError(SeamError):
+    """A patch or overlay path escapes the tree, or a touched path is a symlink."""
+
+    exit_code = 9
+
+
+class OverlayConflictError(SeamError):
+    """An overlay file already exists in the tree with content that is not ours."""
+
+    exit_code = 10
+
+
+class ReadOnlyTreeError(SeamError):
+    """The tree (or the state folder) cannot be written."""
+
+    exit_code = 11
+
+
+class LockedError(SeamError):
+    """Another mla-seam process holds the tree's lock."""
+
+    exit_code = 12
+
+
+class PatchFailedError(SeamError):
+    """A patch does not apply strictly (no fuzz) to a verified pre-image."""
+
+    exit_code = 13
+
+
+class DriftedTreeError(SeamError):
+    """The tree is neither pristine nor patched: edits on top of the series, or a partial state."""
+
+    exit_code = 14
+
+
+class UpstreamError(SeamError):
+    """A release could not be fetched or materialized (unknown tag, registry unreachable)."""
+
+    exit_code = 15
+
+
+class RebaseError(SeamError):
+    """A rebase could not be completed; the user's tree and patches/ are unchanged."""
+
+    exit_code = 16
+
+
+class DriftFoundError(SeamError):
+    """A drift sweep found tags that need work (used as a CI gate)."""
+
+    exit_code = 17
+
+
+class DeviceError(SeamError):
+    """The GPU suite cannot run here (no CUDA device, no Transformer Engine)."""
+
+    exit_code = 18
+
+
+class StateCorruptError(SeamError):
+    """mla-seam's own state folder holds a journal it cannot read (disk error or hand edit)."""
+
+    exit_code = 19
+
+
+class InterruptedRunError(SeamError):
+    """SIGINT/SIGTERM arrived; the tree was rolled back or completed before exiting."""
+
+    exit_code = 130  # 128 + SIGINT; a SIGTERM sets 143 on the instance

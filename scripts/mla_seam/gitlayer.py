@@ -1,0 +1,389 @@
+"""The one thin git layer of mla-seam: every git operation goes through GitPython here.
+
+Flags are pinned and commented so that the same inputs give the same bytes on any machine,
+whatever the user's ``~/.gitconfig`` says. Callers never build git command lines themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import git
+
+# Configuration forced on every git process we start. Each entry neutralizes a user or system
+# setting that would change bytes we read or write.
+PINNED_CONFIG: Sequence[str] = (
+    "core.autocrlf=false",  # never rewrite line endings on read or write
+    "core.safecrlf=false",  # no CRLF warnings turning into errors
+    "core.quotepath=false",  # paths printed verbatim (spaces, UTF-8), not C-quoted
+    "core.fileMode=true",  # the executable bit is content we track
+    "diff.noprefix=false",  # always a/ and b/ prefixes, so -p1 is right
+    "diff.mnemonicPrefix=false",  # ... and never i/ w/ c/ prefixes
+    "diff.renames=false",  # a rename is a delete + add: explicit, reversible
+    "diff.algorithm=myers",  # the default algorithm, pinned: hunks stay byte-stable
+    "diff.context=3",  # three context lines, like upstream's own patches
+    "diff.interHunkContext=0",  # hunks are not merged on the user's preference
+    "diff.suppressBlankEmpty=false",  # a blank context line keeps its leading space
+    "format.signature=",  # no "-- 2.x.y" trailer carrying the git version
+    "format.numbered=auto",  # [PATCH n/m] only for multi-patch ranges (we pass -N anyway)
+    "format.coverLetter=false",
+    "format.useAutoBase=false",  # no base-commit trailer that depends on local refs
+    "format.thread=false",
+    "format.headers=",
+    "commit.gpgSign=false",  # signing would make commits machine-dependent
+    "tag.gpgSign=false",
+    "init.defaultBranch=main",
+    "advice.detachedHead=false",
+    "apply.whitespace=nowarn",  # upstream context may carry trailing blanks; never "fix" them
+    "user.useConfigOnly=false",
+)
+
+# Environment for every git process: no prompts, no system config, C locale for parsable output.
+PINNED_ENV: Mapping[str, str] = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "LC_ALL": "C",
+    "LANG": "C",
+}
+
+# Author/committer used for commits we make (materialized releases, series exports): fixed so
+# that commit ids, and with them format-patch output, are reproducible.
+SEAM_IDENT = {"name": "mla-seam", "email": "mla-seam@users.noreply.github.com"}
+
+
+def _pin(cmd: git.Git) -> git.Git:
+    cmd.set_persistent_git_options(c=list(PINNED_CONFIG))
+    cmd.update_environment(**PINNED_ENV)
+    return cmd
+
+
+def argv(*args: str) -> List[str]:
+    """A full ``git`` command line with the pinned ``-c`` settings, for ``Git.execute``.
+
+    ``execute`` bypasses GitPython's persistent options, so every raw call builds its command
+    line here instead of spelling ``["git", ...]`` itself.
+    """
+    pinned = [item for setting in PINNED_CONFIG for item in ("-c", setting)]
+    return ["git", *pinned, *args]
+
+
+def command(cwd: Optional[os.PathLike] = None) -> git.Git:
+    """A pinned git command runner for ``cwd`` (which need not be a repository)."""
+    return _pin(git.Git(str(cwd) if cwd is not None else None))
+
+
+def open_repo(path: os.PathLike) -> Optional[git.Repo]:
+    """Open the repository whose work tree top level is ``path``; ``None`` if there is none.
+
+    A directory nested inside some other repository (say site-packages inside a checkout) is
+    not treated as that repository: only a work tree rooted exactly at ``path`` counts.
+    """
+    try:
+        repo = git.Repo(str(path), search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if repo.working_tree_dir is None:
+        return None
+    if Path(repo.working_tree_dir).resolve() != Path(path).resolve():
+        return None
+    _pin(repo.git)
+    return repo
+
+
+def init_repo(path: os.PathLike) -> git.Repo:
+    """``git init`` a new repository at ``path`` with the pinned configuration."""
+    repo = git.Repo.init(str(path), initial_branch="main")
+    _pin(repo.git)
+    return repo
+
+
+def git_dir(repo: git.Repo) -> Path:
+    """The repository's private folder (``.git``, or the worktree's gitdir)."""
+    return Path(repo.git.rev_parse("--absolute-git-dir"))
+
+
+def hash_blobs(root: os.PathLike, relpaths: Iterable[str]) -> Dict[str, Optional[str]]:
+    """Git blob ids of files under ``root`` (``None`` for a path that does not exist).
+
+    ``--no-filters`` hashes the raw bytes: no clean filter or CRLF conversion applies, so the
+    id is the same in a git checkout and in a plain folder such as site-packages.
+    """
+    relpaths = list(relpaths)
+    present = [p for p in relpaths if (Path(root) / p).is_file()]
+    result: Dict[str, Optional[str]] = {p: None for p in relpaths}
+    if present:
+        out = command(root).hash_object("--no-filters", "--", *present)
+        for rel, blob in zip(present, out.splitlines()):
+            result[rel] = blob.strip()
+    return result
+
+
+def hash_bytes(data: bytes, cwd: Optional[os.PathLike] = None) -> str:
+    """Git blob id of ``data`` (``git hash-object --stdin --no-filters``)."""
+    import io
+
+    return (
+        command(cwd)
+        .execute(argv("hash-object", "--no-filters", "--stdin"), istream=io.BytesIO(data))
+        .strip()
+    )
+
+
+def apply_patch(
+    workdir: os.PathLike,
+    patch: os.PathLike,
+    *,
+    check: bool = False,
+    reverse: bool = False,
+    three_way: bool = False,
+) -> str:
+    """Apply one patch file to the files under ``workdir``; return git's verbose report.
+
+    The report names each hunk that landed at an offset ("Hunk #2 succeeded at 120 (offset 4
+    lines)"). Raises ``git.GitCommandError`` when any hunk does not apply; nothing is written in
+    that case (git apply is all-or-nothing per invocation).
+    """
+    args: List[str] = [
+        "--verbose",  # report offsets per hunk
+        "-p1",  # a/ b/ prefixes, as format-patch writes them
+        "--whitespace=nowarn",  # context is matched byte for byte; never rewrite blanks
+        # No -C<n>: git apply's default demands every context line (no fuzz, unlike patch(1)).
+    ]
+    if check:
+        args.append("--check")
+    if reverse:
+        args.append("--reverse")
+    if three_way:
+        args.append("--3way")  # only meaningful inside a repository that has the pre-image blobs
+    args += ["--", str(Path(patch).resolve())]
+    cmd = command(workdir)
+    # Outside a repository git apply treats cwd as the tree; GIT_DIR unset keeps it from
+    # discovering an enclosing repository when the scratch folder happens to live inside one.
+    env = {"GIT_CEILING_DIRECTORIES": str(Path(workdir).resolve().parent)}
+    status, out, err = cmd.execute(
+        argv("apply", *args), with_extended_output=True, with_exceptions=False, env=env
+    )
+    if status != 0:
+        raise git.GitCommandError(["git", "apply", *args], status, err, out)
+    return "\n".join(s for s in (out, err) if s)
+
+
+def dirty_paths(repo: git.Repo, relpaths: Iterable[str]) -> List[str]:
+    """The subset of ``relpaths`` with uncommitted changes (staged, unstaged or untracked)."""
+    relpaths = list(relpaths)
+    if not relpaths:
+        return []
+    out = repo.git.status(
+        "--porcelain=v1",  # stable, script-oriented format
+        "-z",  # NUL-separated: paths with spaces or newlines stay intact
+        "--untracked-files=all",
+        "--ignored=no",
+        "--",
+        *relpaths,
+    )
+    dirty = []
+    for entry in out.split("\0"):
+        if len(entry) > 3:
+            dirty.append(entry[3:])
+    return dirty
+
+
+def head_blob(repo: git.Repo, relpath: str) -> Optional[str]:
+    """Blob id of ``relpath`` in HEAD, or ``None`` when HEAD lacks it (or there is no HEAD)."""
+    try:
+        return repo.git.rev_parse(f"HEAD:{relpath}")
+    except git.GitCommandError:
+        return None
+
+
+def commit_all(repo: git.Repo, message: str, date: str) -> str:
+    """Stage everything and commit with the fixed mla-seam identity at ``date``; return the id.
+
+    ``date`` is an ISO-8601 timestamp; with the fixed identity it makes the commit id depend only
+    on content, so materialized releases and exported patches are reproducible.
+    """
+    repo.git.add("--all", "--force")  # --force: a release's files are content even if ignored
+    env = {
+        "GIT_AUTHOR_NAME": SEAM_IDENT["name"],
+        "GIT_AUTHOR_EMAIL": SEAM_IDENT["email"],
+        "GIT_COMMITTER_NAME": SEAM_IDENT["name"],
+        "GIT_COMMITTER_EMAIL": SEAM_IDENT["email"],
+        "GIT_AUTHOR_DATE": date,
+        "GIT_COMMITTER_DATE": date,
+    }
+    repo.git.execute(
+        argv("commit", "--quiet", "--no-verify", "--allow-empty", "--no-gpg-sign", "-m", message),
+        env=env,
+    )
+    return repo.head.commit.hexsha
+
+
+def format_patch(repo: git.Repo, rev_range: str, outdir: os.PathLike) -> List[Path]:
+    """Export ``rev_range`` as mailbox patches into ``outdir``, byte-stable; return the paths."""
+    out = repo.git.format_patch(
+        "--zero-commit",  # "From 000..." instead of the commit id: ids change on every rebase
+        "--no-signature",  # no git version trailer
+        "--no-stat",  # diffstat widths depend on terminal/locale; the manifest lists files
+        "--full-index",  # full blob ids on "index" lines: pre-images verifiable from the patch
+        "--no-renames",  # renames as delete+add, matching diff.renames=false
+        "--no-binary",  # we never ship binary hunks; fail loudly if one appears
+        "--no-color",
+        "--abbrev=40",
+        "--encoding=UTF-8",
+        "-N",  # no [PATCH n/m] numbering in subjects: inserting a patch must not touch others
+        "--subject-prefix=PATCH",
+        "-o",
+        str(outdir),
+        rev_range,
+    )
+    return [Path(line) for line in out.splitlines() if line.strip()]
+
+
+# --- upstream checkouts ---
+# Used by mla_seam.upstream to build, clone and combine release checkouts. Appended section:
+# the functions above are unchanged.
+
+# Seconds a network clone may take before it is killed (a hung mirror must not hang the CLI).
+CLONE_TIMEOUT_S = 900
+
+
+def clone_tag(url: str, tag: str, dest: os.PathLike, timeout: int = CLONE_TIMEOUT_S) -> git.Repo:
+    """Shallow-clone ``url`` at ``tag`` into ``dest`` (HEAD detached at the tag).
+
+    Raises ``git.GitCommandError`` when the URL is unreachable or has no such tag. The tag ref
+    itself is created locally when the clone did not bring it along.
+    """
+    # ``execute`` does not add the persistent ``-c`` options: pass them here, so the checkout
+    # that clone writes is not converted by the user's core.autocrlf and the like.
+    pins = [arg for setting in PINNED_CONFIG for arg in ("-c", setting)]
+    args = [
+        "git",
+        *pins,
+        "clone",
+        "--quiet",
+        "--depth=1",  # one release's tree is all we need; history stays upstream
+        "--single-branch",
+        "--no-tags",  # only the one tag, created below
+        f"--branch={tag}",
+        "--",
+        url,
+        str(dest),
+    ]
+    command().execute(args, kill_after_timeout=timeout)
+    repo = open_repo(dest)
+    if repo is None:
+        raise git.GitCommandError(args, 1, f"no work tree at {dest} after clone")
+    if tag_commit(repo, tag) is None:
+        create_tag(repo, tag, "HEAD")
+    return repo
+
+
+def create_tag(repo: git.Repo, name: str, rev: str = "HEAD") -> None:
+    """Create the lightweight tag ``name`` at ``rev`` (no tagger, so nothing machine-dependent)."""
+    repo.git.tag(name, rev)  # lightweight: never signed, no tagger line
+
+
+def tag_commit(repo: git.Repo, tag: str) -> Optional[str]:
+    """The commit id ``tag`` points at, or ``None`` when the repository has no such tag."""
+    status, out, _ = repo.git.execute(
+        ["git", "rev-parse", "--verify", "--quiet", f"refs/tags/{tag}^{{commit}}"],
+        with_extended_output=True,
+        with_exceptions=False,
+    )
+    return out.strip() if status == 0 and out.strip() else None
+
+
+def head_commit(repo: git.Repo) -> Optional[str]:
+    """The commit id of HEAD, or ``None`` in a repository without commits."""
+    status, out, _ = repo.git.execute(
+        ["git", "rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
+        with_extended_output=True,
+        with_exceptions=False,
+    )
+    return out.strip() if status == 0 and out.strip() else None
+
+
+def fetch_tags(repo: git.Repo, source: os.PathLike, tags: Sequence[str]) -> None:
+    """Copy ``tags`` (and their objects) from the repository at ``source`` into ``repo``.
+
+    A fetch transfers objects as a pack into ``repo``'s own object store: nothing is shared with
+    ``source`` (no hardlinks, no alternates), so later writes in ``repo`` never reach it.
+    """
+    refspecs = [f"refs/tags/{t}:refs/tags/{t}" for t in tags]
+    repo.git.fetch(
+        "--quiet",
+        "--no-tags",
+        "--update-shallow",  # a shallow source (a --depth 1 clone) would otherwise be refused
+        "--",
+        str(Path(source).resolve()),
+        *refspecs,
+    )
+
+
+def checkout_branch(repo: git.Repo, branch: str, rev: str) -> None:
+    """Point ``branch`` at ``rev`` (creating or resetting it) and check it out, overwriting."""
+    repo.git.checkout("--quiet", "--force", "-B", branch, rev)
+
+
+def tags_at(repo: git.Repo) -> Dict[str, str]:
+    """Every tag of ``repo`` mapped to the commit it points at."""
+    fmt = "--format=%(refname:strip=2) %(*objectname)%(objectname)"
+    out = repo.git.execute(["git", "for-each-ref", fmt, "refs/tags"])
+    result: Dict[str, str] = {}
+    for line in out.splitlines():
+        name, _, ids = line.partition(" ")
+        # Annotated: "*objectname" (the commit) then "objectname" (the tag object); keep the first.
+        result[name] = ids[:40]
+    return result
+
+
+# --- apply engine ---
+
+
+def tree_blobs(repo: git.Repo, ref: str, relpaths: Iterable[str]) -> Dict[str, Optional[str]]:
+    """Blob ids of ``relpaths`` in the tree of ``ref`` (``None`` where ``ref`` lacks the path).
+
+    One ``git ls-tree`` for all paths: ``-z`` keeps paths with spaces intact, ``--full-tree``
+    makes the paths relative to the top level whatever the process's cwd is.
+    """
+    relpaths = list(relpaths)
+    result: Dict[str, Optional[str]] = {p: None for p in relpaths}
+    if not relpaths:
+        return result
+    out = repo.git.ls_tree("-r", "-z", "--full-tree", ref, "--", *relpaths)
+    for entry in out.split("\0"):
+        if not entry:
+            continue
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if len(parts) == 3 and parts[1] == "blob" and path in result:
+            result[path] = parts[2]
+    return result
+
+
+def read_blob(repo: git.Repo, ref: str, relpath: str) -> bytes:
+    """The exact bytes of ``relpath`` at ``ref`` (through the object database, no output munging).
+
+    Raises ``KeyError`` when ``ref`` has no such file.
+    """
+    tree = repo.commit(ref).tree
+    return tree[relpath].data_stream.read()
+
+
+# Settings that change a commit's bytes, written into a repository's own config before
+# ``commit_all``: ``commit_all`` runs ``git commit`` through ``execute``, which does not carry the
+# persistent ``-c`` options, so without these a user's ``commit.gpgSign=true`` or
+# ``i18n.commitEncoding`` would sign the commit or add an encoding header (a different id).
+LOCAL_COMMIT_CONFIG: Sequence[str] = (
+    *PINNED_CONFIG,
+    "i18n.commitEncoding=UTF-8",  # UTF-8 is the default: no "encoding" header in the commit
+)
+
+
+def pin_local_config(repo: git.Repo, settings: Sequence[str] = LOCAL_COMMIT_CONFIG) -> None:
+    """Write ``settings`` (``key=value``) into ``repo``'s local config, overriding user config."""
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        repo.git.config("--local", key, value)

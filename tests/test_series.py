@@ -1,0 +1,475 @@
+"""Series data model: load/validate ``patches/<line>/``, find a line, export one byte-stably.
+
+This module also holds the helpers the apply tests share (``test_apply``, ``test_bad_inputs``,
+``test_atomicity`` import them): a SYNTHETIC bundle (overlay + series for 0.16 and 0.19 made with
+:func:`mla_seam.series.write_series` from real upstream checkouts plus small committed hooks),
+writable tree copies, a CLI runner and tree snapshots. Everything runs real git on real trees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import pytest
+from mla_seam import gitlayer
+from mla_seam.errors import SeriesCorruptError, UnsafePathError, UnsupportedVersionError, UsageError
+from mla_seam.paths import ADAPTER_RELPATH
+from mla_seam.series import (
+    find_series,
+    load_series,
+    patch_files,
+    series_by_name,
+    write_series,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MLA = "megatron/core/transformer/multi_latent_attention.py"
+TC = "megatron/core/transformer/transformer_config.py"
+LM = "megatron/core/models/common/language_module/language_module.py"
+# Synthetic hooks: (commit subject, [(file, insert after line, text)]). Comment lines only, so the
+# patched tree still imports; H2 touches MLA again so patches stack on one file.
+HOOKS: Tuple[Tuple[str, Tuple[Tuple[str, int, str], ...]], ...] = (
+    ("mla-seam H1: core attention hook", ((MLA, 40, "# mla-seam hook H1"),)),
+    ("mla-seam H2: config hook", ((MLA, 80, "# mla-seam hook H2"), (TC, 79, "# mla-seam hook H2"))),
+    ("mla-seam H3: backend hook", ((LM, 20, "# mla-seam hook H3"),)),
+)
+VARIANT_LINES = 3  # lines the "0.16.0" variant inserts above every hook in MLA
+RELEASES = {"0.16": ("0.16.0", "0.16.1"), "0.19": ("0.19.2",)}
+BASE = {"0.16": "0.16.1", "0.19": "0.19.2"}
+SYNTHETIC_ADAPTER = b'''"""Synthetic mla-seam adapter used by the apply tests."""
+
+
+def describe_default() -> str:
+    """One summary line."""
+    return "synthetic adapter: describe_default ok"
+'''
+DATE = "2026-01-01T00:00:00+00:00"
+_MEMO: Dict[str, Path] = {}
+
+
+# --- building trees ------------------------------------------------------------------------
+
+
+def insert_lines(root: Path, edits: Iterable[Tuple[str, int, str]]) -> None:
+    """Insert ``text`` after line ``after`` of each file (bytes kept exactly otherwise)."""
+    for rel, after, text in edits:
+        path = root / rel
+        lines = path.read_bytes().split(b"\n")
+        lines.insert(after, text.encode())
+        path.write_bytes(b"\n".join(lines))
+
+
+def set_version(root: Path, version: str) -> None:
+    """Rewrite MAJOR/MINOR/PATCH in package_info.py (keeps every other byte)."""
+    path = root / "megatron/core/package_info.py"
+    major, minor, patch = version.split(".")
+    text = path.read_text()
+    for name, value in (("MAJOR", major), ("MINOR", minor), ("PATCH", patch)):
+        start = text.index(f"\n{name} = ") + len(f"\n{name} = ")
+        end = text.index("\n", start)
+        text = text[:start] + value + text[end:]
+    path.write_text(text)
+
+
+def commit(root: Path, message: str) -> str:
+    """Commit everything in ``root`` with the fixed mla-seam identity and date."""
+    return gitlayer.commit_all(gitlayer.open_repo(root), message, DATE)
+
+
+def copy_tree(src: Path, dest: Path, with_git: bool = True) -> Path:
+    """An independent copy of a tree (``.git`` included unless ``with_git`` is false)."""
+    ignore = None if with_git else shutil.ignore_patterns(".git")
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    return dest
+
+
+def _template(factory: Callable[[str, Path], Path], version: str, base: Path) -> Path:
+    key = f"template-{version}"
+    if key not in _MEMO:
+        _MEMO[key] = factory(version, base / key)
+    return _MEMO[key]
+
+
+def _variant_template(factory: Callable[[str, Path], Path], base: Path) -> Path:
+    """A 0.16.1 checkout edited into a synthetic "0.16.0": MLA moved down by a few lines."""
+    key = "template-variant-0.16.0"
+    if key not in _MEMO:
+        tree = copy_tree(_template(factory, "0.16.1", base), base / key)
+        insert_lines(tree, [(MLA, 2, f"# variant line {i}") for i in range(VARIANT_LINES)])
+        set_version(tree, "0.16.0")
+        commit(tree, "synthetic megatron-core 0.16.0")
+        _MEMO[key] = tree
+    return _MEMO[key]
+
+
+def build_line(factory: Callable[[str, Path], Path], base: Path, line: str, out_dir: Path) -> Path:
+    """Export the synthetic hook series of ``line`` into ``out_dir`` with write_series."""
+    work = copy_tree(_template(factory, BASE[line], base), base / f"work-{line}")
+    repo = gitlayer.open_repo(work)
+    base_ref = repo.head.commit.hexsha
+    extra = {}
+    if line == "0.16":
+        variant = _variant_template(factory, base)
+        repo.git.fetch(str(variant), "HEAD:refs/tags/variant-0.16.0")
+        extra = {"0.16.0": "variant-0.16.0"}
+    for subject, edits in HOOKS:
+        insert_lines(work, edits)
+        commit(work, f"{subject}\n\nHook: synthetic test hook\nLast-Update: 2026-01-01")
+    write_series(
+        repo,
+        base_ref,
+        "HEAD",
+        out_dir,
+        line,
+        RELEASES[line],
+        {"tag": f"core_v{BASE[line]}", "commit": base_ref, "source": "test"},
+        {ADAPTER_RELPATH: SYNTHETIC_ADAPTER},
+        extra_bases=extra,
+    )
+    return work
+
+
+def synthetic_bundle(factory: Callable[[str, Path], Path], base: Path) -> Path:
+    """``<base>/bundle`` with ``overlay/`` and ``patches/core_v0.16``, ``core_v0.19`` (memoized)."""
+    if "bundle" not in _MEMO:
+        bundle = base / "bundle"
+        adapter = bundle / "overlay" / ADAPTER_RELPATH
+        adapter.parent.mkdir(parents=True)
+        adapter.write_bytes(SYNTHETIC_ADAPTER)
+        for line in RELEASES:
+            build_line(factory, base, line, bundle / "patches" / f"core_v{line}")
+        _MEMO["bundle"] = bundle
+    return _MEMO["bundle"]
+
+
+@pytest.fixture(scope="session")
+def seam_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One session folder for templates and the bundle, shared by every test module."""
+    if "base" not in _MEMO:
+        _MEMO["base"] = tmp_path_factory.mktemp("seam")
+    return _MEMO["base"]
+
+
+@pytest.fixture(scope="session")
+def bundle(fresh_checkout: Callable[[str, Path], Path], seam_base: Path) -> Path:
+    """The synthetic bundle (MLA_SEAM_ROOT layout)."""
+    return synthetic_bundle(fresh_checkout, seam_base)
+
+
+@pytest.fixture
+def seam_env(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, str]:
+    """Environment for CLI subprocesses (and this process) pointing at the synthetic bundle."""
+    monkeypatch.setenv("MLA_SEAM_ROOT", str(bundle))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT / "scripts"), env.get("PYTHONPATH")])
+    )
+    env["MLA_SEAM_PYTHON"] = sys.executable
+    for name in ("MLA_SEAM_CRASH_AT", "MLA_SEAM_CRASH_SIGNAL"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture
+def make_tree(
+    fresh_checkout: Callable[[str, Path], Path], seam_base: Path, tmp_path: Path
+) -> Callable[..., Path]:
+    """Factory ``(version, git=True, name=...) -> Path``: a writable tree of a release.
+
+    ``version`` "0.16.0" is the synthetic variant (MLA moved by a few lines).
+    """
+
+    def factory(version: str, git: bool = True, name: Optional[str] = None) -> Path:
+        if version == "0.16.0":
+            template = _variant_template(fresh_checkout, seam_base)
+        else:
+            template = _template(fresh_checkout, version, seam_base)
+        dest = tmp_path / (name or f"tree-{version}-{'git' if git else 'plain'}")
+        return copy_tree(template, dest, with_git=git)
+
+    return factory
+
+
+def run_cli(
+    env: Dict[str, str],
+    *args: str,
+    cwd: Optional[Path] = None,
+    extra: Optional[Dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
+    """``python -m mla_seam apply ARGS`` in a subprocess; text output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mla_seam", "apply", *args],
+        env={**env, **(extra or {})},
+        cwd=str(cwd) if cwd else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def tree_hash(root: Path, skip: Sequence[str] = (".git", ".mla-seam")) -> str:
+    """sha256 over every file's path, mode and bytes (and symlink targets) under ``root``."""
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not (Path(dirpath) == root and d in skip))
+        for name in sorted(filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]):
+            path = Path(dirpath) / name
+            info = path.lstat()
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(oct(info.st_mode).encode() + b"\0")
+            data = os.readlink(path).encode() if stat.S_ISLNK(info.st_mode) else path.read_bytes()
+            digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def git_snapshot(root: Path) -> Optional[Tuple[str, str]]:
+    """HEAD and the full index listing of a git tree (``None`` for a plain folder)."""
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout
+
+    return git("rev-parse", "HEAD"), git("ls-files", "--stage", "-z")
+
+
+def snapshot(root: Path) -> Tuple[str, Optional[Tuple[str, str]]]:
+    """What must survive a refused or repaired run: the files, HEAD and the index."""
+    return tree_hash(root), git_snapshot(root)
+
+
+def state_dir(root: Path) -> Path:
+    """Where mla-seam keeps its state for ``root``."""
+    return root / ".git" / "mla-seam" if (root / ".git").exists() else root / ".mla-seam"
+
+
+# --- tests: loading and validation ---------------------------------------------------------
+
+
+@pytest.fixture
+def line16(bundle: Path, tmp_path: Path) -> Path:
+    """A writable copy of the synthetic core_v0.16 line folder."""
+    return Path(shutil.copytree(bundle / "patches" / "core_v0.16", tmp_path / "core_v0.16"))
+
+
+def _rewrite_manifest(line_dir: Path, edit: Callable[[dict], None]) -> None:
+    path = line_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _forge_patch(line_dir: Path, index: int, data: bytes) -> None:
+    """Replace patch ``index`` with ``data`` and fix its sha256, so only the content is bad."""
+    manifest = json.loads((line_dir / "manifest.json").read_text())
+    name = manifest["patches"][index]["name"]
+    (line_dir / name).write_bytes(data)
+
+    def fix(m: dict) -> None:
+        m["patches"][index]["sha256"] = hashlib.sha256(data).hexdigest()
+
+    _rewrite_manifest(line_dir, fix)
+
+
+def test_load_synthetic_series(line16: Path) -> None:
+    series = load_series(line16)
+    assert series.name == "core_v0.16" and series.line == "0.16"
+    assert series.releases == ("0.16.0", "0.16.1")
+    assert [p.name[:5] for p in series.patches] == ["0001-", "0002-", "0003-"]
+    assert series.touched == sorted([MLA, TC, LM])
+    assert series.patches[1].files == tuple(sorted([MLA, TC]))
+    assert list(series.overlay) == [ADAPTER_RELPATH]
+    # MLA differs at the variant release: two images; the others share one image.
+    assert len(series.files[MLA]) == 2 and len(series.files[TC]) == 1
+    assert set(series.images_for("0.16.0")[MLA][0].releases) == {"0.16.0"}
+    assert len(series.images_for("0.20.0")[MLA]) == 2  # forced line: every image counts
+
+
+def test_write_series_is_byte_stable(
+    fresh_checkout: Callable[[str, Path], Path], seam_base: Path, bundle: Path, tmp_path: Path
+) -> None:
+    repo = gitlayer.open_repo(seam_base / "work-0.19")
+    base = repo.git.rev_list("--max-parents=0", "HEAD")
+    args = ("0.19", ["0.19.2"], {"tag": "core_v0.19.2", "commit": base, "source": "test"})
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"export{n}"
+        (out).mkdir()
+        (out / "0009-stale.patch").write_text("left over from an older export\n")
+        write_series(repo, base, "HEAD", out, *args, {ADAPTER_RELPATH: SYNTHETIC_ADAPTER})
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1]
+    assert "0009-stale.patch" not in outs[0]
+    assert outs[0] == {
+        p.name: p.read_bytes() for p in sorted((bundle / "patches/core_v0.19").iterdir())
+    }
+    manifest = outs[0]["manifest.json"]
+    assert (
+        manifest.endswith(b"}\n")
+        and manifest == (json.dumps(json.loads(manifest), indent=2, sort_keys=True) + "\n").encode()
+    )
+    names = [p["name"] for p in json.loads(manifest)["patches"]]
+    assert outs[0]["series"].decode().splitlines() == names
+
+
+def test_series_file_matches_manifest_order(line16: Path) -> None:
+    manifest = json.loads((line16 / "manifest.json").read_text())
+    names = (line16 / "series").read_text().splitlines()
+    assert names == [p["name"] for p in manifest["patches"]]
+
+
+def test_series_file_comments_and_blanks_are_allowed(line16: Path) -> None:
+    names = (line16 / "series").read_text().splitlines()
+    (line16 / "series").write_text("# hooks, in order\n\n" + "\n".join(names) + "\n\n")
+    assert len(load_series(line16).patches) == 3
+
+
+def test_tampered_patch_sha256(line16: Path) -> None:
+    patch = sorted(line16.glob("0002-*.patch"))[0]
+    patch.write_bytes(patch.read_bytes().replace(b"hook H2", b"hook HX"))
+    with pytest.raises(SeriesCorruptError, match=r"(?s)0002-.*sha256.*rebase --write"):
+        load_series(line16)
+
+
+@pytest.mark.parametrize(
+    "old, new, error, match",
+    [
+        (b"a/" + MLA.encode(), b"a/../" + MLA.encode(), UnsafePathError, r"escapes the tree"),
+        (b"b/" + MLA.encode(), b"b/../" + MLA.encode(), UnsafePathError, r"escapes the tree"),
+        (b"a/" + MLA.encode(), b"a//etc/" + MLA.encode(), UnsafePathError, r"absolute path"),
+        (b"--- a/" + MLA.encode(), b"--- /etc/passwd", UnsafePathError, r"absolute path"),
+        (b"a/" + MLA.encode(), b"a/.git/hooks/x", UnsafePathError, r"\.git"),
+        (b"a/" + MLA.encode(), b"a/./" + MLA.encode(), UnsafePathError, r"not normalized"),
+        (b"index ", b"new file mode 100644\nindex ", SeriesCorruptError, r"creates a file"),
+        (b"--- a/" + MLA.encode(), b"--- " + MLA.encode(), SeriesCorruptError, r"a/ prefix"),
+    ],
+    ids=[
+        "dotdot-a",
+        "dotdot-b",
+        "absolute-diff-git",
+        "absolute-minus",
+        "into-git",
+        "dot",
+        "creates-file",
+        "no-prefix",
+    ],
+)
+def test_patch_header_paths_are_validated(
+    line16: Path, old: bytes, new: bytes, error, match
+) -> None:
+    name = sorted(line16.glob("0001-*.patch"))[0]
+    data = name.read_bytes()
+    assert old in data
+    _forge_patch(line16, 0, data.replace(old, new))
+    with pytest.raises(error, match=match):
+        load_series(line16)
+
+
+def test_removed_line_starting_with_dashes_is_not_a_header() -> None:
+    patch = (
+        b"From 0000 Mon Sep 17 00:00:00 2001\nSubject: [PATCH] x\n\n---\n"
+        b"diff --git a/f.py b/f.py\nindex 1..2 100644\n--- a/f.py\n+++ b/f.py\n"
+        b"@@ -1,2 +1,2 @@\n a\n--- /etc/passwd\n+++ /etc/shadow\n"
+    )
+    assert patch_files(patch, "t") == ("f.py",)
+
+
+def test_truncated_hunk_is_refused() -> None:
+    patch = b"diff --git a/f.py b/f.py\n--- a/f.py\n+++ b/f.py\n@@ -1,3 +1,3 @@\n a\n"
+    with pytest.raises(SeriesCorruptError, match="truncated"):
+        patch_files(patch, "t")
+
+
+def test_extra_patch_file(line16: Path) -> None:
+    (line16 / "0004-sneaky.patch").write_bytes(sorted(line16.glob("0001-*"))[0].read_bytes())
+    with pytest.raises(SeriesCorruptError, match=r"not in the series: 0004-sneaky.patch"):
+        load_series(line16)
+
+
+def test_series_order_mismatch(line16: Path) -> None:
+    names = (line16 / "series").read_text().splitlines()
+    (line16 / "series").write_text("\n".join([names[1], names[0], names[2]]) + "\n")
+    with pytest.raises(SeriesCorruptError, match=r"order"):
+        load_series(line16)
+
+
+def test_manifest_lists_missing_patch(line16: Path) -> None:
+    sorted(line16.glob("0003-*.patch"))[0].unlink()
+    with pytest.raises(SeriesCorruptError, match=r"0003-.*missing"):
+        load_series(line16)
+
+
+def test_manifest_schema_unknown(line16: Path) -> None:
+    _rewrite_manifest(line16, lambda m: m.update(schema=2))
+    with pytest.raises(SeriesCorruptError, match=r"schema 2"):
+        load_series(line16)
+
+
+def test_files_listed_must_equal_files_touched(line16: Path) -> None:
+    def drop(m: dict) -> None:
+        del m["files"][LM]
+
+    _rewrite_manifest(line16, drop)
+    with pytest.raises(SeriesCorruptError, match=r"'files' lists"):
+        load_series(line16)
+
+
+def test_patch_files_entry_must_match_headers(line16: Path) -> None:
+    _rewrite_manifest(line16, lambda m: m["patches"][0].update(files=[TC]))
+    with pytest.raises(SeriesCorruptError, match=r"0001-.*edits"):
+        load_series(line16)
+
+
+def test_manifest_path_escaping(line16: Path) -> None:
+    def escape(m: dict) -> None:
+        m["overlay"] = {"../outside.py": m["overlay"][ADAPTER_RELPATH]}
+
+    _rewrite_manifest(line16, escape)
+    with pytest.raises(UnsafePathError, match=r"outside.py"):
+        load_series(line16)
+
+
+def test_empty_series_folder(tmp_path: Path) -> None:
+    (tmp_path / "core_v0.99").mkdir()
+    with pytest.raises(SeriesCorruptError, match=r"manifest.json is missing"):
+        load_series(tmp_path / "core_v0.99")
+
+
+def test_find_series_by_release(bundle: Path) -> None:
+    assert find_series("0.16.0", bundle / "patches").name == "core_v0.16"
+    assert find_series("0.19.2", bundle / "patches").name == "core_v0.19"
+
+
+def test_find_series_unsupported_lists_lines(bundle: Path) -> None:
+    with pytest.raises(UnsupportedVersionError) as info:
+        find_series("0.17.1", bundle / "patches")
+    text = str(info.value)
+    assert "core_v0.16 (0.16.0, 0.16.1)" in text and "core_v0.19 (0.19.2)" in text
+    assert "--series LINE" in text
+
+
+def test_series_by_name(bundle: Path) -> None:
+    assert series_by_name("core_v0.19", bundle / "patches").name == "core_v0.19"
+    assert series_by_name("0.16", bundle / "patches").name == "core_v0.16"
+    with pytest.raises(UsageError, match=r"core_v0.42"):
+        series_by_name("core_v0.42", bundle / "patches")
+
+
+REAL_LINES = sorted(p.parent.name for p in (REPO_ROOT / "patches").glob("*/manifest.json"))
+
+
+@pytest.mark.skipif(not REAL_LINES, reason="the real series (patches/core_v*) are not written yet")
+@pytest.mark.parametrize("line", REAL_LINES)
+def test_real_series_load(line: str) -> None:
+    series = load_series(REPO_ROOT / "patches" / line)
+    assert series.patches and series.overlay
+    blobs = gitlayer.hash_blobs(REPO_ROOT / "overlay", list(series.overlay))
+    assert blobs == dict(series.overlay), "overlay/ and the manifest disagree: re-export the line"
