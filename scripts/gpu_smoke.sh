@@ -52,4 +52,5 @@ for v in "$@"; do
     --junitxml="$out/junit-$v.xml" >"$out/log-$v.txt" 2>&1 || status=1
   tail -n 25 "$out/log-$v.txt"
 done
+python3 "$here/scripts/smoke_report.py" "$out" >"$out/README.md"
 exit $status

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -109,6 +108,21 @@ def test_apply_status_revert_roundtrip(
     assert _status(seam_env, tree) == "not applied"
     again = run_cli(seam_env, "--revert", str(tree))
     assert again.returncode == 0 and "nothing to revert" in again.stdout
+
+
+def test_apply_and_revert_keep_file_modes(
+    seam_env: Dict[str, str], make_tree: Callable[..., Path]
+) -> None:
+    tree = make_tree("0.16.1", git=False)
+    (tree / TC).chmod(0o755)
+    (tree / LM).chmod(0o600)
+    before = snapshot(tree)
+    assert run_cli(seam_env, str(tree)).returncode == 0
+    assert (tree / TC).stat().st_mode & 0o7777 == 0o755
+    assert (tree / LM).stat().st_mode & 0o7777 == 0o600
+    assert (tree / ADAPTER_RELPATH).stat().st_mode & 0o7777 == 0o644
+    assert run_cli(seam_env, "--revert", str(tree)).returncode == 0
+    assert snapshot(tree) == before
 
 
 def test_offsets_are_reported_when_a_file_moved(
@@ -217,31 +231,19 @@ def test_tree_resolution_reads_version_without_importing(
     assert found.state_dir == tree / ".git" / "mla-seam"
 
 
-def test_apply_is_fast_on_a_fresh_checkout(
-    seam_env: Dict[str, str], make_tree: Callable[..., Path]
-) -> None:
-    tree = make_tree("0.19.2")
-    start = time.perf_counter()
-    done = run_cli(seam_env, str(tree))
-    elapsed = time.perf_counter() - start
-    assert done.returncode == 0, done.stderr
-    assert elapsed <= 2.0, f"apply took {elapsed:.2f} s (budget 2 s, interpreter start included)"
-
-
 def test_default_job_reuses_megatron_lm(
     seam_env: Dict[str, str], make_tree: Callable[..., Path], tmp_path: Path
 ) -> None:
     work = tmp_path / "job"
     work.mkdir()
     make_tree(DEFAULT_RELEASE, name=f"job/{DEFAULT_CHECKOUT}")
-    no_torch = {"MLA_SEAM_PYTHON": "false"}  # the summary's failure path; success: see below
+    no_torch = {"MLA_SEAM_PYTHON": "false"}  # summary's failure path; success: real test below
     done = run_cli(seam_env, cwd=work, extra=no_torch)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-2] == (
-        f"mla-seam: applied {_line(DEFAULT_RELEASE)} (3 patches, 4 files) to {work / DEFAULT_CHECKOUT}"
-    )
-    assert lines[-1] == "adapter summary unavailable (false): exit 1"
+    tree = work / DEFAULT_CHECKOUT
+    assert lines[-2] == f"mla-seam: applied {_line(DEFAULT_RELEASE)} (3 patches, 4 files) to {tree}"
+    assert lines[-1].startswith("adapter summary unavailable (false): exit 1 (set MLA_SEAM_PYTHON")
     again = run_cli(seam_env, cwd=work, extra=no_torch)
     assert again.returncode == 0 and "already applied" in again.stdout
     assert run_cli(seam_env, "--status", cwd=work).stdout.startswith("applied")

@@ -22,6 +22,7 @@ summary (:func:`adapter_summary`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RELEASE = "0.19.2"
 DEFAULT_CHECKOUT = "megatron-lm"  # relative to the current directory
-PYTHON_ENV = "MLA_SEAM_PYTHON"  # interpreter for adapter_summary (default: python3 on PATH)
+PYTHON_ENV = "MLA_SEAM_PYTHON"  # interpreter for adapter_summary (default: one with torch)
 
 
 def _emit(text: str) -> None:
@@ -666,14 +667,32 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _summary_python() -> str:
+    """``$MLA_SEAM_PYTHON``, else the first of this interpreter and ``python3`` on PATH that can
+    import torch (the adapter needs it), else this interpreter (which then reports why)."""
+    override = os.environ.get(PYTHON_ENV)
+    if override:
+        return override
+    candidates = [sys.executable] + [p for p in [shutil.which("python3")] if p]
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"
+    for python in candidates:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            if (
+                subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode
+                == 0
+            ):
+                return python
+    return sys.executable
+
+
 def adapter_summary(tree: Union[MegatronTree, os.PathLike]) -> str:
     """The adapter's ``describe_default()`` line, computed in a subprocess on ``tree``.
 
-    The interpreter is ``$MLA_SEAM_PYTHON``, else ``python3`` on PATH (where torch lives), with
-    the tree first on PYTHONPATH. A failed import yields the reason instead of an exception.
+    The interpreter comes from :func:`_summary_python`; the tree goes first on PYTHONPATH. A
+    failed import yields the reason instead of an exception.
     """
     root = tree.root if isinstance(tree, MegatronTree) else Path(tree)
-    python = os.environ.get(PYTHON_ENV) or shutil.which("python3") or sys.executable
+    python = _summary_python()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     code = (
@@ -695,7 +714,10 @@ def adapter_summary(tree: Union[MegatronTree, os.PathLike]) -> str:
         return proc.stdout.strip()
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit {proc.returncode}"
-    return f"adapter summary unavailable ({python}): {reason}"
+    return (
+        f"adapter summary unavailable ({python}): {reason} "
+        f"(set {PYTHON_ENV} to a python that has torch and the Megatron dependencies)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

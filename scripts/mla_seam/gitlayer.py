@@ -120,17 +120,6 @@ def hash_blobs(root: os.PathLike, relpaths: Iterable[str]) -> Dict[str, Optional
     return result
 
 
-def hash_bytes(data: bytes, cwd: Optional[os.PathLike] = None) -> str:
-    """Git blob id of ``data`` (``git hash-object --stdin --no-filters``)."""
-    import io
-
-    return (
-        command(cwd)
-        .execute(argv("hash-object", "--no-filters", "--stdin"), istream=io.BytesIO(data))
-        .strip()
-    )
-
-
 def apply_patch(
     workdir: os.PathLike,
     patch: os.PathLike,

@@ -603,8 +603,8 @@ def series_by_name(name: str, root: Optional[os.PathLike] = None) -> Series:
 # --- writing -------------------------------------------------------------------------------
 
 
-def _json_bytes(obj: object) -> bytes:
-    """Deterministic JSON: sorted keys, indent 2, trailing newline."""
+def json_bytes(obj: object) -> bytes:
+    """Deterministic JSON (manifests, state, journals): sorted keys, indent 2, final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -733,5 +733,5 @@ def write_series(
         "files": _image_table(repo, base_ref, head_ref, releases, patches, extra_bases or {}),
     }
     (out / SERIES_NAME).write_bytes("".join(p.name + "\n" for p in patches).encode())
-    (out / MANIFEST_NAME).write_bytes(_json_bytes(manifest))
+    (out / MANIFEST_NAME).write_bytes(json_bytes(manifest))
     return load_series(out)

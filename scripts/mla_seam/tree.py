@@ -56,6 +56,7 @@ from mla_seam.errors import (
     StateCorruptError,
     TreeNotFoundError,
 )
+from mla_seam.series import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +213,6 @@ def replace_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _json_bytes(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 # --- the state folder ----------------------------------------------------------------------
 
 
@@ -366,7 +363,7 @@ class StateFolder:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.state_path)
             return
-        replace_atomic(self.state_path, _json_bytes({"schema": STATE_SCHEMA, **state}))
+        replace_atomic(self.state_path, json_bytes({"schema": STATE_SCHEMA, **state}))
 
     # -- scratch --
 
@@ -398,7 +395,7 @@ class StateFolder:
             "pid": os.getpid(),
             "files": entries,
         }
-        replace_atomic(self.journal_path, _json_bytes(journal))
+        replace_atomic(self.journal_path, json_bytes(journal))
         crash_point("journal-written")
         for k, (entry, change) in enumerate(zip(entries, changes), start=1):
             self._install(entry, change.new)
@@ -435,8 +432,9 @@ class StateFolder:
                 write_durable(
                     self.txn_dir / "backup" / change.rel, target.read_bytes(), entry["mode"]
                 )
-            else:
-                entry.update(mode=0o644, uid=None, gid=None)
+            else:  # a new file: the usual mode, and the owner of its folder
+                info = target.parent.stat()
+                entry.update(mode=0o644, uid=info.st_uid, gid=info.st_gid)
             if change.new is not None:
                 write_durable(self.txn_dir / "new" / change.rel, change.new, entry["mode"])
             entries.append(entry)
@@ -475,6 +473,8 @@ class StateFolder:
         """
         for leftover in self.path.glob("scratch-*") if self.path.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.path.glob(".*.tmp") if self.path.is_dir() else ():
+            leftover.unlink()  # an atomic write that never reached its os.replace
         if self.journal_path.exists():
             journal = self._read_journal()
             state = self.read_state()

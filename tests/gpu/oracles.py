@@ -129,27 +129,35 @@ ROPES = {"yarn": YARN, "rope": PLAIN_ROPE}
 #: float32: plus float32 accumulation; RoPE angles at position p are off by ~p * 6e-8 rad,
 #: measured <= 6e-6 at 64 positions and <= 6e-5 at 1500 on CPU.
 #: tf32: Transformer Engine runs float32 GEMMs as TF32 (cuBLASLt FAST_TF32, 10-bit mantissa).
-#: bfloat16: 8-bit mantissa on weights, inputs and intermediates; Megatron's local attention
-#: also takes the softmax in bf16 (attention_softmax_in_fp32=False). Measured on CPU, local
-#: spec: <= 1.3e-2 out, <= 5.8e-2 gradients.
+#: bfloat16: 8-bit mantissa on weights, inputs and intermediates, float32 accumulation in the
+#: attention kernels (TE). Measured on CPU, local spec, 64 positions: <= 1.3e-2 / 5.8e-2.
+#: bfloat16-softmax: Megatron's local attention also takes the softmax in bf16 by default
+#: (attention_softmax_in_fp32=False); measured on CPU at 1500 positions: 4.3e-2 / 7.7e-2.
 TOLERANCES: Dict[str, Tuple[float, float]] = {
     "float64": (1e-5, 1e-5),
     "float32": (2e-4, 4e-4),
     "tf32": (5e-3, 1e-2),
     "bfloat16": (3e-2, 1e-1),
+    "bfloat16-softmax": (8e-2, 1.5e-1),
 }
 
 
-def tolerance(dtype: torch.dtype, tf32: bool = False) -> Tuple[float, float]:
+def tolerance(
+    dtype: torch.dtype, tf32: bool = False, bf16_softmax: bool = False
+) -> Tuple[float, float]:
     """``(output, gradient)`` tolerance for a model computing in ``dtype``.
 
     Args:
         dtype: Parameter/activation dtype of the model under test.
         tf32: Whether its float32 GEMMs run as TF32 (TE spec, or torch with TF32 allowed).
+        bf16_softmax: Whether a bfloat16 model also takes the softmax in bfloat16 (Megatron's
+            local attention with ``attention_softmax_in_fp32=False``).
     """
     name = str(dtype).replace("torch.", "")
     if name == "float32" and tf32:
         name = "tf32"
+    if name == "bfloat16" and bf16_softmax:
+        name = "bfloat16-softmax"
     return TOLERANCES[name]
 
 

@@ -9,7 +9,7 @@ Runs on the CPU (local spec, Megatron 0.19+, float32/float64/bfloat16) and on a 
 spec). Tolerances are per dtype (``oracles.TOLERANCES``, max abs difference over max abs value, for the
 output and every gradient), against float64 oracles: float64 1e-5 (Megatron's RoPE tables are
 float32); float32 5e-5 / 1e-4 (output / gradients); TF32 (TE's float32 GEMMs) 5e-3 / 1e-2;
-bfloat16 3e-2 / 1e-1. HF computes RoPE and the softmax in float32 even in a float64 module, so
+bfloat16 3e-2 / 1e-1 (8e-2 / 1.5e-1 for the local spec, whose softmax is bf16 too). HF computes RoPE and the softmax in float32 even in a float64 module, so
 comparisons with HF use at least :data:`HF_FLOOR`.
 
 What Megatron builds is read back from its parameters (``mla_build.build_attention``). Where it
@@ -197,7 +197,7 @@ def test_megatron_against_oracles(spec, dims, rope, dtype, buildable, record):
     hyper = DIMS[dims].replace(rope=ROPES[rope])
     built = build_attention(hyper, spec, torch_dtype, backend="local" if spec == "local" else "auto")
     diffs, hf_diffs = _compare(built, torch_dtype, buildable)
-    tol_out, tol_grad = tolerance(torch_dtype, tf32=_tf32(spec))
+    tol_out, tol_grad = tolerance(torch_dtype, tf32=_tf32(spec), bf16_softmax=spec == "local")
     decision = built.decision
     record(
         case="oracle_megatron",
