@@ -7,7 +7,6 @@ per interpreter). A failure shows the inner run's output.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
