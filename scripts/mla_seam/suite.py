@@ -20,6 +20,10 @@ and writes ``<out>/<tag>/<card>/``:
 * ``bench.json``: benchmark records and their summary against the issue's goals (recorded,
   never asserted).
 
+``--only PHASES`` runs a subset and merges it into an existing ``results.json`` of the same tag,
+card, torch and TE (the lent device allows 10 minutes per command: run smoke,oracles,matrix in
+one call and golden,bench,bench-baseline in the next).
+
 Without a visible CUDA device the verb raises :class:`~mla_seam.errors.DeviceError` (exit 18)
 before running anything. Multi-GPU phases (TP/PP/CP via torchrun) are not built yet; the results
 schema already carries ``world_size`` and the parallel layout for them.
@@ -28,6 +32,7 @@ schema already carries ``world_size`` and the parallel layout for them.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime as _dt
 import json
@@ -228,8 +233,6 @@ def inspect_tree(path: os.PathLike, role: str) -> TreeInfo:
         TreeNotFoundError: ``path`` is not a directory.
         NotMegatronTreeError: it holds no ``megatron/core`` (or no readable version).
     """
-    from mla_seam.tree import read_version  # pylint: disable=import-outside-toplevel
-
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise TreeNotFoundError(f"{role} {path} is not a directory", "pass a Megatron checkout")
@@ -240,6 +243,38 @@ def inspect_tree(path: os.PathLike, role: str) -> TreeInfo:
     version = read_version(root)
     patched = (root / ADAPTER_RELPATH).is_file()
     return TreeInfo(str(root), version, f"core_v{version}", patched)
+
+
+def read_version(root: Path) -> str:
+    """``MAJOR.MINOR.PATCH`` from ``megatron/core/package_info.py``, parsed (not imported).
+
+    (:func:`mla_seam.tree.read_version` does the same but imports GitPython, which the GPU
+    machine may lack; the suite needs only the standard library.)
+
+    Raises:
+        NotMegatronTreeError: The file is missing or defines no version numbers.
+    """
+    path = root / "megatron" / "core" / "package_info.py"
+    values: Dict[str, Any] = {}
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise NotMegatronTreeError(
+            f"cannot read {path}: {exc}", "pass a megatron-core tree"
+        ) from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    values[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    numbers = [values.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
+    if not all(isinstance(n, int) for n in numbers):
+        raise NotMegatronTreeError(f"{path} defines no MAJOR/MINOR/PATCH", "pass a release tree")
+    pre = values.get("PRE_RELEASE", "")
+    return ".".join(str(n) for n in numbers) + (pre if isinstance(pre, str) else "")
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:
@@ -304,10 +339,19 @@ def read_golden(path: os.PathLike) -> Dict[str, Dict[str, Any]]:
 
 
 def write_golden(path: os.PathLike, doc: Mapping[str, Any]) -> None:
-    """Write a golden-values file (validated, sorted keys, trailing newline)."""
+    """Write a golden-values file (validated; metrics by name, steps in numeric order)."""
     validate_golden(doc)
+    ordered = {}
+    for name in sorted(doc):
+        entry = doc[name]
+        ordered[name] = {
+            "start_step": entry["start_step"],
+            "end_step": entry["end_step"],
+            "step_interval": entry["step_interval"],
+            "values": {k: entry["values"][k] for k in sorted(entry["values"], key=int)},
+        }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(ordered, indent=2) + "\n", encoding="utf-8")
 
 
 def _steps(entry: Mapping[str, Any]) -> Dict[int, float]:
@@ -457,6 +501,9 @@ def run_phase(
         "-p",
         "no:cacheprovider",
         f"--junitxml={junit}",
+        # Load only the conftest files of the suite's own folder: the repository's top-level
+        # conftest needs GitPython, which the GPU machine may not have.
+        f"--confcutdir={(repo / phase.target).parent}",
         *pytest_args,
     ]
     log.info("mla-seam suite: %s (%s) ...", phase.name, tree.tag)
@@ -478,9 +525,7 @@ def run_phase(
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         tail = out[-4000:] + f"\n[timed out after {phase.timeout_s} s]"
     seconds = round(time.monotonic() - start, 1)
-    result = PhaseResult(
-        phase.name, phase.tree, code, seconds, parse_junit(junit), timed_out, tail
-    )
+    result = PhaseResult(phase.name, phase.tree, code, seconds, parse_junit(junit), timed_out, tail)
     records = read_records(results, phase.name)
     log.info(
         "mla-seam suite: %s %s in %.0f s %s",
@@ -720,7 +765,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         [
             ["Megatron (patched)", f"{results['megatron']['tag']} ({results['megatron']['path']})"],
             ["Megatron baseline (vanilla)", base and f"{base['tag']} ({base['path']})"],
-            ["card", f"{env.get('card')} sm{''.join(map(str, env.get('compute_capability') or []))}"],
+            [
+                "card",
+                f"{env.get('card')} sm{''.join(map(str, env.get('compute_capability') or []))}",
+            ],
             ["torch / CUDA", f"{env.get('torch')} / {env.get('cuda')}"],
             ["cuDNN", env.get("cudnn")],
             ["Transformer Engine", env.get("transformer_engine")],
@@ -756,8 +804,17 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if oracle:
         lines += ["", "## Oracles (max |diff| / max |ref|, float64 oracles)", ""]
         lines += _table(
-            ["case", "spec", "dims", "rope", "dtype", "out vs ref", "grads vs ref", "out vs HF",
-             "grads vs HF"],
+            [
+                "case",
+                "spec",
+                "dims",
+                "rope",
+                "dtype",
+                "out vs ref",
+                "grads vs ref",
+                "out vs HF",
+                "grads vs HF",
+            ],
             [
                 [
                     r["case"],
@@ -777,8 +834,20 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if matrix:
         lines += ["", "## Matrix", ""]
         lines += _table(
-            ["spec", "backend", "layout", "dims", "rope", "recompute", "outcome", "decided",
-             "out vs ref", "grads vs ref", "THD vs bshd", "checks"],
+            [
+                "spec",
+                "backend",
+                "layout",
+                "dims",
+                "rope",
+                "recompute",
+                "outcome",
+                "decided",
+                "out vs ref",
+                "grads vs ref",
+                "THD vs bshd",
+                "checks",
+            ],
             [
                 [
                     r.get("spec"),
@@ -821,11 +890,27 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             if rows:
                 lines += ["", f"### {title}", ""]
                 lines += _table(
-                    ["spec", "backend", "layout", "patched ms", "vanilla ms", "ratio", "goal",
-                     "met"],
                     [
-                        [r["spec"], r["backend"], r["layout"], r["patched_ms"], r["vanilla_ms"],
-                         r["ratio"], r["goal"], r["met"]]
+                        "spec",
+                        "backend",
+                        "layout",
+                        "patched ms",
+                        "vanilla ms",
+                        "ratio",
+                        "goal",
+                        "met",
+                    ],
+                    [
+                        [
+                            r["spec"],
+                            r["backend"],
+                            r["layout"],
+                            r["patched_ms"],
+                            r["vanilla_ms"],
+                            r["ratio"],
+                            r["goal"],
+                            r["met"],
+                        ]
                         for r in rows
                     ],
                 )
@@ -834,8 +919,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines += _table(
                 ["spec", "backend", "layout", "dims", "decided", "ms", "TFLOP/s", "of matmul"],
                 [
-                    [r["spec"], r["backend"], r["layout"], r["dims"], r["decided"], r["ms"],
-                     r["tflops"], r["fraction_of_matmul"]]
+                    [
+                        r["spec"],
+                        r["backend"],
+                        r["layout"],
+                        r["dims"],
+                        r["decided"],
+                        r["ms"],
+                        r["tflops"],
+                        r["fraction_of_matmul"],
+                    ]
                     for r in bench["backend_table"]
                 ],
             )
@@ -1006,6 +1099,12 @@ def run_suite(
             records.extend(recs)
             if settle is not None:
                 golden = settle()
+    merged_from = None
+    if only:
+        previous = load_previous(out_dir / "results.json", tree, device)
+        if previous is not None:
+            phases, records, golden = merge_previous(previous, phases, records, golden)
+            merged_from = previous.get("started")
     bench = summarize_bench(records, tree.version)
     results = build_results(
         tree=tree,
@@ -1018,8 +1117,54 @@ def run_suite(
         started=started,
         seconds=time.monotonic() - t0,
     )
+    results["merged_from"] = merged_from
     write_outputs(out_dir, results)
     return results, out_dir
+
+
+def load_previous(path: Path, tree: TreeInfo, device: DeviceInfo) -> Optional[Dict[str, Any]]:
+    """An earlier ``results.json`` of the same tag, card and software, or ``None``.
+
+    ``--only`` runs (the device allows 10 minutes per command) add their phases to it.
+    """
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    env = previous.get("environment") or {}
+    same = (
+        previous.get("schema_version") == SCHEMA_VERSION
+        and previous.get("tag") == tree.tag
+        and env.get("card") == device.name
+        and env.get("torch") == device.torch
+        and env.get("transformer_engine") == device.te
+    )
+    if not same:
+        log.info("mla-seam suite: %s is from another setup; not merged", path)
+        return None
+    return previous
+
+
+def merge_previous(
+    previous: Mapping[str, Any],
+    phases: List[PhaseResult],
+    records: List[Dict[str, Any]],
+    golden: Dict[str, Any],
+) -> Tuple[List[PhaseResult], List[Dict[str, Any]], Dict[str, Any]]:
+    """Keep the earlier run's phases (and their records) that this run did not repeat."""
+    ran = {p.name for p in phases}
+    kept = []
+    for p in previous.get("phases") or []:
+        if p.get("name") in ran:
+            continue
+        fields = {f.name for f in dataclasses.fields(PhaseResult)}
+        kept.append(PhaseResult(**{k: v for k, v in p.items() if k in fields}))
+    order = {name: i for i, name in enumerate(PHASE_NAMES)}
+    merged = sorted(kept + phases, key=lambda p: order.get(p.name, len(order)))
+    old_records = [r for r in previous.get("records") or [] if r.get("phase") not in ran]
+    if "golden" not in ran and previous.get("golden"):
+        golden = dict(previous["golden"])
+    return merged, old_records + records, golden
 
 
 def write_outputs(out_dir: Path, results: Mapping[str, Any]) -> None:
@@ -1037,9 +1182,7 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any]) -> None:
         "environment": results["environment"],
         "parallel": results["parallel"],
         "summary": results["bench_summary"],
-        "records": [
-            r for r in results["records"] if str(r.get("case", "")).startswith("bench")
-        ],
+        "records": [r for r in results["records"] if str(r.get("case", "")).startswith("bench")],
     }
     (out_dir / "bench.json").write_text(
         json.dumps(bench_doc, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
@@ -1105,3 +1248,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra pytest argument for every phase (repeatable), e.g. --pytest-arg=-x",
     )
     parser.set_defaults(func=run)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m mla_seam.suite ARGS``: the verb without the CLI's other verbs.
+
+    ``mla-seam suite`` imports every verb (GitPython among their needs); this entry point needs
+    only the standard library and the interpreter's torch, for GPU machines without GitPython.
+    """
+    from mla_seam.errors import SeamError  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(prog="python -m mla_seam.suite")
+    sub = parser.add_subparsers(dest="verb")
+    register(sub)
+    args = parser.parse_args(["suite", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except SeamError as err:
+        log.error("mla-seam suite: %s", err)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

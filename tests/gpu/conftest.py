@@ -32,7 +32,7 @@ if TREE:
     sys.path.insert(0, str(Path(TREE).resolve()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mla_build import NO_TREE  # noqa: E402  pylint: disable=C0413
+from mla_build import NO_TREE, cpu_blocker  # noqa: E402  pylint: disable=C0413
 
 SMOKE_FILE = "test_smoke.py"
 
@@ -62,30 +62,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_blocker() -> str:
-    """Why this tree's MLA cannot be built on the CPU, or ``""``.
-
-    Megatron 0.16.x: ``MultiLatentAttention.__init__`` calls ``isinstance(.., TELinear)`` on the
-    MagicMock upstream puts there without Transformer Engine.
-    """
-    from megatron.core.transformer import multi_latent_attention as mla  # pylint: disable=C0415
-
-    if getattr(mla, "HAVE_TE", False) and not isinstance(getattr(mla, "TELinear", None), type):
-        return (
-            "this release's MultiLatentAttention needs Transformer Engine to build (isinstance "
-            "against a TE class that is a stand-in without TE); runs on the GPU machine"
-        )
-    return ""
-
-
 @pytest.fixture(scope="session")
 def megatron_env() -> Iterator[str]:
     """Megatron's parallel state (TP=PP=CP=1, world size 1); yields the device, cuda or cpu.
 
     GPU: NCCL process group, ``model_parallel_cuda_manual_seed(1234)``. CPU: a gloo group and
-    two shims that let Megatron's CUDA-only calls run on a CPU build of torch (as
-    ``tests/adapter/conftest.py``): ``torch.cuda.current_device()`` answers ``"cpu"`` and the
-    CUDA RNG tracker's fork is a no-op (every test here runs with dropout 0). Nothing about
+    shims that let Megatron's CUDA-only calls run on a CPU build of torch (as
+    ``tests/adapter/conftest.py``): ``torch.cuda.current_device()`` answers ``"cpu"``, the CUDA
+    RNG tracker's fork is a no-op (every test here runs with dropout 0), and activation
+    checkpointing's save/restore of the CUDA RNG state uses the CPU generator. Nothing about
     attention is replaced.
     """
     if not TREE:
@@ -112,9 +97,14 @@ def megatron_env() -> Iterator[str]:
 
             model_parallel_cuda_manual_seed(1234)
         else:
+            from megatron.core.tensor_parallel import random as mrandom  # pylint: disable=C0415
+
             patch.setattr(torch.cuda, "current_device", lambda: "cpu")
             tracker = tensor_parallel.get_cuda_rng_tracker()
             patch.setattr(tracker, "fork", lambda *a, **k: contextlib.nullcontext())
+            # Activation checkpointing saves and restores the CUDA RNG state around recompute.
+            patch.setattr(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+            patch.setattr(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
         yield "cuda" if cuda else "cpu"
     if created:
         parallel_state.destroy_model_parallel()

@@ -39,7 +39,6 @@ NVTE_FLAGS = (
 NO_BACKEND = "No dot product attention backend"
 
 
-
 def have_adapter() -> bool:
     """Whether this tree carries the mla-seam adapter (a patched tree, not a vanilla one)."""
     try:
@@ -55,6 +54,22 @@ def have_te() -> bool:
     except Exception:  # pylint: disable=broad-except
         return False
     return True
+
+
+def cpu_blocker() -> str:
+    """Why this tree's MLA cannot be built on the CPU, or ``""``.
+
+    Megatron 0.16.x: ``MultiLatentAttention.__init__`` calls ``isinstance(.., TELinear)`` on the
+    MagicMock upstream puts there without Transformer Engine.
+    """
+    from megatron.core.transformer import multi_latent_attention as mla  # pylint: disable=C0415
+
+    if getattr(mla, "HAVE_TE", False) and not isinstance(getattr(mla, "TELinear", None), type):
+        return (
+            "this release's MultiLatentAttention needs Transformer Engine to build (isinstance "
+            "against a TE class that is a stand-in without TE); runs on the GPU machine"
+        )
+    return ""
 
 
 def device() -> str:

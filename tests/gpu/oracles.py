@@ -485,9 +485,7 @@ class MappingError(AssertionError):
     """Megatron's parameters and the reference's do not correspond one to one."""
 
 
-def map_parameters(
-    megatron_names: Iterable[str], reference_names: Iterable[str]
-) -> Dict[str, str]:
+def map_parameters(megatron_names: Iterable[str], reference_names: Iterable[str]) -> Dict[str, str]:
     """Megatron name -> DeepSeek name for every Megatron parameter, checked both ways.
 
     Args:

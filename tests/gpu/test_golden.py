@@ -44,15 +44,14 @@ def _steps() -> int:
 
 
 def _batch(step: int, dev: str):
-    """Token streams x_{i+1} = (a * x_i + c) mod V with per-row a, c: learnable, deterministic."""
+    """Token streams over the first 64 ids, x_{i+1} = (x_i + d) mod 64 with a per-row stride d.
+
+    Learnable within a few steps (unigram, then bigram), and a pure function of the seed.
+    """
     gen = torch.Generator().manual_seed(SEED * 1000 + step)
-    start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
-    mult = torch.randint(1, 8, (BATCH, 1), generator=gen) * 2 + 1
-    add = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
-    tokens = [start]
-    for _ in range(SEQ):
-        tokens.append((tokens[-1] * mult + add) % VOCAB)
-    seq = torch.cat(tokens, dim=1)
+    start = torch.randint(0, 64, (BATCH, 1), generator=gen)
+    stride = torch.randint(1, 4, (BATCH, 1), generator=gen)
+    seq = (start + stride * torch.arange(SEQ + 1)) % 64
     return seq[:, :-1].to(dev), seq[:, 1:].to(dev)
 
 
@@ -99,7 +98,7 @@ def train(spec: str, backend: str, steps: int, dev: str) -> Dict[str, List[float
     model = _model(spec, backend, dev)
     model.train()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
+        model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
     )
     positions = torch.arange(SEQ, device=dev).unsqueeze(0).expand(BATCH, SEQ)
     mask = None
@@ -112,7 +111,11 @@ def train(spec: str, backend: str, steps: int, dev: str) -> Dict[str, List[float
         per_token = model(tokens, positions, mask, labels=labels)
         loss = per_token.float().mean()
         loss.backward()
-        squares = [p.grad.detach().double().square().sum() for p in model.parameters() if p.grad is not None]
+        squares = [
+            p.grad.detach().double().square().sum()
+            for p in model.parameters()
+            if p.grad is not None
+        ]
         norm = torch.stack(squares).sum().sqrt()
         optimizer.step()
         losses.append(float(loss.item()))
@@ -152,7 +155,8 @@ def test_golden_values(buildable, record):
         deterministic=not deterministic,
     )
     assert all(math.isfinite(v) for v in first["lm loss"] + first["grad norm"])
-    assert first["lm loss"][-1] < first["lm loss"][0], "the tiny model does not learn"
+    head, tail = first["lm loss"][:5], first["lm loss"][-5:]
+    assert sum(tail) < sum(head), f"the tiny model does not learn: {first['lm loss']}"
     assert not deterministic, f"two identical runs differ: {deterministic[:5]}"
     out = os.environ.get("MLA_SEAM_GOLDEN_OUT")
     if out:

@@ -29,10 +29,16 @@ Megatron calls in through one-line hooks (the mla-seam patch series):
 * H4 ``MLATransformerConfig.__post_init__``: ``check_config(self)``
 * H5 (release lines that pad V themselves) ``upstream_value_pad(...)``
 * H6 (release lines that index per-layer lists off by one) ``per_layer_value(...)``
+* H7 (release lines whose uneven-PP + VPP layer offset miscounts) ``pipeline_layer_offset(...)``
+
+Each hook imports this module where it calls it (``from megatron.core.transformer import
+mla_adapter`` inside the function), so a hook's hunk never touches an import block that
+upstream reorders from release to release.
 
 Upstream features are detected by inspection (signatures, attributes), never by version.
 """
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -208,6 +214,12 @@ def normalize_packed_seq(
     missing kv side mirrors the q side, missing ``max_seqlen_*`` come from the (padded)
     ``cu_seqlens``, and the offsets are checked.
 
+    Tokens of a padded THD batch sit at the padded offsets, so RoPE must split them there.
+    Release lines that hand RoPE the unpadded ``cu_seqlens_q``/``kv`` (0.13.x) would rotate
+    every sequence after the first one at the wrong positions; when padded offsets differ from
+    the actual ones, the QKV/RoPE code therefore gets a copy whose ``cu_seqlens_*`` ARE the
+    padded offsets (lines that already prefer the padded ones compute the same thing).
+
     Args:
         attention: The MLA module (for its config).
         packed_seq_params: ``PackedSeqParams`` or ``None``.
@@ -221,13 +233,33 @@ def normalize_packed_seq(
     """
     if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", None) != "thd":
         return None
-    if getattr(packed_seq_params, _MARK, False):
-        return packed_seq_params
-    _complete_thd(packed_seq_params)
-    _check_thd(attention.config, packed_seq_params, hidden_states)
-    _check_thd_backend(attention.config, packed_seq_params)
-    setattr(packed_seq_params, _MARK, True)
-    return packed_seq_params
+    if not getattr(packed_seq_params, _MARK, False):
+        _complete_thd(packed_seq_params)
+        _check_thd(attention.config, packed_seq_params, hidden_states)
+        _check_thd_backend(attention.config, packed_seq_params)
+        setattr(packed_seq_params, _MARK, True)
+        setattr(packed_seq_params, f"{_MARK}_rope", _rope_view(packed_seq_params))
+    return getattr(packed_seq_params, f"{_MARK}_rope", None) or packed_seq_params
+
+
+def _rope_view(params: Any) -> Optional[Any]:
+    """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*``, or ``None``.
+
+    ``None`` when no side is padded differently from its actual offsets (nothing to fix).
+    """
+    changes = {}
+    for side in ("q", "kv"):
+        padded = getattr(params, f"cu_seqlens_{side}_padded", None)
+        actual = getattr(params, f"cu_seqlens_{side}")
+        if padded is not None and padded is not actual and not torch.equal(padded, actual):
+            changes[f"cu_seqlens_{side}"] = padded
+    if not changes:
+        return None
+    view = copy.copy(params)  # a shallow copy: no __post_init__ recomputation
+    for name, value in changes.items():
+        setattr(view, name, value)
+    setattr(view, f"{_MARK}_rope", None)
+    return view
 
 
 def _complete_thd(params: Any) -> None:
@@ -699,6 +731,58 @@ def layer_offset(config: Any, vp_stage: Optional[int], pp_rank: int) -> int:
         if config.num_layers_in_last_pipeline_stage is None and (stage, pp_rank) != (0, 0):
             offset -= 1
     return offset
+
+
+def pipeline_layer_offset(
+    config: Any, vp_stage: Optional[int], pp_rank: int, upstream_offset: int
+) -> int:
+    """Hook H7: the layer offset of a pipeline stage, where upstream's own count is wrong.
+
+    Upstream's ``get_transformer_layer_offset`` returns through this hook on release lines
+    whose uneven-PP + VPP branch counts the middle stages from rank 1 even when the first
+    stage is not customized (0.13.x): layers overlap or go missing, and with them the
+    checkpoint's layer numbering. For MLA models without a pipeline layout the offset is
+    :func:`layer_offset`'s; every other model keeps upstream's value. Encoder-decoder
+    pipelines (a decoder start rank) are left to upstream.
+
+    Args:
+        config: The model config.
+        vp_stage: Virtual pipeline stage (``None`` without interleaving).
+        pp_rank: The pipeline rank upstream computed the offset for.
+        upstream_offset: Upstream's offset.
+
+    Returns:
+        The offset to add to a 1-based local layer number.
+    """
+    if not getattr(config, "multi_latent_attention", False):
+        return upstream_offset
+    if getattr(config, "pipeline_model_parallel_layout", None) or _decoder_start() is not None:
+        return upstream_offset
+    ours = layer_offset(config, vp_stage, pp_rank)
+    if ours != upstream_offset and not getattr(config, f"{_MARK}_offset_logged", False):
+        logger.warning(
+            "mla-seam: layer offset of pipeline rank %d, virtual stage %s is %d (upstream "
+            "computed %d: uneven pipeline split with virtual stages miscounted)",
+            pp_rank,
+            vp_stage,
+            ours,
+            upstream_offset,
+        )
+        setattr(config, f"{_MARK}_offset_logged", True)
+    return ours
+
+
+def _decoder_start() -> Optional[int]:
+    """The pipeline rank where an encoder-decoder model's decoder starts (``None``: no split)."""
+    from megatron.core import parallel_state  # pylint: disable=import-outside-toplevel
+
+    getter = getattr(parallel_state, "get_pipeline_model_parallel_decoder_start", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except (AssertionError, RuntimeError, AttributeError):
+        return None
 
 
 def per_layer_value(values: Any, layer_number: int) -> Any:
