@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from mla_seam import __version__
 from mla_seam.errors import DeviceError, NotMegatronTreeError, TreeNotFoundError, UsageError
+from mla_seam.paths import ADAPTER_RELPATH
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Golden-values metrics, named as Megatron's functional tests name theirs.
 GOLDEN_METRICS = ("lm loss", "grad norm")
-ADAPTER_RELPATH = "megatron/core/transformer/mla_adapter.py"
 
 #: Goals of issue #4 (recorded against, never asserted).
 GOALS = {
