@@ -34,18 +34,16 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from mla_seam import __version__, contracts, gitlayer, paths, upstream
+from mla_seam import __version__, contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import DriftFoundError, SeamError, UsageError
 from mla_seam.rebase import (
     PatchClass,
     Survey,
     Workspace,
-    line_of_version,
     load_lines,
     series_for,
     survey,
     version_at,
-    version_key,
 )
 from mla_seam.series import Series, json_bytes, series_by_name
 from mla_seam.tree import MegatronTree
@@ -114,7 +112,7 @@ def tags_in_range(ws: Workspace, spec: str) -> List[str]:
         version = tag.removeprefix(upstream.TAG_PREFIX)
         if tag.startswith(upstream.TAG_PREFIX) and _in(version, low, high):
             versions.add(version)
-    refs = [f"{upstream.TAG_PREFIX}{v}" for v in sorted(versions, key=version_key)]
+    refs = [f"{upstream.TAG_PREFIX}{v}" for v in sorted(versions, key=releases.version_key)]
     if extra_end:
         refs.append(extra_end)
     if not refs:
@@ -123,10 +121,10 @@ def tags_in_range(ws: Workspace, spec: str) -> List[str]:
 
 
 def _in(version: str, low: str, high: Optional[str]) -> bool:
-    key = version_key(version)
+    key = releases.version_key(version)
     if key[0] != 0:
         return False
-    return version_key(low) <= key and (high is None or key <= version_key(high))
+    return releases.version_key(low) <= key and (high is None or key <= releases.version_key(high))
 
 
 # --- one tag -----------------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def tag_entry(
     return {
         "tag": ref,
         "version": version,
-        "line": line_of_version(version),
+        "line": releases.line_of(version),
         "commit": commit,
         "source": source,
         "series": s.name,

@@ -37,7 +37,6 @@ patch whose applied result did not change keeps its bytes.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import enum
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import git
-from mla_seam import contracts, gitlayer, paths, upstream
+from mla_seam import contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import (
     DirtyTreeError,
     InterruptedRunError,
@@ -65,6 +64,7 @@ from mla_seam.errors import (
     UpstreamError,
     UsageError,
 )
+from mla_seam.releases import PACKAGE_INFO
 from mla_seam.series import (
     PatchEntry,
     Series,
@@ -74,14 +74,12 @@ from mla_seam.series import (
     write_series,
 )
 from mla_seam.tree import MegatronTree, crash_point, replace_atomic
-from packaging.version import InvalidVersion, Version
 
 log = logging.getLogger(__name__)
 
 REBASE_BRANCH = "mla-seam/rebase"
 OLD_BRANCH = "mla-seam/old"
 KEEP_NOTES = "mla-seam-rebase"  # folder inside the kept repository's .git
-PACKAGE_INFO = "megatron/core/package_info.py"
 _HOOK_RE = re.compile(r"\bmla-seam (H\d+)\b")
 _OFFSET_RE = re.compile(r"^Hunk #(\d+) succeeded at (\d+) \(offset (-?\d+) lines?\)\.$")
 _FAILED_AT_RE = re.compile(r"^error: patch failed: (.+):(\d+)$")
@@ -328,21 +326,12 @@ def version_at(repo: git.Repo, rev: str) -> str:
             f"{rev} has no {PACKAGE_INFO}: not a megatron-core tree",
             "name a Megatron-LM tag or commit",
         ) from None
-    values: Dict[str, object] = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            with contextlib.suppress(ValueError):
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-    numbers = [values.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
-    pre = values.get("PRE_RELEASE") or ""
-    return ".".join(str(n) for n in numbers) + (pre if isinstance(pre, str) else "")
-
-
-def line_of_version(version: str) -> str:
     try:
-        return upstream.line_of(version)
-    except InvalidVersion:
-        return ".".join(version.split(".")[:2])
+        return releases.parse_package_info(text)
+    except (SyntaxError, ValueError) as exc:
+        raise RebaseError(
+            f"{PACKAGE_INFO} at {rev} names no version ({exc})", "name a Megatron-LM tag or commit"
+        ) from None
 
 
 # --- the scratch repository --------------------------------------------------------------------
@@ -743,17 +732,10 @@ def install_line(staged: Path, target: Path) -> Dict[str, List[str]]:
 
 def _releases_of_line(ws: Workspace, version: str, only: Optional[Sequence[str]]) -> List[str]:
     if only:
-        return sorted(set(only) | {version}, key=version_key)
-    line = line_of_version(version)
+        return sorted(set(only) | {version}, key=releases.version_key)
+    line = releases.line_of(version)
     known = [v for v in upstream.RELEASES if upstream.line_of(v) == line]
-    return sorted(set(known) | {version}, key=version_key)
-
-
-def version_key(version: str) -> Tuple[int, object]:
-    try:
-        return (0, Version(version))
-    except InvalidVersion:
-        return (1, version)
+    return sorted(set(known) | {version}, key=releases.version_key)
 
 
 def _upstream_record(ws: Workspace, onto: str, commit: str, version: str) -> Dict[str, str]:
@@ -773,14 +755,14 @@ def export_line(
     onto: str,
     version: str,
     out_dir: Path,
-    releases: Optional[Sequence[str]] = None,
+    only: Optional[Sequence[str]] = None,
 ) -> Series:
     """Export ``base..head`` of the workspace as a line folder at ``out_dir`` (validated).
 
     Every release of the line other than ``version`` is recorded with its own pre-images
     (fetched from the cache where the checkout lacks its tag).
     """
-    wanted = _releases_of_line(ws, version, releases)
+    wanted = _releases_of_line(ws, version, only)
     extra = {}
     for release in wanted:
         if release != version:
@@ -791,7 +773,7 @@ def export_line(
         base,
         head,
         out_dir,
-        line_of_version(version),
+        releases.line_of(version),
         wanted,
         _upstream_record(ws, onto, base, version),
         {paths.ADAPTER_RELPATH: overlay},
@@ -861,11 +843,13 @@ def series_for(lines: Sequence[Series], version: str) -> Tuple[Series, bool]:
     for s in lines:
         if version in s.releases:
             return s, True
-    same = [s for s in lines if s.line == line_of_version(version)]
+    same = [s for s in lines if s.line == releases.line_of(version)]
     if same:
         return same[0], False
-    key = version_key(version)
-    older = [s for s in lines if version_key(max(s.releases, key=version_key)) <= key]
+    key = releases.version_key(version)
+    older = [
+        s for s in lines if releases.version_key(max(s.releases, key=releases.version_key)) <= key
+    ]
     return (older[-1] if older else lines[0]), False
 
 
@@ -983,7 +967,7 @@ def _resolved_head(ws: Workspace, tree_repo: git.Repo, ref: str, s: Survey) -> s
 
 def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: Path) -> None:
     version = s.onto_version
-    target = root / f"{upstream.TAG_PREFIX}{line_of_version(version)}"
+    target = root / releases.line_dir_name(releases.line_of(version))
     if head == s.onto_commit:
         raise RebaseError(
             f"no patch is left for {target.name}: every hook is upstream or obsolete on {s.onto}",
@@ -991,9 +975,9 @@ def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: 
         )
     with tempfile.TemporaryDirectory(prefix="mla-seam-export-") as tmp:
         staged = Path(tmp) / target.name
-        releases = args.releases.split(",") if args.releases else None
+        only = args.releases.split(",") if args.releases else None
         try:
-            export_line(ws, s.onto_commit, head, s.onto, version, staged, releases)
+            export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
         except PatchFailedError as err:
             raise RebaseError(
                 f"the new {target.name} series does not serve every release of the line: "

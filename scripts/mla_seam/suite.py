@@ -32,7 +32,6 @@ schema already carries ``world_size`` and the parallel layout for them.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime as _dt
 import json
@@ -49,7 +48,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from mla_seam import __version__
+from mla_seam import __version__, releases
 from mla_seam.errors import DeviceError, NotMegatronTreeError, TreeNotFoundError, UsageError
 from mla_seam.paths import ADAPTER_RELPATH
 
@@ -242,39 +241,19 @@ def inspect_tree(path: os.PathLike, role: str) -> TreeInfo:
         )
     version = read_version(root)
     patched = (root / ADAPTER_RELPATH).is_file()
-    return TreeInfo(str(root), version, f"core_v{version}", patched)
+    return TreeInfo(str(root), version, releases.tag_of(version), patched)
 
 
 def read_version(root: Path) -> str:
-    """``MAJOR.MINOR.PATCH`` from ``megatron/core/package_info.py``, parsed (not imported).
-
-    (:func:`mla_seam.tree.read_version` does the same but imports GitPython, which the GPU
-    machine may lack; the suite needs only the standard library.)
+    """The tree's megatron-core version (:func:`mla_seam.releases.read_version`).
 
     Raises:
         NotMegatronTreeError: The file is missing or defines no version numbers.
     """
-    path = root / "megatron" / "core" / "package_info.py"
-    values: Dict[str, Any] = {}
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise NotMegatronTreeError(
-            f"cannot read {path}: {exc}", "pass a megatron-core tree"
-        ) from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name):
-                try:
-                    values[target.id] = ast.literal_eval(node.value)
-                except ValueError:
-                    continue
-    numbers = [values.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
-    if not all(isinstance(n, int) for n in numbers):
-        raise NotMegatronTreeError(f"{path} defines no MAJOR/MINOR/PATCH", "pass a release tree")
-    pre = values.get("PRE_RELEASE", "")
-    return ".".join(str(n) for n in numbers) + (pre if isinstance(pre, str) else "")
+        return releases.read_version(root)
+    except releases.VersionNotFound as exc:
+        raise NotMegatronTreeError(str(exc), "pass a megatron-core tree") from None
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:

@@ -34,7 +34,6 @@ A ``txn/`` without a journal had not touched the tree and is just deleted.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import fcntl
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import git
-from mla_seam import __version__, gitlayer
+from mla_seam import __version__, gitlayer, releases
 from mla_seam.errors import (
     LockedError,
     NotMegatronTreeError,
@@ -76,7 +75,6 @@ CRASH_STEPS = (
     "recover-restored:<k>",
     "recover-journal-removed",
 )
-PACKAGE_INFO = "megatron/core/package_info.py"
 
 
 def crash_point(step: str) -> None:
@@ -90,37 +88,18 @@ def crash_point(step: str) -> None:
 # --- the tree ------------------------------------------------------------------------------
 
 
-def _literal_assignments(source: str) -> Dict[str, object]:
-    """Top-level ``NAME = <literal>`` assignments of a module's source."""
-    values: Dict[str, object] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name):
-                with contextlib.suppress(ValueError):
-                    values[target.id] = ast.literal_eval(node.value)
-    return values
-
-
 def read_version(root: os.PathLike) -> str:
     """``MAJOR.MINOR.PATCH[PRE_RELEASE]`` from ``megatron/core/package_info.py`` (parsed, not run).
 
     Raises:
         NotMegatronTreeError: the file is missing or does not define the version numbers.
     """
-    path = Path(root) / PACKAGE_INFO
-    hint = "point mla-seam at a megatron-core checkout or installation of a release"
     try:
-        values = _literal_assignments(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotMegatronTreeError(f"{path} is missing", hint) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise NotMegatronTreeError(f"cannot read {path}: {exc}", hint) from None
-    numbers = [values.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
-    if not all(isinstance(n, int) for n in numbers):
-        raise NotMegatronTreeError(f"{path} does not define MAJOR, MINOR and PATCH numbers", hint)
-    pre = values.get("PRE_RELEASE", "")
-    return ".".join(str(n) for n in numbers) + (pre if isinstance(pre, str) else "")
+        return releases.read_version(root)
+    except releases.VersionNotFound as exc:
+        raise NotMegatronTreeError(
+            str(exc), "point mla-seam at a megatron-core checkout or installation of a release"
+        ) from None
 
 
 def _find_root(path: Path) -> Path:

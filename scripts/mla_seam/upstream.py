@@ -46,12 +46,12 @@ import git
 from mla_seam import gitlayer
 from mla_seam.errors import UpstreamError, UsageError
 from mla_seam.paths import cache_dir
+from mla_seam.releases import TAG_PREFIX, line_of
 from packaging.version import Version
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "megatron-core"
-TAG_PREFIX = "core_v"
 URL_ENV = "MLA_SEAM_UPSTREAM_URL"
 BRANCH = "main"
 SOURCE_MARKER = "mla-seam-source.json"  # inside the checkout's .git folder
@@ -110,12 +110,6 @@ same sdist gives this commit id on any machine.
 def lines() -> List[str]:
     """Known release lines (``"0.16"``), oldest first."""
     return list(dict.fromkeys(line_of(v) for v in RELEASES))
-
-
-def line_of(version: str) -> str:
-    """The release line of ``version``: ``"0.16.1"`` -> ``"0.16"``."""
-    release = Version(version).release
-    return f"{release[0]}.{release[1] if len(release) > 1 else 0}"
 
 
 def newest_in_line(line: str) -> str:

@@ -1,0 +1,122 @@
+"""One home for megatron-core release facts: version strings, their order, release lines, tags.
+
+Every module that reads a version out of ``megatron/core/package_info.py``, orders versions,
+names a release line (``0.19`` / ``core_v0.19``) or a tag (``core_v0.19.2``) goes through here.
+Standard library plus ``packaging`` only: the GPU suite imports it on machines without GitPython.
+
+Version strings in the wild are not only PyPI's. Upstream's own tags carry others
+(``0.19.1`` at tag ``core_v0.19.0``, ``0.17.0rc0`` at ``core_v0.17.0``, ``0.20.0`` on main),
+and there are ``rc``, ``.devN`` and ``.postN`` builds: all of them belong to their
+``MAJOR.MINOR`` line (:func:`line_of`).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from packaging.version import InvalidVersion, Version
+
+#: Where a tree says which megatron-core it is.
+PACKAGE_INFO = "megatron/core/package_info.py"
+#: Upstream's release tags: ``core_v0.19.2``; the series folders use ``core_v0.19``.
+TAG_PREFIX = "core_v"
+
+_LINE_RE = re.compile(r"^(?:core_v|v)?(\d+)\.(\d+)$")
+
+
+class VersionNotFound(ValueError):
+    """``package_info.py`` is missing or defines no MAJOR/MINOR/PATCH (message says which)."""
+
+
+def parse_package_info(source: str) -> str:
+    """``MAJOR.MINOR.PATCH[PRE_RELEASE]`` from the text of ``package_info.py`` (parsed, not run).
+
+    Raises:
+        VersionNotFound: the text does not define the three numbers.
+        SyntaxError: the text is not Python.
+    """
+    values: Dict[str, object] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                with contextlib.suppress(ValueError):
+                    values[target.id] = ast.literal_eval(node.value)
+    numbers = [values.get(k) for k in ("MAJOR", "MINOR", "PATCH")]
+    if not all(isinstance(n, int) for n in numbers):
+        raise VersionNotFound("does not define MAJOR, MINOR and PATCH numbers")
+    pre = values.get("PRE_RELEASE") or ""
+    return ".".join(str(n) for n in numbers) + (pre if isinstance(pre, str) else "")
+
+
+def read_version(root: os.PathLike) -> str:
+    """The version of the megatron-core tree at ``root`` (see :func:`parse_package_info`).
+
+    Raises:
+        VersionNotFound: the file is missing, unreadable, or defines no version numbers; the
+            message names the file.
+    """
+    path = Path(root) / PACKAGE_INFO
+    try:
+        return parse_package_info(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VersionNotFound(f"{path} is missing") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, VersionNotFound):
+            raise VersionNotFound(f"{path} {exc}") from None
+        raise VersionNotFound(f"cannot read {path}: {exc}") from None
+
+
+def version_key(version: str) -> Tuple[int, object]:
+    """Sort key: PEP 440 order; strings that are no version sort after every version."""
+    try:
+        return (0, Version(version))
+    except InvalidVersion:
+        return (1, version)
+
+
+def is_prerelease(version: str) -> bool:
+    """Whether ``version`` is an rc, alpha, beta or dev build (``0.17.0rc0``, ``0.16.0rc0.dev12``)."""
+    try:
+        return Version(version).is_prerelease
+    except InvalidVersion:
+        return False
+
+
+def line_of(version: str) -> str:
+    """The release line of a version: ``0.16.1``, ``0.17.0rc0``, ``0.19.1.post2`` -> ``0.16`` ...
+
+    Lenient: a string that is no PEP 440 version keeps its first two dot-separated fields.
+    """
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        return ".".join(version.strip().removeprefix(TAG_PREFIX).split(".")[:2])
+    return f"{release[0]}.{release[1] if len(release) > 1 else 0}"
+
+
+def line_dir_name(line: str) -> str:
+    """The series folder of a line: ``0.19`` -> ``core_v0.19`` (a folder name passes through)."""
+    parsed = parse_line(line)
+    return f"{TAG_PREFIX}{parsed}" if parsed else line
+
+
+def parse_line(name: str) -> Optional[str]:
+    """``core_v0.19``, ``v0.19`` or ``0.19`` -> ``0.19``; anything else -> ``None``."""
+    match = _LINE_RE.match(name.strip())
+    return f"{int(match.group(1))}.{int(match.group(2))}" if match else None
+
+
+def tag_of(version: str) -> str:
+    """Upstream's tag for an exact version: ``0.16.1`` -> ``core_v0.16.1``."""
+    return version if version.startswith(TAG_PREFIX) else f"{TAG_PREFIX}{version}"
+
+
+def version_of_tag(tag: str) -> str:
+    """``core_v0.16.1`` -> ``0.16.1`` (other strings pass through without the prefix)."""
+    return tag.strip().removeprefix(TAG_PREFIX)
