@@ -135,15 +135,36 @@ def line_patch(line: str, hook: str) -> Path:
     [
         (
             "core_v0.17.1",
-            {"H1": "offset", "H2": "offset", "H3": "offset", "H4": "offset", "H6": "obsolete"},
+            {
+                "H1": "offset",
+                "H2": "offset",
+                "H3": "offset",
+                "H4": "offset",
+                "H6": "obsolete",
+                "H8": "offset",
+            },
         ),
         (
             "core_v0.18.2",
-            {"H1": "offset", "H2": "offset", "H3": "offset", "H4": "offset", "H6": "obsolete"},
+            {
+                "H1": "offset",
+                "H2": "offset",
+                "H3": "offset",
+                "H4": "offset",
+                "H6": "obsolete",
+                "H8": "offset",
+            },
         ),
         (
             "core_v0.19.2",
-            {"H1": "offset", "H2": "offset", "H3": "offset", "H4": "offset", "H6": "obsolete"},
+            {
+                "H1": "offset",
+                "H2": "offset",
+                "H3": "offset",
+                "H4": "offset",
+                "H6": "obsolete",
+                "H8": "offset",
+            },
         ),
     ],
 )
@@ -162,7 +183,7 @@ def test_rebase_016_onto_newer_lines_writes_series_that_apply(
     assert "tl.cp_comm_type_index" in changes  # the reason H6 became obsolete
     line = upstream.line_of(onto.removeprefix("core_v"))
     written = load_series(bundle / "patches" / f"core_v{line}")
-    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H4"]
+    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H4", "H8"]
     assert written.upstream["tag"] == onto
     assert set(written.releases) == {v for v in upstream.RELEASES if upstream.line_of(v) == line}
     tree = fresh_checkout(onto, tmp_path / "tree")
@@ -217,6 +238,7 @@ def test_patch_already_upstream_by_reverse_apply(synthetic, capsys, tmp_path):
         "H2": "exact",
         "H3": "exact",
         "H4": "exact",
+        "H8": "exact",
     }
     assert doc["history"] is True
     assert "mla-seam H6" in doc["range_diff"]  # shown as dropped in the range-diff
@@ -284,6 +306,7 @@ def test_edit_in_hunk_context_is_a_conflict_with_its_culprit(synthetic, capsys, 
         "H3": "exact",
         "H4": "exact",
         "H6": "exact",
+        "H8": "offset",
     }
     assert repo_state(synthetic) == before
     assert files_of(REPO / "patches") == patches

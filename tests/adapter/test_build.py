@@ -52,7 +52,7 @@ def test_vanilla_local_core_attention_rejects_mla_channels(parallel_state):
 def test_adapted_local_core_attention_keeps_identity(parallel_state):
     config = make_config(SMALL)
     adapted = mla_adapter.adapted_class(DotProductAttention)
-    assert adapted is mla_adapter.adapted_class(DotProductAttention)
+    assert adapted is mla_adapter.MLADotProductAttention
     assert issubclass(adapted, DotProductAttention)
     ours = adapted(
         config, 1, AttnMaskType.causal, "self", softmax_scale=0.1, k_channels=40, v_channels=40
@@ -66,11 +66,13 @@ def test_adapted_local_core_attention_keeps_identity(parallel_state):
 def test_mla_builds_with_local_spec(mla_layer):
     config = mla_layer.config
     core = mla_layer.core_attention
-    assert isinstance(core, DotProductAttention) and type(core).__name__ == "MLADotProductAttention"
+    assert (
+        isinstance(core, DotProductAttention) and type(core) is mla_adapter.MLADotProductAttention
+    )
     expected = mla_adapter.layer_metadata(config).softmax_scale
     assert core.softmax_scale == pytest.approx(expected)
     assert mla_layer.softmax_scale == pytest.approx(expected)
-    assert getattr(config, "_mla_seam_backend").backend == "local"
+    assert mla_adapter.backend_decision(config).backend == "local"
 
 
 def _per_sequence(layer, x, lengths):

@@ -71,6 +71,8 @@ def test_yarn_mscale_matches_definition():
 
 
 def test_describe_names_channels_scale_and_backend():
-    line = mla_adapter.describe_default()
+    config = make_config(V2_LITE, YARN)
+    mla_adapter.resolve_attention_backend(config, "te" if mla_adapter.HAVE_TE else "local")
+    line = mla_adapter.describe(config)
     assert "k_channels=192" in line and "v_channels=128" in line
     assert "softmax_scale=" in line and "backend=" in line

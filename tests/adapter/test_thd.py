@@ -99,3 +99,42 @@ def test_upstream_value_pad_is_switched_off_only_for_adapted_core_attention():
     foreign = types.SimpleNamespace(core_attention=object())
     assert mla_adapter.upstream_value_pad(adapted, True) is False
     assert mla_adapter.upstream_value_pad(foreign, True) is True
+
+
+@pytest.mark.parametrize(
+    "field,message",
+    [("cu_seqlens_q", "cu_seqlens_q must be an int32"), ("cu_seqlens_kv", "cu_seqlens_kv must")],
+)
+def test_offsets_that_are_not_int32_are_named(field, message):
+    kwargs = dict(qkv_format="thd", cu_seqlens_q=_cu(3, 5), cu_seqlens_kv=_cu(3, 5))
+    kwargs[field] = kwargs[field].to(torch.int64)
+    with pytest.raises(mla_adapter.MLACompatibilityError, match=message):
+        mla_adapter.normalize_packed_seq(
+            _layer(), PackedSeqParams(**kwargs), torch.zeros(8, 1, 128)
+        )
+
+
+def test_decreasing_kv_offsets_name_the_field_and_entry():
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=_cu(3, 5),
+        cu_seqlens_kv=torch.tensor([0, 6, 5], dtype=torch.int32),
+    )
+    with pytest.raises(mla_adapter.MLACompatibilityError, match=r"cu_seqlens_kv .*entry 2"):
+        mla_adapter.normalize_packed_seq(_layer(), params, torch.zeros(8, 1, 128))
+
+
+def test_max_seqlen_below_the_longest_sequence_is_named():
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=_cu(3, 5), max_seqlen_q=4, max_seqlen_kv=4
+    )
+    with pytest.raises(mla_adapter.MLACompatibilityError, match="max_seqlen_q"):
+        mla_adapter.normalize_packed_seq(_layer(), params, torch.zeros(8, 1, 128))
+
+
+def test_context_parallel_lengths_must_split_into_chunks():
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=_cu(4, 6))
+    layer = types.SimpleNamespace(config=make_config(SMALL))
+    layer.config.context_parallel_size = 2  # as a CP=2 run sees it; no group is needed
+    with pytest.raises(mla_adapter.MLACompatibilityError, match="multiple of 2 x 2"):
+        mla_adapter.normalize_packed_seq(layer, params, torch.zeros(5, 1, 128))

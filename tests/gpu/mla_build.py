@@ -100,7 +100,8 @@ class Built:
     @property
     def decision(self) -> Any:
         """The adapter's backend decision (``None`` on a vanilla tree)."""
-        return getattr(self.config, "_mla_seam_backend", None)
+        state = getattr(self.config, "_mla_seam", None)
+        return getattr(state, "backend", None)
 
 
 def megatron_config(
@@ -222,6 +223,7 @@ def build_attention(
     recompute: Optional[str] = None,
     seed: int = 0,
     set_flags: bool = True,
+    **overrides: Any,
 ) -> Built:
     """Build ``MLASelfAttention`` for ``hyper`` and load :func:`oracles.init_params` into it.
 
@@ -238,6 +240,7 @@ def build_attention(
         recompute: Selective recompute module, or ``None``.
         seed: Seed of :func:`oracles.init_params` (the same seed gives the same weights).
         set_flags: Run :func:`set_backend` first (hook H3), as ``GPTModel`` would.
+        **overrides: Further ``MLATransformerConfig`` fields (e.g. ``apply_rope_fusion``).
 
     Returns:
         The :class:`Built` layer on :func:`device`, in training mode.
@@ -246,7 +249,7 @@ def build_attention(
 
     notes: List[str] = []
     qk_layernorm = hyper.latent_norms
-    config = megatron_config(hyper, dtype, backend, recompute, qk_layernorm)
+    config = megatron_config(hyper, dtype, backend, recompute, qk_layernorm, **overrides)
     if set_flags:
         set_backend(config)
     try:
@@ -263,7 +266,7 @@ def build_attention(
             f"({type(exc).__name__}: {str(exc)[:120]}); built with qk_layernorm=False"
         )
         hyper = hyper.replace(latent_norms=False)
-        config = megatron_config(hyper, dtype, backend, recompute, qk_layernorm=False)
+        config = megatron_config(hyper, dtype, backend, recompute, False, **overrides)
         if set_flags:
             set_backend(config)
         module = build_module(

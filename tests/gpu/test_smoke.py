@@ -191,7 +191,7 @@ def test_forward_backward_and_thd_equals_bshd(spec, backend, layout):
     config = _config(backend)
     _set_backend(config)
     layer = _layer(config, spec)
-    decision = getattr(config, "_mla_seam_backend")
+    decision = config._mla_seam.backend
     torch.manual_seed(1)
     if layout == "bshd":
         x = torch.randn(1024, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -267,7 +267,7 @@ def test_flash_fallback_policy_runs(monkeypatch):
     monkeypatch.setenv(POLICY_ENV, "fallback")
     config = _config("flash")
     _set_backend(config)
-    decision = getattr(config, "_mla_seam_backend")
+    decision = config._mla_seam.backend
     assert decision.fallback and config.attention_backend != AttnBackend.flash
     layer = _layer(config, "te")
     x = torch.randn(512, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)

@@ -10,10 +10,12 @@ RoPE, and the softmax scale depends on YaRN's ``mscale_all_dim``.
 
 This module answers four boundary questions and nothing else:
 
-1. Layer metadata (:func:`layer_metadata`): k/v channels, the softmax scale by the DeepSeek /
-   HuggingFace formula, and the ``kv_channels`` value other Megatron code reads.
-2. Packed sequences (:func:`normalize_packed_seq`, :func:`upstream_value_pad`): THD parameters
-   normalized for the RoPE slice, and V padded only when the selected kernel needs equal head
+1. Layer metadata (:func:`layer_metadata`, :func:`resolve_qk_norms`): k/v channels, the softmax
+   scale by the DeepSeek / HuggingFace formula, the ``kv_channels`` value other Megatron code
+   reads, and which latent/query norms the layer has.
+2. Packed sequences (:func:`normalize_packed_seq`, :func:`rotary_pos_emb_fn`,
+   :func:`upstream_value_pad`): THD parameters normalized for the RoPE slice, RoPE applied to the
+   whole packed batch in one pass, and V padded only when the selected kernel needs equal head
    dims.
 3. Backend (:func:`resolve_attention_backend`): is ``--attention-backend`` a supported MLA path
    on this Transformer Engine / GPU? Decided at model build, with a reason, or an
@@ -30,25 +32,56 @@ Megatron calls in through one-line hooks (the mla-seam patch series):
 * H5 (release lines that pad V themselves) ``upstream_value_pad(...)``
 * H6 (release lines that index per-layer lists off by one) ``per_layer_value(...)``
 * H7 (release lines whose uneven-PP + VPP layer offset miscounts) ``pipeline_layer_offset(...)``
+* H8 ``MLASelfAttention.get_query_key_value_tensors``: ``rotary_pos_emb_fn(self, ...)``
+* H9 (release lines with the QK-norm resolver) ``resolve_qk_norms(self, ...)``
 
 Each hook imports this module where it calls it (``from megatron.core.transformer import
 mla_adapter`` inside the function), so a hook's hunk never touches an import block that
 upstream reorders from release to release.
 
-Upstream features are detected by inspection (signatures, attributes), never by version.
+State: the adapter keeps one attribute on a config, ``config._mla_seam`` (an
+:class:`MLASeamState`), and one on a THD ``PackedSeqParams``, ``_mla_seam`` (the per-batch
+work, :class:`PackedBatch`). Upstream features are detected by inspection (signatures,
+attributes), never by version.
 """
+
+from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.utils import log_single_rank
+
+try:
+    import transformer_engine  # pylint: disable=unused-import
+
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+if TYPE_CHECKING:
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.multi_latent_attention import (
+        MLASelfAttentionSubmodules,
+        MultiLatentAttention,
+    )
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +90,73 @@ logger = logging.getLogger(__name__)
 #: backend and logs a warning.
 POLICY_ENV = "MLA_SEAM_BACKEND_POLICY"
 
+#: Environment variable choosing the query path of ``q_lora_rank=None`` layers where Megatron's
+#: QK-norm resolver (0.19+) fuses an RMSNorm into ``linear_q_proj``: ``deepseek`` (default) builds
+#: DeepSeek's layer, a plain query projection; ``upstream`` keeps upstream's query-input norm.
+QUERY_NORM_ENV = "MLA_SEAM_QUERY_NORM"
+
+#: The one attribute the adapter sets on a config and on a THD ``PackedSeqParams``.
+STATE_ATTR = "_mla_seam"
+
 _BACKEND_FLAG = "--attention-backend"
-_MARK = "_mla_seam"
+_LOGGED: set = set()
 
 
 class MLACompatibilityError(ValueError):
     """A configuration Megatron accepts but MLA cannot run; the message says what to change."""
+
+
+@dataclasses.dataclass
+class MLASeamState:
+    """What the adapter decided for one config (``config._mla_seam``).
+
+    Attributes:
+        backend: The backend decision (question 3), once made.
+        query_norm: ``"deepseek"`` or ``"upstream"`` once :func:`resolve_qk_norms` ran, else
+            ``None`` (the release builds the query path without a resolver).
+        offset_logged: Whether a corrected pipeline offset was logged for this config.
+    """
+
+    backend: Optional["BackendDecision"] = None
+    query_norm: Optional[str] = None
+    offset_logged: bool = False
+
+
+def state(config: TransformerConfig) -> MLASeamState:
+    """The adapter's state on ``config`` (created on first use).
+
+    Args:
+        config: A ``TransformerConfig``.
+
+    Returns:
+        Its :class:`MLASeamState`.
+    """
+    found = getattr(config, STATE_ATTR, None)
+    if not isinstance(found, MLASeamState):
+        found = MLASeamState()
+        setattr(config, STATE_ATTR, found)
+    return found
+
+
+def backend_decision(config: TransformerConfig) -> Optional["BackendDecision"]:
+    """The backend decision made for ``config``, or ``None`` before the model was built.
+
+    Args:
+        config: A ``TransformerConfig``.
+
+    Returns:
+        The :class:`BackendDecision` or ``None``.
+    """
+    found = getattr(config, STATE_ATTR, None)
+    return found.backend if isinstance(found, MLASeamState) else None
+
+
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` on rank 0, once per process."""
+    if message in _LOGGED:
+        return
+    _LOGGED.add(message)
+    log_single_rank(logger, level, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +198,7 @@ def yarn_mscale(scaling_factor: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(scaling_factor) + 1.0
 
 
-def softmax_scale(config: Any) -> Tuple[float, str]:
+def softmax_scale(config: MLATransformerConfig) -> Tuple[float, str]:
     """The MLA softmax scale and where it came from.
 
     An explicit ``config.softmax_scale`` wins (Megatron's MLA ignores it upstream). Otherwise
@@ -131,7 +225,7 @@ def softmax_scale(config: Any) -> Tuple[float, str]:
     return scale, f"1/sqrt({k_channels})"
 
 
-def layer_metadata(config: Any) -> MLAMetadata:
+def layer_metadata(config: MLATransformerConfig) -> MLAMetadata:
     """Answer question 1 for ``config``.
 
     Args:
@@ -150,8 +244,8 @@ def layer_metadata(config: Any) -> MLAMetadata:
     )
 
 
-def check_config(config: Any) -> None:
-    """Hook H4: validate MLA fields after ``MLATransformerConfig.__post_init__``.
+def check_config(config: MLATransformerConfig) -> None:
+    """Hook H4: validate MLA fields in ``MLATransformerConfig.__post_init__``.
 
     ``kv_channels`` defaults to ``hidden_size // num_attention_heads``, which for MLA is not a
     head width at all (64 for 32 heads of 2048, while v heads are 128). When it still holds that
@@ -178,23 +272,86 @@ def check_config(config: Any) -> None:
         )
     default_kv = config.hidden_size // config.num_attention_heads
     if config.kv_channels == default_kv and default_kv != config.v_head_dim:
-        logger.info(
-            "mla-seam: kv_channels %d is hidden/heads, not an MLA head width; using v_head_dim %d",
-            default_kv,
-            config.v_head_dim,
-        )
         config.kv_channels = config.v_head_dim
-    if config.rope_type == "yarn" and config.mscale != config.mscale_all_dim:
-        logger.info(
-            "mla-seam: YaRN mscale=%g differs from mscale_all_dim=%g; the softmax scale uses "
-            "mscale_all_dim (DeepSeek definition), RoPE cos/sin use their ratio",
-            config.mscale,
-            config.mscale_all_dim,
-        )
 
 
 def _flag(field: str) -> str:
     return field.replace("_", "-")
+
+
+def query_norm_policy() -> str:
+    """``upstream`` when the user asked for upstream's query-input norm, else ``deepseek``.
+
+    Returns:
+        The policy read from :data:`QUERY_NORM_ENV`.
+
+    Raises:
+        MLACompatibilityError: The variable holds another value.
+    """
+    value = os.environ.get(QUERY_NORM_ENV, "deepseek").strip().lower() or "deepseek"
+    if value not in ("deepseek", "upstream"):
+        raise MLACompatibilityError(
+            f"{QUERY_NORM_ENV}={value!r}: use 'deepseek' (no query-input norm without "
+            "q_lora_rank, as DeepSeek defines the layer) or 'upstream' (Megatron's fused "
+            "query-input RMSNorm)."
+        )
+    return value
+
+
+def resolve_qk_norms(
+    attention: MultiLatentAttention, submodules: MLASelfAttentionSubmodules, resolver_cls: type
+) -> Dict[str, Any]:
+    """Hook H9: the q/kv norms and projections an MLA layer builds (QK-norm resolver lines).
+
+    Megatron's resolver (``mla_qk_norm_config.QKNormConfigResolver``, 0.19+) builds
+    ``linear_q_proj`` as a fused RMSNorm+linear when ``qk_layernorm=True`` and
+    ``q_lora_rank=None``: a norm on the query input that DeepSeek's layer does not have (an HF
+    checkpoint has no weight for it), and it rejects the local spec's query norm outright. Here
+    such a layer gets DeepSeek's query path: the spec's plain ``linear_q_proj`` and no query norm;
+    the kv latent norm and everything else is upstream's resolution. ``MLA_SEAM_QUERY_NORM=
+    upstream`` keeps upstream's answer. Layers with a query LoRA, without QK norm, with an
+    explicitly fused ``linear_q_proj`` in the spec, or DSA layers are upstream's unchanged.
+
+    Args:
+        attention: The ``MLASelfAttention`` being built.
+        submodules: Its ``MLASelfAttentionSubmodules``.
+        resolver_cls: Upstream's resolver class.
+
+    Returns:
+        The resolver's mapping (``linear_q_proj``, ``linear_q_up_proj``, ``linear_kv_up_proj``,
+        ``q_layernorm``, ``kv_layernorm``).
+    """
+    config = attention.config
+    resolver = resolver_cls(config, submodules)
+    applies = (
+        config.q_lora_rank is None
+        and config.qk_layernorm
+        and not getattr(config, "qk_l2_norm", False)
+        and getattr(config, "experimental_attention_variant", None) is None
+        and not _is_fused_norm_linear(resolver, submodules.linear_q_proj)
+    )
+    if not applies:
+        return resolver.resolve()
+    policy = query_norm_policy()
+    state(config).query_norm = policy
+    if policy == "upstream":
+        return resolver.resolve()
+    # The kv side does not depend on the query LoRA; only the no-LoRA branch adds the query
+    # norm. Resolve the layer as if it had a query LoRA and keep the kv answer.
+    with_q_lora = copy.copy(config)
+    with_q_lora.q_lora_rank = config.kv_lora_rank
+    resolved = resolver_cls(with_q_lora, submodules).resolve()
+    resolved.update(
+        linear_q_proj=submodules.linear_q_proj or resolver.linear_impl,
+        linear_q_up_proj=IdentityOp,
+        q_layernorm=IdentityOp,
+    )
+    return resolved
+
+
+def _is_fused_norm_linear(resolver: Any, spec: Any) -> bool:
+    fused = getattr(resolver, "fused_norm_linear_impl", None)
+    return fused is not None and getattr(spec, "module", spec) is fused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,17 +359,59 @@ def _flag(field: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class PackedBatch:
+    """The adapter's work for one THD batch, done once and shared by every layer.
+
+    Kept on the batch's ``PackedSeqParams`` (attribute ``_mla_seam``).
+
+    Attributes:
+        rope_params: The parameters QKV and RoPE use (a copy whose ``cu_seqlens_*`` are the
+            padded offsets where they differ, else the batch's own parameters).
+        offsets_q: ``cu_seqlens_q`` on the host.
+        offsets_kv: ``cu_seqlens_kv`` on the host.
+        padded_q: The padded q offsets (``cu_seqlens_q`` where there are none) on the host.
+        padded_kv: The padded kv offsets on the host.
+        positions: RoPE position of every local token, per (offsets tensor, tokens, CP size,
+            CP rank): ``(offsets, positions)``.
+    """
+
+    rope_params: Any
+    offsets_q: List[int]
+    offsets_kv: List[int]
+    padded_q: List[int]
+    padded_kv: List[int]
+    positions: Dict[Tuple[int, int, int, int], Tuple[torch.Tensor, torch.Tensor]] = (
+        dataclasses.field(default_factory=dict)
+    )
+
+
+def packed_batch(packed_seq_params: Optional[PackedSeqParams]) -> Optional[PackedBatch]:
+    """The :class:`PackedBatch` of THD parameters already normalized, else ``None``.
+
+    Args:
+        packed_seq_params: ``PackedSeqParams`` or ``None``.
+
+    Returns:
+        The batch's work, or ``None``.
+    """
+    found = getattr(packed_seq_params, STATE_ATTR, None)
+    return found if isinstance(found, PackedBatch) else None
+
+
 def normalize_packed_seq(
-    attention: Any, packed_seq_params: Any, hidden_states: Optional[torch.Tensor]
-) -> Optional[Any]:
+    attention: MultiLatentAttention,
+    packed_seq_params: Optional[PackedSeqParams],
+    hidden_states: Optional[torch.Tensor],
+) -> Optional[PackedSeqParams]:
     """Hook H2: the packed-sequence parameters MLA's QKV/RoPE code may rely on.
 
     Non-THD packed parameters carry nothing for RoPE or the QKV shapes (upstream squeezes
     dim 1 for any packed parameters and sizes RoPE from ``max_seqlen``), so they become
     ``None`` here; the caller still hands the original object to core attention. THD
-    parameters are completed in place once per object (later layers reuse the work): a
-    missing kv side mirrors the q side, missing ``max_seqlen_*`` come from the (padded)
-    ``cu_seqlens``, and the offsets are checked.
+    parameters are completed and checked once per batch (later layers reuse the work, and the
+    one host copy of the offsets it takes): a missing kv side mirrors the q side, missing
+    ``max_seqlen_*`` come from the (padded) ``cu_seqlens``.
 
     Tokens of a padded THD batch sit at the padded offsets, so RoPE must split them there.
     Release lines that hand RoPE the unpadded ``cu_seqlens_q``/``kv`` (0.13.x) would rotate
@@ -229,20 +428,128 @@ def normalize_packed_seq(
         The parameters to use for QKV and RoPE, or ``None``.
 
     Raises:
-        MLACompatibilityError: The cu_seqlens are malformed.
+        MLACompatibilityError: The offsets are malformed (the message names the field).
     """
     if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", None) != "thd":
         return None
-    if not getattr(packed_seq_params, _MARK, False):
-        _complete_thd(packed_seq_params)
-        _check_thd(attention.config, packed_seq_params, hidden_states)
-        _check_thd_backend(attention.config, packed_seq_params)
-        setattr(packed_seq_params, _MARK, True)
-        setattr(packed_seq_params, f"{_MARK}_rope", _rope_view(packed_seq_params))
-    return getattr(packed_seq_params, f"{_MARK}_rope", None) or packed_seq_params
+    batch = packed_batch(packed_seq_params)
+    if batch is None:
+        batch = _prepare_thd(attention.config, packed_seq_params, hidden_states)
+    return batch.rope_params
 
 
-def _rope_view(params: Any) -> Optional[Any]:
+def _prepare_thd(
+    config: MLATransformerConfig, params: PackedSeqParams, hidden_states: Optional[torch.Tensor]
+) -> PackedBatch:
+    if params.cu_seqlens_q is None:
+        raise MLACompatibilityError(
+            "PackedSeqParams(qkv_format='thd') without cu_seqlens_q: build it from the "
+            "per-sequence lengths (cumulative sum starting at 0, int32)."
+        )
+    if params.cu_seqlens_kv is None:
+        params.cu_seqlens_kv = params.cu_seqlens_q
+    if getattr(params, "cu_seqlens_kv_padded", None) is None:
+        params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
+    host = {}
+    for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        host[name] = _host_offsets(name, getattr(params, name, None))
+    for side in ("q", "kv"):
+        actual = host[f"cu_seqlens_{side}"]
+        padded = host[f"cu_seqlens_{side}_padded"] or actual
+        _check_padding(side, actual, padded)
+        if getattr(params, f"max_seqlen_{side}") is None:
+            setattr(params, f"max_seqlen_{side}", max(_lengths(padded), default=0))
+    padded_q = host["cu_seqlens_q_padded"] or host["cu_seqlens_q"]
+    padded_kv = host["cu_seqlens_kv_padded"] or host["cu_seqlens_kv"]
+    _check_thd_shape(config, params, padded_q, padded_kv, hidden_states)
+    _check_thd_backend(config, params)
+    batch = PackedBatch(
+        rope_params=_rope_view(params) or params,
+        offsets_q=host["cu_seqlens_q"],
+        offsets_kv=host["cu_seqlens_kv"],
+        padded_q=padded_q,
+        padded_kv=padded_kv,
+    )
+    setattr(params, STATE_ATTR, batch)
+    if batch.rope_params is not params:
+        setattr(batch.rope_params, STATE_ATTR, batch)
+    return batch
+
+
+def _host_offsets(name: str, offsets: Optional[torch.Tensor]) -> Optional[List[int]]:
+    """``offsets`` on the host, checked: int32, 1-D, starting at 0, never decreasing."""
+    if offsets is None:
+        return None
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32:
+        kind = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
+        raise MLACompatibilityError(
+            f"PackedSeqParams.{name} must be an int32 tensor (the attention kernels read it as "
+            f"int32), got {kind}; build it with dtype=torch.int32."
+        )
+    values = offsets.tolist()
+    if offsets.dim() != 1 or len(values) < 2 or values[0] != 0:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per sequence "
+            f"plus one, got {values[:8]}..."
+        )
+    for index, (start, end) in enumerate(zip(values, values[1:])):
+        if end < start:
+            raise MLACompatibilityError(
+                f"PackedSeqParams.{name} must never decrease, but entry {index + 1} ({end}) is "
+                f"below entry {index} ({start}): {values[:8]}..."
+            )
+    return values
+
+
+def _lengths(offsets: List[int]) -> List[int]:
+    return [end - start for start, end in zip(offsets, offsets[1:])]
+
+
+def _check_padding(side: str, actual: List[int], padded: List[int]) -> None:
+    if len(padded) != len(actual) or any(p < a for p, a in zip(_lengths(padded), _lengths(actual))):
+        raise MLACompatibilityError(
+            f"PackedSeqParams.cu_seqlens_{side}_padded must have one entry per cu_seqlens_{side} "
+            "entry and every padded sequence must be at least as long as the sequence itself."
+        )
+
+
+def _check_thd_shape(
+    config: MLATransformerConfig,
+    params: PackedSeqParams,
+    padded_q: List[int],
+    padded_kv: List[int],
+    hidden_states: Optional[torch.Tensor],
+) -> None:
+    cp_size = getattr(config, "context_parallel_size", 1) or 1
+    name = "cu_seqlens_q_padded" if params.cu_seqlens_q_padded is not None else "cu_seqlens_q"
+    if cp_size > 1 and any(n % (2 * cp_size) for n in _lengths(padded_q)):
+        raise MLACompatibilityError(
+            f"PackedSeqParams.{name}: with context parallelism {cp_size} every (padded) sequence "
+            f"length must be a multiple of 2 x {cp_size}; pad the sequences "
+            "(cu_seqlens_q_padded)."
+        )
+    rope_len = max(params.max_seqlen_q, params.max_seqlen_kv)
+    longest = max(_lengths(padded_q) + _lengths(padded_kv))
+    if longest > rope_len:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.max_seqlen_q/max_seqlen_kv ({params.max_seqlen_q}/"
+            f"{params.max_seqlen_kv}) are below the longest packed sequence ({longest} tokens): "
+            "RoPE tables are sized from them; pass the longest (padded) length."
+        )
+    if hidden_states is None:
+        return
+    tokens = hidden_states.size(0)
+    if getattr(config, "sequence_parallel", False):
+        tokens *= getattr(config, "tensor_model_parallel_size", 1) or 1
+    if padded_q[-1] != tokens * cp_size:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.{name} ends at {padded_q[-1]} tokens but the THD input holds "
+            f"{tokens * cp_size} (x context parallel {cp_size}); pass cu_seqlens_q_padded when "
+            "sequences are padded."
+        )
+
+
+def _rope_view(params: PackedSeqParams) -> Optional[PackedSeqParams]:
     """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*``, or ``None``.
 
     ``None`` when no side is padded differently from its actual offsets (nothing to fix).
@@ -258,57 +565,16 @@ def _rope_view(params: Any) -> Optional[Any]:
     view = copy.copy(params)  # a shallow copy: no __post_init__ recomputation
     for name, value in changes.items():
         setattr(view, name, value)
-    setattr(view, f"{_MARK}_rope", None)
     return view
 
 
-def _complete_thd(params: Any) -> None:
-    if params.cu_seqlens_q is None:
-        raise MLACompatibilityError(
-            "PackedSeqParams(qkv_format='thd') without cu_seqlens_q: build it from the "
-            "per-sequence lengths (cumulative sum starting at 0, int32)."
-        )
-    if params.cu_seqlens_kv is None:
-        params.cu_seqlens_kv = params.cu_seqlens_q
-    if getattr(params, "cu_seqlens_kv_padded", None) is None:
-        params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
-    for side in ("q", "kv"):
-        if getattr(params, f"max_seqlen_{side}") is None:
-            offsets = _effective_cu_seqlens(params, side)
-            lengths = offsets[1:] - offsets[:-1]
-            longest = int(lengths.max().item()) if lengths.numel() else 0
-            setattr(params, f"max_seqlen_{side}", longest)
-
-
-def _effective_cu_seqlens(params: Any, side: str) -> torch.Tensor:
+def _effective_cu_seqlens(params: PackedSeqParams, side: str) -> torch.Tensor:
     padded = getattr(params, f"cu_seqlens_{side}_padded", None)
     return padded if padded is not None else getattr(params, f"cu_seqlens_{side}")
 
 
-def _check_thd(config: Any, params: Any, hidden_states: torch.Tensor) -> None:
-    actual = params.cu_seqlens_q.tolist()
-    padded = _effective_cu_seqlens(params, "q").tolist()
-    if not actual or actual[0] != 0 or any(b < a for a, b in zip(actual, actual[1:])):
-        raise MLACompatibilityError(
-            f"cu_seqlens_q must start at 0 and never decrease, got {actual[:8]}..."
-        )
-    if len(padded) != len(actual) or any(
-        (p1 - p0) < (a1 - a0) for p0, p1, a0, a1 in zip(padded, padded[1:], actual, actual[1:])
-    ):
-        raise MLACompatibilityError(
-            "cu_seqlens_q_padded must have one entry per cu_seqlens_q entry and every padded "
-            "sequence must be at least as long as the sequence itself."
-        )
-    splits_tokens = config.context_parallel_size > 1 or config.sequence_parallel
-    if not splits_tokens and hidden_states is not None and padded[-1] != hidden_states.size(0):
-        raise MLACompatibilityError(
-            f"THD input has {hidden_states.size(0)} tokens but the packed offsets end at "
-            f"{padded[-1]}; pass cu_seqlens_q_padded when sequences are padded."
-        )
-
-
-def _check_thd_backend(config: Any, params: Any) -> None:
-    decision = getattr(config, f"{_MARK}_backend", None)
+def _check_thd_backend(config: MLATransformerConfig, params: PackedSeqParams) -> None:
+    decision = backend_decision(config)
     padded = getattr(params, "cu_seqlens_q_padded", None)
     if decision is None or decision.backend != "unfused" or padded is None:
         return
@@ -325,6 +591,8 @@ def _check_thd_backend(config: Any, params: Any) -> None:
 @functools.lru_cache(maxsize=None)
 def _te_unfused_rejects_padded_thd() -> bool:
     """Whether TE's backend selection turns unfused attention off for padded THD batches."""
+    if not HAVE_TE:
+        return False
     try:
         # pylint: disable=import-outside-toplevel
         from transformer_engine.pytorch.attention.dot_product_attention import utils as te_utils
@@ -335,7 +603,160 @@ def _te_unfused_rejects_padded_thd() -> bool:
     return "Disabling UnfusedDotProductAttention for pad_between_seqs" in source
 
 
-def upstream_value_pad(attention: Any, need_v_pad: bool) -> bool:
+def rotary_pos_emb_fn(
+    attention: MultiLatentAttention, packed_seq_params: Optional[PackedSeqParams]
+) -> Callable[..., torch.Tensor]:
+    """Hook H8: the function MLA's QKV code applies RoPE with, for this batch.
+
+    Release lines up to 0.19 apply RoPE to a THD batch through ``rope_utils`` one sequence at a
+    time in Python (0.19: a launch sequence and a narrow copy per sequence; earlier lines: a
+    frequency slice per sequence and a host copy of the offsets per call), so a layer's cost
+    grows with the number of packed sequences. For a THD batch normalized by
+    :func:`normalize_packed_seq` (and RoPE fusion off: the fused MLA kernels already take the
+    offsets), the returned function builds every token's position once per batch on the device
+    (CP-aware, padded offsets) and rotates the packed tensor in one pass: the same arithmetic
+    as upstream's per-sequence path, with MLA's de-interleaving and ``rotary_interleaved``
+    respected. Positions restart at every sequence, as for per-sequence bshd. Anything else
+    gets upstream's ``apply_rotary_pos_emb`` (the one MLA's module imported).
+
+    Args:
+        attention: The MLA module.
+        packed_seq_params: The parameters :func:`normalize_packed_seq` returned.
+
+    Returns:
+        A function with upstream's ``apply_rotary_pos_emb`` signature.
+    """
+    # pylint: disable=import-outside-toplevel
+    from megatron.core.transformer import multi_latent_attention
+
+    upstream = multi_latent_attention.apply_rotary_pos_emb
+    batch = packed_batch(packed_seq_params)
+    if batch is None or attention.config.apply_rope_fusion:
+        return upstream
+    return functools.partial(_packed_rotary_pos_emb, batch, upstream)
+
+
+def _packed_rotary_pos_emb(
+    batch: PackedBatch,
+    upstream: Callable[..., torch.Tensor],
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    config: TransformerConfig,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    mscale: float = 1.0,
+    cp_group: Optional[torch.distributed.ProcessGroup] = None,
+    mla_rotary_interleaved: Optional[bool] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    if cu_seqlens is None or kwargs or not isinstance(freqs, torch.Tensor):
+        if mla_rotary_interleaved is not None:
+            kwargs["mla_rotary_interleaved"] = mla_rotary_interleaved
+        return upstream(
+            t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs
+        )
+    if cp_group is None:
+        cp_group = parallel_state.get_context_parallel_group()
+    if mla_rotary_interleaved is None:
+        mla_rotary_interleaved = config.multi_latent_attention
+    positions = _packed_positions(batch, cu_seqlens, t.size(0), cp_group.size(), cp_group.rank())
+    return apply_rotary_packed(
+        t,
+        freqs,
+        positions,
+        rotary_interleaved=config.rotary_interleaved,
+        mla_rotary_interleaved=mla_rotary_interleaved,
+        mscale=mscale,
+    )
+
+
+def _packed_positions(
+    batch: PackedBatch, cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_rank: int
+) -> torch.Tensor:
+    key = (id(cu_seqlens), tokens, cp_size, cp_rank)
+    cached = batch.positions.get(key)
+    if cached is None or cached[0] is not cu_seqlens:
+        cached = (cu_seqlens, thd_positions(cu_seqlens, tokens, cp_size, cp_rank))
+        batch.positions[key] = cached
+    return cached[1]
+
+
+def thd_positions(
+    cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1, cp_rank: int = 0
+) -> torch.Tensor:
+    """The RoPE position of every local token of a THD batch, on the offsets' device.
+
+    Positions restart at 0 at every sequence. Under context parallelism each rank holds two
+    chunks of every (padded) sequence, chunk ``cp_rank`` and chunk ``2 * cp_size - 1 - cp_rank``,
+    and gets their global positions. No host synchronisation.
+
+    Args:
+        cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
+        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
+        cp_size: Context-parallel size.
+        cp_rank: This rank in the context-parallel group.
+
+    Returns:
+        ``[tokens]`` int64 positions.
+    """
+    offsets = cu_seqlens.to(torch.int64)
+    lengths = (offsets[1:] - offsets[:-1]) // cp_size
+    local_ends = torch.cumsum(lengths, 0)
+    index = torch.arange(tokens, device=cu_seqlens.device, dtype=torch.int64)
+    sequence = torch.searchsorted(local_ends, index, right=True)
+    sequence = sequence.clamp_(max=lengths.numel() - 1)
+    local = index - (local_ends - lengths)[sequence]
+    if cp_size == 1:
+        return local
+    length = lengths[sequence]
+    half = length // 2
+    return torch.where(
+        local < half, cp_rank * half + local, cp_size * length - (cp_rank + 2) * half + local
+    )
+
+
+def apply_rotary_packed(
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_interleaved: bool = False,
+    mla_rotary_interleaved: bool = False,
+    mscale: float = 1.0,
+) -> torch.Tensor:
+    """Rotate a packed ``[tokens, heads, dim]`` tensor, each token at its own position.
+
+    Upstream's RoPE arithmetic (cos/sin of the frequencies scaled by ``mscale`` and rounded to
+    ``t``'s dtype, ``t * cos + rotate_half(t) * sin``), applied to every token in one pass.
+
+    Args:
+        t: ``[tokens, heads, dim]`` (or ``[tokens, 1, dim]``).
+        freqs: ``[max_len, 1, 1, rot_dim]`` frequencies.
+        positions: ``[tokens]`` positions into ``freqs``.
+        rotary_interleaved: Rotate interleaved pairs instead of halves.
+        mla_rotary_interleaved: MLA's layout: de-interleave the rotary slice first.
+        mscale: YaRN's cos/sin scale.
+
+    Returns:
+        The rotated tensor, same shape and dtype.
+    """
+    rot_dim = freqs.size(-1)
+    positions = positions.clamp(max=freqs.size(0) - 1)  # padding tokens past the table
+    angles = freqs.reshape(freqs.size(0), rot_dim).index_select(0, positions)
+    angles = angles.view(t.size(0), *([1] * (t.dim() - 2)), rot_dim)
+    x, passed = t[..., :rot_dim], t[..., rot_dim:]
+    if mla_rotary_interleaved:
+        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+    cos = (torch.cos(angles) * mscale).to(t.dtype)
+    sin = (torch.sin(angles) * mscale).to(t.dtype)
+    if rotary_interleaved:
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        first, second = torch.chunk(x, 2, dim=-1)
+        rotated = torch.cat((-second, first), dim=-1)
+    out = x * cos + rotated * sin
+    return torch.cat((out, passed), dim=-1) if passed.size(-1) else out
+
+
+def upstream_value_pad(attention: MultiLatentAttention, need_v_pad: bool) -> bool:
     """Hook H5: keep upstream's own V padding off; the adapter pads only where needed.
 
     Release lines from 0.18 pad V to the q/k width for every THD call, which only FlashAttention
@@ -354,8 +775,7 @@ def upstream_value_pad(attention: Any, need_v_pad: bool) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------------------------
-# Question 3: attention backend
+# # Question 3: attention backend
 # ---------------------------------------------------------------------------------------------
 
 
@@ -564,7 +984,7 @@ def _fastest_supported(facts: BackendFacts) -> BackendDecision:
     raise AssertionError("unfused attention always runs")  # pragma: no cover
 
 
-def probe_facts(config: Any, spec: str) -> BackendFacts:
+def probe_facts(config: MLATransformerConfig, spec: str) -> BackendFacts:
     """Probe this process for :class:`BackendFacts` (TE, GPU, FlashAttention builds).
 
     Args:
@@ -591,7 +1011,8 @@ def probe_facts(config: Any, spec: str) -> BackendFacts:
 
 def _te_version() -> Optional[str]:
     try:
-        import transformer_engine  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel,redefined-outer-name,reimported
+        import transformer_engine
     except Exception:  # pylint: disable=broad-except
         return None
     return str(getattr(transformer_engine, "__version__", "unknown"))
@@ -621,15 +1042,15 @@ def _compute_capability() -> Optional[Tuple[int, int]]:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
 
 
-def resolve_attention_backend(config: Any, spec: Optional[str] = None) -> Optional[BackendDecision]:
+def resolve_attention_backend(
+    config: TransformerConfig, spec: Optional[str] = None
+) -> Optional[BackendDecision]:
     """Hook H3 (and H1): decide the MLA attention path before Megatron sets NVTE_* variables.
 
     Called from ``LanguageModule._set_attention_backend`` (spec unknown: inferred from the
@@ -653,7 +1074,7 @@ def resolve_attention_backend(config: Any, spec: Optional[str] = None) -> Option
         spec = "local" if requested == "local" else ("te" if _te_version() else "other")
     if spec == "other":
         return None
-    known = getattr(config, f"{_MARK}_backend", None)
+    known = backend_decision(config)
     if known is not None and known.spec == spec and known.backend == requested:
         return known
     policy = os.environ.get(POLICY_ENV, "strict").strip().lower()
@@ -661,9 +1082,9 @@ def resolve_attention_backend(config: Any, spec: Optional[str] = None) -> Option
         decide_backend(requested, probe_facts(config, spec), policy), spec=spec
     )
     if decision.fallback:
-        logger.warning("mla-seam: %s", decision.reason)
+        _log_once(logging.WARNING, f"mla-seam: {decision.reason}")
         config.attention_backend = getattr(AttnBackend, decision.backend)
-    setattr(config, f"{_MARK}_backend", decision)
+    state(config).backend = decision
     return decision
 
 
@@ -676,7 +1097,7 @@ def _backend_name(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _stage_layer_counts(config: Any) -> List[int]:
+def _stage_layer_counts(config: TransformerConfig) -> List[int]:
     """Layers in one virtual chunk of each pipeline rank (same for every virtual stage)."""
     pp = config.pipeline_model_parallel_size
     vp = config.virtual_pipeline_model_parallel_size or 1
@@ -698,7 +1119,7 @@ def _stage_layer_counts(config: Any) -> List[int]:
     return counts
 
 
-def layer_offset(config: Any, vp_stage: Optional[int], pp_rank: int) -> int:
+def layer_offset(config: TransformerConfig, vp_stage: Optional[int], pp_rank: int) -> int:
     """Global index of the first layer held by ``(pp_rank, vp_stage)``.
 
     Layers are laid out chunk by chunk: virtual stage 0 of ranks 0..pp-1, then virtual stage 1,
@@ -734,7 +1155,7 @@ def layer_offset(config: Any, vp_stage: Optional[int], pp_rank: int) -> int:
 
 
 def pipeline_layer_offset(
-    config: Any, vp_stage: Optional[int], pp_rank: int, upstream_offset: int
+    config: TransformerConfig, vp_stage: Optional[int], pp_rank: int, upstream_offset: int
 ) -> int:
     """Hook H7: the layer offset of a pipeline stage, where upstream's own count is wrong.
 
@@ -759,7 +1180,9 @@ def pipeline_layer_offset(
     if getattr(config, "pipeline_model_parallel_layout", None) or _decoder_start() is not None:
         return upstream_offset
     ours = layer_offset(config, vp_stage, pp_rank)
-    if ours != upstream_offset and not getattr(config, f"{_MARK}_offset_logged", False):
+    if ours != upstream_offset and not state(config).offset_logged:
+        state(config).offset_logged = True
+        # Every pipeline rank has its own offset: logged where it was corrected, not on rank 0.
         logger.warning(
             "mla-seam: layer offset of pipeline rank %d, virtual stage %s is %d (upstream "
             "computed %d: uneven pipeline split with virtual stages miscounted)",
@@ -768,14 +1191,11 @@ def pipeline_layer_offset(
             ours,
             upstream_offset,
         )
-        setattr(config, f"{_MARK}_offset_logged", True)
     return ours
 
 
 def _decoder_start() -> Optional[int]:
     """The pipeline rank where an encoder-decoder model's decoder starts (``None``: no split)."""
-    from megatron.core import parallel_state  # pylint: disable=import-outside-toplevel
-
     getter = getattr(parallel_state, "get_pipeline_model_parallel_decoder_start", None)
     if getter is None:
         return None
@@ -809,99 +1229,171 @@ def per_layer_value(values: Any, layer_number: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # Hook H1: the core attention built by MLA
 # ---------------------------------------------------------------------------------------------
 
 
-class _LocalCoreAttention:
-    """Mixin over Megatron's ``DotProductAttention`` for MLA.
+@functools.lru_cache(maxsize=None)
+def _init_accepts(cls: type, name: str) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
-    Accepts ``k_channels``/``v_channels`` (passing them on only where upstream accepts them),
-    sizes the output from ``v_channels`` instead of ``config.kv_channels``, and runs THD packed
-    sequences one sequence at a time.
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_takes_scale() -> bool:
+    sdpa = getattr(F, "scaled_dot_product_attention", None)
+    if sdpa is None:
+        return False
+    try:
+        return "scale" in inspect.signature(sdpa).parameters
+    except (TypeError, ValueError):
+        return True  # a builtin without a Python signature: torch >= 2.1 has ``scale``
+
+
+class MLADotProductAttention(DotProductAttention):
+    """Megatron's local ``DotProductAttention`` for MLA.
+
+    Accepts ``k_channels``/``v_channels`` (passed on only where upstream accepts them) and sizes
+    the output from ``v_channels`` instead of ``config.kv_channels``. Causal self-attention runs
+    through ``torch.nn.functional.scaled_dot_product_attention``, which computes the same
+    function (the adapter's softmax scale, causal mask, attention dropout) in fused kernels;
+    other masks, sliding windows, softmax variants and grouped queries keep Megatron's own path.
+    THD packed batches run sequence by sequence at the padded offsets, padding slots zero.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        k_channels = kwargs.pop("k_channels", None)
-        v_channels = kwargs.pop("v_channels", None)
-        accepted = inspect.signature(super().__init__).parameters
-        for name, value in (("k_channels", k_channels), ("v_channels", v_channels)):
-            if name in accepted or _has_var_kw(accepted):
-                kwargs[name] = value
+        v_channels = kwargs.get("v_channels")
+        for name in ("k_channels", "v_channels"):
+            if name in kwargs and not _init_accepts(DotProductAttention, name):
+                kwargs.pop(name)
         super().__init__(*args, **kwargs)
         self._mla_pad_value = False
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
     def forward(self, query, key, value, attention_mask, *args: Any, **kwargs: Any):
-        """Run attention; THD packed input is split into its sequences."""
+        """Attention over ``[s, b, heads, dim]`` (or THD ``[t, heads, dim]``) inputs."""
         packed = kwargs.pop("packed_seq_params", None)
-        if packed is None or getattr(packed, "qkv_format", None) != "thd":
-            return super().forward(query, key, value, attention_mask, *args, **kwargs)
-        kwargs.pop("attn_mask_type", None)
-        return torch.cat(list(self._thd_chunks(query, key, value, packed)), dim=0)
+        if packed is not None and getattr(packed, "qkv_format", None) == "thd":
+            return self._forward_thd(query, key, value, packed)
+        bias = kwargs.get("attention_bias", args[1] if len(args) > 1 else None)
+        if bias is None and self._sdpa_computes_this(query, key):
+            return self._sdpa(query, key, value)
+        return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
-    def _thd_chunks(self, query, key, value, packed):
-        cu_q, cu_kv = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_kv.tolist()
-        pad_q = _effective_cu_seqlens(packed, "q").tolist()
-        pad_kv = _effective_cu_seqlens(packed, "kv").tolist()
+    def _sdpa_computes_this(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        config = self.config
+        return (
+            self.attn_mask_type == AttnMaskType.causal
+            and query.size(0) == key.size(0)
+            and _sdpa_takes_scale()
+            and self.num_attention_heads_per_partition == self.num_query_groups_per_partition
+            and getattr(config, "window_size", None) is None
+            and getattr(config, "softmax_type", "vanilla") == "vanilla"
+        )
+
+    def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Causal attention through SDPA: ``[s, b, heads, dim]`` in, ``[s, b, heads * v]`` out."""
+        seq, batch = query.size(0), query.size(1)
+        coeff = getattr(self.scale_mask_softmax, "scale", None) or 1.0
+        dropout = self.attention_dropout.p if self.training else 0.0
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if dropout and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale * coeff
+                )
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale * coeff
+            )
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
+
+    def _forward_thd(self, query, key, value, packed: PackedSeqParams) -> torch.Tensor:
+        batch = packed_batch(packed)
+        if batch is not None:
+            cu_q, cu_kv, pad_q, pad_kv = (
+                batch.offsets_q,
+                batch.offsets_kv,
+                batch.padded_q,
+                batch.padded_kv,
+            )
+        else:
+            cu_q, cu_kv = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_kv.tolist()
+            pad_q = _effective_cu_seqlens(packed, "q").tolist()
+            pad_kv = _effective_cu_seqlens(packed, "kv").tolist()
         width = self.hidden_size_per_partition
+        pieces = []
         for i in range(len(cu_q) - 1):
             n_q, n_kv = cu_q[i + 1] - cu_q[i], cu_kv[i + 1] - cu_kv[i]
             q = query[pad_q[i] : pad_q[i] + n_q].unsqueeze(1)
             k = key[pad_kv[i] : pad_kv[i] + n_kv].unsqueeze(1)
             v = value[pad_kv[i] : pad_kv[i] + n_kv].unsqueeze(1)
-            mask = self._sequence_mask(n_q, n_kv, query.device)
-            out = super().forward(q, k, v, mask, attn_mask_type=self._sequence_mask_type())
-            yield out.reshape(n_q, width)
+            if n_q and self._sdpa_computes_this(q, k):
+                out = self._sdpa(q, k, v)
+            elif n_q:
+                out = super().forward(q, k, v, self._sequence_mask(n_q, n_kv, query.device))
+            else:
+                out = query.new_zeros(0, 1, width)
+            pieces.append(out.reshape(n_q, width))
             gap = pad_q[i + 1] - pad_q[i] - n_q
             if gap:
-                yield out.new_zeros(gap, width)
+                pieces.append(out.new_zeros(gap, width))
+        return torch.cat(pieces, dim=0)
 
-    def _sequence_mask_type(self) -> AttnMaskType:
+    def _sequence_mask(self, n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
+        """Megatron's boolean mask (True = masked) for one sequence of a THD batch."""
         causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        return AttnMaskType.causal if causal else AttnMaskType.padding
-
-    def _sequence_mask(self, n_q: int, n_kv: int, device) -> torch.Tensor:
-        if self._sequence_mask_type() == AttnMaskType.causal:
+        if causal:
             mask = torch.ones(n_q, n_kv, device=device, dtype=torch.bool).triu(1 + n_kv - n_q)
         else:
             mask = torch.zeros(n_q, n_kv, device=device, dtype=torch.bool)
         return mask.view(1, 1, n_q, n_kv)
 
 
-class _TECoreAttention:
-    """Mixin over ``TEDotProductAttention``: V padding only when the chosen kernel needs it."""
+if HAVE_TE:
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        config = kwargs.get("config", args[0] if args else None)
-        decision = getattr(config, f"{_MARK}_backend", None)
-        self._mla_pad_value = bool(decision and decision.pad_value)
-        self._mla_v_channels = kwargs.get("v_channels")
-        if self._mla_pad_value and kwargs.get("k_channels") is not None:
-            kwargs["v_channels"] = kwargs["k_channels"]
-        super().__init__(*args, **kwargs)
+    class MLATEDotProductAttention(TEDotProductAttention):
+        """``TEDotProductAttention`` for MLA: V padded only when the chosen kernel needs it."""
 
-    def forward(self, query, key, value, *args: Any, **kwargs: Any):
-        """Pad V to the q/k width when the decision asks for it; trim the output back."""
-        width = value.size(-1) if value is not None else None
-        if not self._mla_pad_value or value is None or width == query.size(-1):
-            return self._te_forward(query, key, value, *args, **kwargs)
-        value = torch.nn.functional.pad(value, (0, query.size(-1) - width))
-        out = self._te_forward(query, key, value, *args, **kwargs)
-        return _trim_heads(out, query.size(-1), width)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            config = kwargs.get("config", args[0] if args else None)
+            decision = backend_decision(config)
+            self._mla_pad_value = bool(decision and decision.pad_value)
+            if self._mla_pad_value and kwargs.get("k_channels") is not None:
+                kwargs["v_channels"] = kwargs["k_channels"]
+            super().__init__(*args, **kwargs)
 
-    def _te_forward(self, query, key, value, *args: Any, **kwargs: Any):
-        try:
-            return super().forward(query, key, value, *args, **kwargs)
-        except ValueError as exc:
-            if "No dot product attention backend" not in str(exc):
-                raise
-            raise MLACompatibilityError(_no_backend_message(self.config, query, key, value, kwargs))
+        def forward(self, query, key, value, *args: Any, **kwargs: Any):
+            """Pad V to the q/k width when the decision asks for it; trim the output back."""
+            width = value.size(-1) if value is not None else None
+            if not self._mla_pad_value or value is None or width == query.size(-1):
+                return self._te_forward(query, key, value, *args, **kwargs)
+            value = F.pad(value, (0, query.size(-1) - width))
+            out = self._te_forward(query, key, value, *args, **kwargs)
+            return _trim_heads(out, query.size(-1), width)
+
+        def _te_forward(self, query, key, value, *args: Any, **kwargs: Any):
+            try:
+                return super().forward(query, key, value, *args, **kwargs)
+            except ValueError as exc:
+                if "No dot product attention backend" not in str(exc):
+                    raise
+                raise MLACompatibilityError(
+                    _no_backend_message(self.config, query, key, value, kwargs)
+                ) from exc
+
+else:
+    MLATEDotProductAttention = None
 
 
-def _no_backend_message(config: Any, query, key, value, kwargs: Dict[str, Any]) -> str:
-    decision = getattr(config, f"{_MARK}_backend", None)
+def _no_backend_message(
+    config: TransformerConfig, query, key, value, kwargs: Dict[str, Any]
+) -> str:
+    decision = backend_decision(config)
     packed = kwargs.get("packed_seq_params")
     layout = getattr(packed, "qkv_format", None) or "sbhd"
     shape = f"q {tuple(query.shape)} k {tuple(key.shape)} v {tuple(value.shape)}"
@@ -920,59 +1412,45 @@ def _trim_heads(out: torch.Tensor, padded: int, width: int) -> torch.Tensor:
     return out.reshape(*shape[:-1], heads, padded)[..., :width].reshape(*shape[:-1], heads * width)
 
 
-def _has_var_kw(params: Any) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-_ADAPTED: Dict[type, type] = {}
-
-
 def _spec_kind(module: Any) -> str:
+    """``"te"``, ``"local"`` or ``"other"``: which core attention a spec's class is."""
     if not isinstance(module, type):
         return "other"
-    for cls in module.__mro__:
-        if cls.__name__ == "DotProductAttention":
-            if cls.__module__.startswith("transformer_engine"):
-                return "te"
-            if cls.__module__ == "megatron.core.transformer.dot_product_attention":
-                return "local"
+    if issubclass(module, DotProductAttention):
+        return "local"
+    if HAVE_TE and issubclass(module, TEDotProductAttention):
+        return "te"
     return "other"
 
 
 def adapted_class(module: type) -> type:
-    """The adapter subclass of a core-attention class (one per base, so isinstance holds).
+    """The adapter's core-attention class for the class a layer spec names.
 
-    The subclass keeps the base's name and parameters, so state-dict keys and ``isinstance``
-    checks against the base are unchanged.
+    ``DotProductAttention`` becomes :class:`MLADotProductAttention` and
+    ``TEDotProductAttention`` :class:`MLATEDotProductAttention`: subclasses with the base's
+    parameters, so state-dict keys and ``isinstance`` checks against the base are unchanged.
+    Any other class (including a fork's own subclass) is built as the spec says.
 
     Args:
         module: The core-attention class named by the layer spec.
 
     Returns:
-        The subclass, or ``module`` itself for an attention class the adapter does not know.
+        The adapter's class, or ``module`` itself.
     """
-    if getattr(module, _MARK, False):
-        return module
-    kind = _spec_kind(module)
-    if kind == "other":
-        return module
-    if module not in _ADAPTED:
-        mixin = _LocalCoreAttention if kind == "local" else _TECoreAttention
-        name = f"MLA{module.__name__}"
-        adapted = type(name, (mixin, module), {_MARK: True, "__module__": __name__})
-        adapted.__qualname__ = name
-        globals()[name] = adapted  # importable by name, so modules pickle
-        _ADAPTED[module] = adapted
-    return _ADAPTED[module]
+    if module is DotProductAttention:
+        return MLADotProductAttention
+    if HAVE_TE and module is TEDotProductAttention:
+        return MLATEDotProductAttention
+    return module
 
 
-def core_attention_spec(attention: Any, spec: Any) -> Any:
+def core_attention_spec(attention: MultiLatentAttention, spec: Any) -> Any:
     """Hook H1: the core-attention spec MLA builds, routed through the adapter.
 
     Sets the layer's ``softmax_scale`` to the adapter's value (Python evaluates the hook before
     the ``softmax_scale=self.softmax_scale`` argument that follows it), resolves the backend
-    with the now-known spec, logs :func:`describe` once per config, and returns the spec with its
-    class swapped for :func:`adapted_class`.
+    with the now-known spec, logs :func:`describe` once per process on rank 0, and returns the
+    spec with its class swapped for :func:`adapted_class`.
 
     Args:
         attention: The ``MultiLatentAttention`` being built.
@@ -985,9 +1463,7 @@ def core_attention_spec(attention: Any, spec: Any) -> Any:
     attention.softmax_scale = layer_metadata(config).softmax_scale
     module = getattr(spec, "module", spec)
     resolve_attention_backend(config, _spec_kind(module))
-    if not getattr(config, f"{_MARK}_described", False):
-        logger.info("%s", describe(config))
-        setattr(config, f"{_MARK}_described", True)
+    _log_once(logging.INFO, describe(config))
     adapted = adapted_class(module) if isinstance(module, type) else module
     if adapted is module:
         return spec
@@ -1001,7 +1477,7 @@ def core_attention_spec(attention: Any, spec: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def describe(config: Any) -> str:
+def describe(config: MLATransformerConfig) -> str:
     """One line: what the adapter answered for this config.
 
     Args:
@@ -1009,45 +1485,34 @@ def describe(config: Any) -> str:
 
     Returns:
         ``mla-seam: k_channels=.. v_channels=.. kv_channels=.. softmax_scale=.. (source)
-        backend=.. (reason) v_pad=on|off``.
+        [query_norm=..] backend=.. (reason) v_pad=on|off``.
     """
     meta = layer_metadata(config)
-    decision = getattr(config, f"{_MARK}_backend", None)
-    backend = (
-        f"backend={decision.backend} ({decision.reason}) v_pad={'on' if decision.pad_value else 'off'}"
-        if decision
-        else f"backend={_backend_name(config.attention_backend)} (not yet resolved)"
-    )
+    decision = backend_decision(config)
+    if decision:
+        pad = "on" if decision.pad_value else "off"
+        backend = f"backend={decision.backend} ({decision.reason}) v_pad={pad}"
+    else:
+        backend = f"backend={_backend_name(config.attention_backend)} (not yet resolved)"
     return (
         f"mla-seam: k_channels={meta.k_channels} v_channels={meta.v_channels} "
         f"kv_channels={config.kv_channels} softmax_scale={meta.softmax_scale:.6g} "
-        f"({meta.scale_source}) {backend}"
+        f"({meta.scale_source}) {_describe_query_norm(config)}{backend}"
     )
 
 
-def describe_default() -> str:
-    """:func:`describe` for DeepSeek-V2-Lite attention dims, resolved on this machine.
+def _describe_query_norm(config: MLATransformerConfig) -> str:
+    if config.q_lora_rank is not None or not config.qk_layernorm or not _has_qk_norm_resolver():
+        return ""
+    if query_norm_policy() == "upstream":
+        return f"query_norm=upstream ({QUERY_NORM_ENV}=upstream: fused RMSNorm on the query input) "
+    return "query_norm=none (DeepSeek: no query-input norm without q_lora_rank) "
 
-    Returns:
-        The summary line; used by ``mla-seam apply`` after the main job.
-    """
-    from megatron.core.transformer.transformer_config import (  # pylint: disable=C0415
-        MLATransformerConfig,
-    )
 
-    config = MLATransformerConfig(
-        num_layers=1,
-        hidden_size=2048,
-        num_attention_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_head_dim=128,
-        qk_pos_emb_head_dim=64,
-        v_head_dim=128,
-        rope_type="yarn",
-        rotary_scaling_factor=40.0,
-        mscale=0.707,
-        mscale_all_dim=0.707,
-    )
-    resolve_attention_backend(config, "te" if _te_version() else "local")
-    return describe(config)
+@functools.lru_cache(maxsize=None)
+def _has_qk_norm_resolver() -> bool:
+    try:
+        spec = importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
