@@ -270,6 +270,10 @@ def test_kernel_counts(layout, megatron_env, megatron_version, record):
         timer = AdapterHostTimer()
         with timer.installed():
             for _ in range(steps):
+                # Start each timed step on an idle GPU: a blocking copy inside an adapter entry
+                # point would otherwise wait for the previous step's kernels, and that wait
+                # (which the vanilla path pays at its own sync points) is no adapter host work.
+                torch.cuda.synchronize()
                 step()
             torch.cuda.synchronize()
         per_layer_us = timer.seconds / steps * 1e6  # one layer

@@ -65,6 +65,6 @@ for v in "$@"; do
   if [ $((i % gpus)) -eq 0 ]; then wait; fi
 done
 wait
-card=$(python3 -c 'import json; e=json.load(open("'"$out"'/env.json")); print(f"{e[\"gpu\"]}, torch {e[\"torch\"]}, TE {e[\"te\"]}")')
+card=$(python3 -c 'import json, sys; e = json.load(open(sys.argv[1])); print("%s, torch %s, TE %s" % (e["gpu"], e["torch"], e["te"]))' "$out/env.json")
 python3 -m mla_seam.perf_tables --card "$card" "$out"/*.jsonl >"$out/tables.md"
 cat "$out/tables.md"
