@@ -161,8 +161,11 @@ def _prepare_backend(config: Any) -> None:
         os.environ.pop(name, None)
 
 
-def _built(make: Callable[[], torch.nn.Module], dev: str) -> torch.nn.Module:
+def _built(make: Callable[[], torch.nn.Module], dev: str, config: Any) -> torch.nn.Module:
+    """``make()`` on ``dev`` in training mode; anything Megatron or the adapter raises while
+    deciding the backend or building is the case's build error."""
     try:
+        _prepare_backend(config)
         module = make()
     except Exception as exc:  # pylint: disable=broad-except
         raise BuildError(f"{type(exc).__name__}: {exc}") from exc
@@ -173,9 +176,8 @@ def build_layer(case: Dict[str, Any], config: Any, dev: str) -> torch.nn.Module:
     """``MLASelfAttention`` of the spec (layer number 1)."""
     from megatron.core.transformer.spec_utils import build_module  # pylint: disable=C0415
 
-    _prepare_backend(config)
     spec = _layer_spec(case).submodules.self_attention
-    return _built(lambda: build_module(spec, config=config, layer_number=1), dev)
+    return _built(lambda: build_module(spec, config=config, layer_number=1), dev, config)
 
 
 def build_block(case: Dict[str, Any], config: Any, dev: str) -> torch.nn.Module:
@@ -184,8 +186,7 @@ def build_block(case: Dict[str, Any], config: Any, dev: str) -> torch.nn.Module:
         TransformerBlock,
     )
 
-    _prepare_backend(config)
-    return _built(lambda: TransformerBlock(config, spec=_layer_spec(case)), dev)
+    return _built(lambda: TransformerBlock(config, spec=_layer_spec(case)), dev, config)
 
 
 def build_gpt(
@@ -200,7 +201,6 @@ def build_gpt(
     from megatron.core.models.gpt.gpt_model import GPTModel  # pylint: disable=C0415
 
     m = case["model"]
-    _prepare_backend(config)
     kwargs: Dict[str, Any] = {"vp_stage": vp_stage} if vp_stage is not None else {}
     return _built(
         lambda: GPTModel(
@@ -215,6 +215,7 @@ def build_gpt(
             **kwargs,
         ),
         dev,
+        config,
     )
 
 
@@ -751,8 +752,8 @@ def _packed(lengths: Sequence[int], dev: str):
     return packed_seq_params(lengths, padded=list(lengths), dev=dev)
 
 
-def _block_forward(block, x, packed):
-    out = block(hidden_states=x, attention_mask=None, packed_seq_params=packed)
+def _block_forward(block, x, packed, mask=None):
+    out = block(hidden_states=x, attention_mask=mask, packed_seq_params=packed)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -834,7 +835,8 @@ def cp_block(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
         pieces, start = [], 0
         with torch.no_grad():
             for length in lengths:
-                pieces.append(_block_forward(ref, x[start : start + length], None))
+                mask = _mask_for(case, length, dev)
+                pieces.append(_block_forward(ref, x[start : start + length], None, mask))
                 start += length
         thd_vs_bshd = env.max_rel(out_ref, torch.cat(pieces, dim=0))
         ref_metrics = _block_train(case, ref, config, x, target, packed, None, ps)
