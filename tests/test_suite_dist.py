@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mla_seam import cli, suite, suite_dist
 from mla_seam.errors import DeviceError, UsageError
 
