@@ -20,7 +20,6 @@ from mla_seam import cli, suite, suite_dist
 from mla_seam.errors import DeviceError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTER = ROOT / "overlay/megatron/core/transformer/mla_adapter.py"
 
 
 def _case(name: str):
@@ -264,11 +263,6 @@ def test_cpu_backend_decision_and_summary_identical_on_every_rank(cpu_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    "log_single_rank" not in ADAPTER.read_text(encoding="utf-8"),
-    reason="the adapter logs its summary on every rank until it uses log_single_rank (issue #8)",
-    strict=True,
-)
 def test_cpu_summary_logged_once_across_ranks(cpu_run):
     rec = _record(cpu_run, "tp2/layer/local")
     assert rec["adapter"]["logged_per_rank"] == [1, 0]

@@ -30,6 +30,7 @@ of every rank and how many ranks logged the summary (:func:`adapter_consensus`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import dist_env as env
 import torch
@@ -230,20 +231,28 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-class capture_adapter_log:  # pylint: disable=invalid-name
-    """``with capture_adapter_log() as lines:``; lines the adapter logged meanwhile."""
+def _install_process_log() -> List[str]:
+    """Attach one capture to the adapter's logger for the whole process; its live line list."""
+    handler = _Capture()
+    logger = logging.getLogger(ADAPTER_LOGGER)
+    logger.setLevel(min(logger.level or logging.DEBUG, logging.INFO))
+    logger.addHandler(handler)
+    return handler.lines
 
-    def __enter__(self) -> List[str]:
-        self.logger = logging.getLogger(ADAPTER_LOGGER)
-        self.handler = _Capture()
-        self.level = self.logger.level
-        self.logger.setLevel(logging.DEBUG)
-        self.logger.addHandler(self.handler)
-        return self.handler.lines
 
-    def __exit__(self, *exc: Any) -> None:
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.level)
+# Installed at import, before any model (reference models included) is built: the adapter logs
+# its summary once per process, on rank 0 only, whichever build comes first.
+_PROCESS_LOG = _install_process_log()
+
+
+@contextlib.contextmanager
+def capture_adapter_log() -> Iterator[List[str]]:
+    """``with capture_adapter_log() as lines``: every line the adapter logged in this process.
+
+    A case counts the lines equal to its own summary: the summary of a config built earlier in
+    the process (by its single-GPU reference or another case) was logged then, not again.
+    """
+    yield _PROCESS_LOG
 
 
 def have_adapter() -> bool:
@@ -262,12 +271,12 @@ def adapter_consensus(config: Any, logged: Sequence[str]) -> Dict[str, Any]:
         return {}
     from megatron.core.transformer import mla_adapter  # pylint: disable=C0415
 
-    decision = getattr(config, "_mla_seam_backend", None)
+    decision = mla_adapter.backend_decision(config)
     mine = {
         "decision": None if decision is None else [decision.backend, decision.reason],
         "pad_value": None if decision is None else bool(decision.pad_value),
         "summary": mla_adapter.describe(config),
-        "logged": sum(1 for line in logged if line.startswith("mla-seam: k_channels")),
+        "logged": sum(1 for line in logged if line == mla_adapter.describe(config)),
     }
     ranks = env.all_ranks(mine)
     logged_per_rank = [r["logged"] for r in ranks]
