@@ -36,7 +36,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from mla_seam import __version__, contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import DriftFoundError, SeamError, UsageError
-from mla_seam.rebase import (
+from mla_seam.series import Series, json_bytes, series_by_name
+from mla_seam.survey import (
     PatchClass,
     Survey,
     Workspace,
@@ -45,7 +46,6 @@ from mla_seam.rebase import (
     survey,
     version_at,
 )
-from mla_seam.series import Series, json_bytes, series_by_name
 from mla_seam.tree import MegatronTree
 
 log = logging.getLogger(__name__)
