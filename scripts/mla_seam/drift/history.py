@@ -106,6 +106,8 @@ def since(doc: Mapping[str, Any], previous: Optional[Mapping[str, Any]]) -> Opti
 
 def trend(entries: List[Mapping[str, Any]], doc: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """The last :data:`TREND_RUNS` runs and this one: timestamp and summary counts."""
+    now = doc["run"]["timestamp"]
+    entries = [e for e in entries if e["timestamp"] != now]
     rows = [dict(e["summary"], timestamp=e["timestamp"]) for e in entries[-(TREND_RUNS - 1) :]]
     current = entry_of(doc)
     rows.append(dict(current["summary"], timestamp=current["timestamp"]))
@@ -113,8 +115,23 @@ def trend(entries: List[Mapping[str, Any]], doc: Mapping[str, Any]) -> List[Dict
 
 
 def append(path: Path, doc: Mapping[str, Any]) -> None:
-    """Add this run's line to the history file (created with its folder if missing)."""
+    """Add this run's line to the history file (created with its folder if missing).
+
+    A line of the same run (same timestamp: the nightly job's GPU phase adding its verdicts to
+    the CPU phase's report) is replaced, so a night is one line.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry_of(doc), sort_keys=True) + "\n")
+    line = json.dumps(entry_of(doc), sort_keys=True) + "\n"
+    try:
+        kept = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        kept = []
+    if kept:
+        try:
+            same = json.loads(kept[-1]).get("timestamp") == doc["run"]["timestamp"]
+        except json.JSONDecodeError:
+            same = False
+        if same:
+            kept = kept[:-1]
+    path.write_text("".join(kept) + line, encoding="utf-8")
