@@ -233,3 +233,14 @@ def test_stage_materializes_three_trees(tmp_path, seam_cache, monkeypatch):
     again = suite.stage("0.19", "0.16.1", tmp_path / "w")  # reused, not rebuilt
     assert again == trees
     assert "base" not in suite.stage("0.19.2", "0.19.2", tmp_path / "w")
+
+
+def test_release_without_a_gpu_stages_nothing(tmp_path, monkeypatch, caplog):
+    from mla_seam import cli  # pylint: disable=import-outside-toplevel
+
+    nogpu = suite.DeviceInfo(python="3.11", torch="2.13.0+cpu", cuda=False)
+    monkeypatch.setattr(suite.device, "probe_device", lambda python: nogpu)
+    work = tmp_path / "trees"
+    assert cli.main(["suite", "--release", "0.19", "--work", str(work)]) == 18
+    assert not work.exists() and "needs a CUDA device" in caplog.text
+    assert cli.main(["suite"]) == 2  # neither --release nor --megatron

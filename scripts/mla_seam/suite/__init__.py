@@ -154,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
         )
     vanilla, base = args.vanilla_megatron, args.base_megatron
     megatron = args.megatron
+    probed = None
     if args.release:
+        probed = device.probe_device(args.python or sys.executable)
+        require_gpu(probed)  # before staging three trees for nothing
         work = Path(args.work or Path.cwd() / "mla-seam-trees")
         trees = stage(args.release, _base_release(args, args.release), work)
         megatron, vanilla, base = trees["patched"], trees["vanilla"], trees.get("base")
@@ -167,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         update_goldens=args.update_goldens,
         python=args.python,
         pytest_args=args.pytest_arg or (),
+        device=probed,
     )
     sys.stdout.write(f"{out_dir / 'results.md'}\n")
     for phase in results["phases"]:
