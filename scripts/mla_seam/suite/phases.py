@@ -153,13 +153,13 @@ class PhaseResult:
 OUTCOMES = ("passed", "failed", "errors", "skipped", "xfailed")
 
 
-def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
-    """Per test (``file::name``): its outcome, one of :data:`OUTCOMES` (xfail told from skip)."""
-    cases: Dict[str, str] = {}
+def _junit_outcomes(path: os.PathLike) -> List[Tuple[str, str]]:
+    """``(file::name, outcome)`` per JUnit ``testcase`` (xfail told apart from skip)."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
-        return cases
+        return []
+    rows = []
     for case in root.iter("testcase"):
         if case.find("failure") is not None:
             outcome = "failed"
@@ -169,29 +169,27 @@ def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
             outcome = "xfailed" if "xfail" in skipped.get("type", "") else "skipped"
         else:
             outcome = "passed"
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if name in cases and cases[name] != "passed":  # a setup error beside a failure: keep both
-            continue
-        cases[name] = outcome
+        rows.append((f"{case.get('classname', '')}::{case.get('name', '')}", outcome))
+    return rows
+
+
+def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
+    """Per test (``file::name``): its outcome, one of :data:`OUTCOMES`.
+
+    A test reported twice (a teardown error after a failure) keeps its first non-pass outcome.
+    """
+    cases: Dict[str, str] = {}
+    for name, outcome in _junit_outcomes(path):
+        if cases.get(name, "passed") == "passed":
+            cases[name] = outcome
     return cases
 
 
 def parse_junit(path: os.PathLike) -> Dict[str, int]:
     """Test counts from a pytest JUnit XML file (xfail/xpass told apart from skips)."""
     counts = {k: 0 for k in OUTCOMES}
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return counts
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None:
-            counts["failed"] += 1
-        elif case.find("error") is not None:
-            counts["errors"] += 1
-        elif (skipped := case.find("skipped")) is not None:
-            counts["xfailed" if "xfail" in skipped.get("type", "") else "skipped"] += 1
-        else:
-            counts["passed"] += 1
+    for _, outcome in _junit_outcomes(path):
+        counts[outcome] += 1
     return counts
 
 
