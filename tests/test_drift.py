@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from mla_seam import drift, gitlayer, upstream
+from mla_seam.suite import attribution
 from test_rebase import (  # noqa: F401 (fixtures)
     MLA,
     REPO,
@@ -49,6 +50,8 @@ def test_report_validates_and_renders(combo, bundle, tmp_path, capsys):
     assert sources["core_v0.19.0"].startswith("mla-seam cache")  # not in the checkout: materialized
     assert sources["core_v0.19.2"] == "checkout"
     assert all(e["verdict"] == "supported" and e["gpu"] is None for e in doc["tags"])
+    assert doc["schema_version"] == 2 and doc["run"]["prereleases"] is False
+    assert doc["since_previous"] is None and doc["summary"]["gpu_verdicts"] == 0
     entry = doc["tags"][1]
     assert {p["hook"]: p["class"] for p in entry["baseline"]["patches"]}["H6"] == "obsolete"
     assert {p["hook"] for p in entry["patches"]} == {"H1", "H2", "H3", "H4", "H5", "H8", "H9"}
@@ -59,13 +62,17 @@ def test_report_validates_and_renders(combo, bundle, tmp_path, capsys):
     ]
     md = (out / "drift.md").read_text()
     assert "| core_v0.19.0 | core_v0.19 |" in md and "## Per release line" in md
+    assert md.index("## Since the previous run") < md.index("## Matrix")
+    assert "No GPU results attached" in md
     assert "<table" in (out / "drift.html").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "drift-perf.png").exists()  # no GPU results: no performance figure
     assert repo_state(combo) == before
 
 
-def test_report_is_deterministic(combo, bundle, tmp_path, capsys):
+def test_report_is_deterministic(combo, bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
     docs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
@@ -150,8 +157,131 @@ def test_bad_ranges(combo, bundle):
 def test_committed_report_covers_every_release():
     doc = json.loads((RESULTS / "drift.json").read_text())
     drift.validate(doc)
-    assert [e["version"] for e in doc["tags"]] == upstream.RELEASES
+    assert [e["version"] for e in doc["tags"]] == drift.known_releases()
     assert doc["summary"]["verdict"] == "supported"
     assert doc["baseline"] == "core_v0.16"
     for name in ("drift.md", "drift.png"):
         assert (RESULTS / name).stat().st_size > 0
+
+
+# --- pre-releases, GPU verdicts, history -------------------------------------------------------
+
+
+@pytest.fixture
+def with_rc(fresh_checkout, tmp_path):
+    """A 0.19.2 checkout with an ``rc`` tag on its HEAD, as real clones have 15 of them."""
+    tree = fresh_checkout("0.19.2", tmp_path / "upstream")
+    gitlayer.create_tag(gitlayer.open_repo(tree), "core_v0.19.3rc0")
+    return tree
+
+
+def test_prereleases_are_skipped_unless_asked(with_rc, bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--megatron", str(with_rc), "--tags", "0.19.2..main", "--no-plot"]
+    code, _ = _drift(capsys, *args, "--out", str(out))
+    doc = json.loads((out / "drift.json").read_text())
+    assert code == 0 and [e["tag"] for e in doc["tags"]] == ["core_v0.19.2", "main"]
+    assert doc["run"]["skipped_prereleases"] == ["core_v0.19.3rc0"]
+    assert "pre-releases skipped (1: core_v0.19.3rc0)" in (out / "drift.md").read_text()
+    code, _ = _drift(capsys, *args, "--out", str(out), "--pre")
+    doc = json.loads((out / "drift.json").read_text())
+    assert [e["tag"] for e in doc["tags"]] == ["core_v0.19.2", "core_v0.19.3rc0", "main"]
+    assert doc["run"]["prereleases"] is True and doc["run"]["skipped_prereleases"] == []
+    assert drift.known_releases(["0.20.0rc1"]) == upstream.RELEASES
+    assert drift.known_releases(["0.20.0rc1"], include_pre=True)[-1] == "0.20.0rc1"
+
+
+def _verdict(tag, version, verdict, findings=()):
+    return {
+        "schema_version": 1,
+        "kind": "mla-seam-gpu-verdict",
+        "tag": tag,
+        "version": version,
+        "timestamp": "2026-11-30T01:00:00+00:00",
+        "mla_seam_version": "0.2.0",
+        "card": "NVIDIA H200",
+        "card_slug": "h200",
+        "versions": {"torch": "2.11.0", "cuda": "13.0", "cudnn": 91900,
+                     "transformer_engine": "2.20.2", "transformers": "5.0", "python": "3.12"},
+        "parallel": {"world_size": 1},
+        "trees": {"patched": {"tag": tag, "version": version, "ran": True}},
+        "phases": [],
+        "tolerances": {"performance": 1.25},
+        "counts": {"upstream changed": len(findings), "overlay broke": 0, "absorbed": 0,
+                   "unchanged": 0, "unattributed": 0},
+        "findings": list(findings),
+        "verdict": verdict,
+        "reasons": [f["cause"] for f in findings],
+    }  # fmt: skip
+
+
+THD_256 = {
+    "category": "performance",
+    "subject": "bench_thd_sweep backend=auto rope_fusion=False n_seqs=256 tokens=8192",
+    "metric": "ms_median",
+    "values": {"vanilla": 229.2, "patched": 240.2, "base": 6.1},
+    "attribution": "upstream changed",
+    "regressed": True,
+    "cause": "THD 256 sequences: vanilla/base 37.57x, patched/base 39.38x",
+}
+
+
+def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results"
+    for tag, version, verdict, findings in (
+        ("core_v0.18.2", "0.18.2", "pass", []),
+        ("core_v0.19.2", "0.19.2", "upstream_changed", [THD_256]),
+    ):
+        folder = results / tag / "h200"
+        folder.mkdir(parents=True)
+        doc = _verdict(tag, version, verdict, findings)
+        attribution.validate(doc)
+        (folder / "verdict.json").write_text(json.dumps(doc))
+        golden = {"lm loss": {"start_step": 1, "end_step": 2, "step_interval": 1,
+                              "values": {"1": 4.0, "2": 3.5}}}  # fmt: skip
+        (folder / "golden_values_h200_te2.20.2.json").write_text(json.dumps(golden))
+    history_file = tmp_path / "history.jsonl"
+    args = ["--megatron", str(combo), "--tags", "0.18.2..0.19.2", "--history", str(history_file)]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
+    code, _ = _drift(capsys, *args, "--out", str(tmp_path / "first"), "--no-plot")
+    assert code == 0
+    first = json.loads((tmp_path / "first" / "drift.json").read_text())
+    assert first["since_previous"] is None and len(history_file.read_text().splitlines()) == 1
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764086400")
+    out = tmp_path / "second"
+    code, text = _drift(capsys, *args, "--gpu-results", str(results), "--out", str(out))
+    assert code == 17  # the GPU verdict of 0.19.2 says upstream changed and patched regressed
+    doc = json.loads((out / "drift.json").read_text())
+    drift.validate(doc)
+    by_tag = {e["tag"]: e for e in doc["tags"]}
+    assert by_tag["core_v0.18.2"]["gpu"]["verdict"] == "pass"
+    assert by_tag["core_v0.18.2"]["verdict"] == "supported"
+    assert by_tag["core_v0.19.0"]["gpu"] is None
+    hit = by_tag["core_v0.19.2"]
+    assert (
+        hit["verdict"] == "needs_work" and hit["gpu"]["moved"][0]["subject"] == THD_256["subject"]
+    )
+    assert any(r.startswith("GPU (h200, upstream_changed)") for r in hit["reasons"])
+    assert hit["gpu"]["golden"] == {"patched": {"lm loss": [4.0, 3.5]}}
+    assert doc["run"]["cards"] == ["NVIDIA H200"] and doc["summary"]["gpu_verdicts"] == 2
+    since = doc["since_previous"]
+    assert since["previous_timestamp"] == first["run"]["timestamp"]
+    assert {"tag": "core_v0.19.2", "changes": ["verdict supported -> needs_work",
+            "GPU verdict None -> upstream_changed"]} in since["changed"]  # fmt: skip
+    md = (out / "drift.md").read_text()
+    assert md.index("## Since the previous run") < md.index("## Matrix")
+    assert "upstream_changed (h200)" in md and "## Trend (history file)" in md
+    assert len(history_file.read_text().splitlines()) == 2
+    pytest.importorskip("matplotlib")
+    for name in ("drift.png", "drift-perf.png", "drift-golden.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_bad_gpu_results_folder(combo, bundle, tmp_path):
+    env = {"MLA_SEAM_ROOT": str(bundle)}
+    done = run_subprocess(
+        env, "drift", "--megatron", str(combo), "--tags", "0.19.2..0.19.2",
+        "--gpu-results", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "is not a folder" in done.stderr

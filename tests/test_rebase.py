@@ -21,8 +21,8 @@ from typing import Dict, List, Tuple
 
 import pytest
 from mla_seam import cli, gitlayer, upstream
-from mla_seam.rebase import PatchClass, split_hunks
 from mla_seam.series import load_series
+from mla_seam.survey import PatchClass, split_hunks
 
 REPO = Path(__file__).resolve().parents[1]
 COMBO = ("0.13.1", "0.14.0", "0.16.1", "0.17.1", "0.18.2", "0.19.2")
@@ -603,6 +603,39 @@ def test_three_way_merge_is_flagged_and_needs_acceptance(synthetic, bundle, caps
 
 def test_committed_manifests_record_the_current_overlay():
     """After an adapter edit, `mla-seam rebase --refresh-overlay` must have been run."""
-    from mla_seam.rebase import refresh_overlay
+    from mla_seam.overlay_refresh import refresh_overlay
 
     assert refresh_overlay(REPO / "patches", check=True) == []
+
+
+def test_rebase_onto_a_ref_that_already_holds_the_series(synthetic, bundle, capsys, tmp_path):
+    """A fork that committed the applied series: every hook is upstream, the range-diff says so.
+
+    git range-diff refuses the empty new range (``fatal: need two commit ranges``); the survey
+    reports it instead of a traceback, and ``--write`` refuses with a RebaseError.
+    """
+    assert cli.main(["apply", str(synthetic)]) == 0
+    capsys.readouterr()
+    done = commit_all(synthetic, "fork: carry the mla-seam series")
+    gitlayer.create_tag(gitlayer.open_repo(synthetic), "fork-done", done)
+    code, doc = survey_json(
+        capsys, tmp_path, "--megatron", str(synthetic), "--onto", "fork-done", "--from", "0.16"
+    )
+    assert code == 0
+    assert set(classes(doc).values()) == {"upstream"}
+    assert "the new series is empty" in doc["range_diff"]
+    assert doc["range_diff"].count(" < -:  ------- mla-seam H") == len(doc["patches"])
+    env = {"MLA_SEAM_ROOT": str(bundle)}
+    done = run_subprocess(
+        env,
+        "rebase",
+        "--megatron",
+        str(synthetic),
+        "--onto",
+        "fork-done",
+        "--from",
+        "0.16",
+        "--write",
+    )
+    assert done.returncode == 16 and "no patch is left" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ from typing import Any, Dict, List
 import pytest
 from mla_seam import cli, suite
 from mla_seam.errors import DeviceError, UsageError
+from mla_seam.suite import attribution
 
 GPU = suite.DeviceInfo(
     python="3.12.0",
@@ -212,26 +213,27 @@ def test_thd_goal_applies_from_0_18_only():
 
 
 class FakeRunner:
-    """Plays the phases: records per phase, a golden file where the suite asks for one."""
+    """Plays the units: records per phase and role, a golden file where the suite asks for one."""
 
-    def __init__(self, loss: List[float], fail: str = "") -> None:
+    def __init__(self, loss: List[float], fail: str = "", ms: Dict[str, float] = None) -> None:
         self.loss = loss
         self.fail = fail
+        self.ms = ms or {}
         self.calls: List[Dict[str, Any]] = []
 
-    def __call__(self, phase, tree, python, repo, work, extra_env=None, pytest_args=()):
+    def __call__(self, unit, tree, python, tests_dir, work, extra_env=None, pytest_args=()):
         extra_env = dict(extra_env or {})
-        self.calls.append(dict(phase=phase.name, tree=tree.path, env=extra_env))
+        phase, role = unit.phase, unit.role
+        self.calls.append(dict(phase=unit.name, tree=tree.path, env=extra_env))
         records: List[Dict[str, Any]] = []
         if phase.name == "golden":
             doc = suite.golden_document({"lm loss": self.loss, "grad norm": [1.0] * len(self.loss)})
             suite.write_golden(extra_env["MLA_SEAM_GOLDEN_OUT"], doc)
-            records.append({"case": "golden", "phase": phase.name})
+            records.append({"case": "golden"})
         elif phase.name == "matrix":
             records.append(
                 {
                     "case": "matrix",
-                    "phase": "matrix",
                     "spec": "te",
                     "backend": "fused",
                     "layout": "thd",
@@ -250,7 +252,6 @@ class FakeRunner:
             records.append(
                 {
                     "case": "oracle_megatron",
-                    "phase": "oracles",
                     "spec": "local",
                     "dims": "qlora",
                     "rope": "yarn",
@@ -259,12 +260,35 @@ class FakeRunner:
                     "max_rel_vs_hf": {"out": 3e-7, "grad_x": 4e-7},
                 }
             )
-        elif phase.name.startswith("bench"):
-            side = "vanilla" if phase.tree == "baseline" else "patched"
-            records += [dict(r, phase=phase.name) for r in BENCH if r.get("side") == side]
-        code = 1 if phase.name == self.fail else 0
+        elif phase.name == "bench":
+            side = "vanilla" if role == "vanilla" else "patched"
+            records += [dict(r) for r in BENCH if r.get("side") == side]
+            if role in self.ms:
+                for r in records:
+                    if r.get("ms_median"):
+                        r["ms_median"] = self.ms[role]
+        code = 1 if unit.name == self.fail else 0
         counts = {"passed": 1, "failed": int(bool(code)), "errors": 0, "skipped": 0, "xfailed": 0}
-        return suite.PhaseResult(phase.name, phase.tree, code, 0.1, counts), records
+        tests = {f"test_{phase.name}::test_one": "failed" if code else "passed"}
+        for r in records:
+            r.update(phase=phase.name, role=role)
+        result = suite.PhaseResult(
+            unit.name, tree.tag, code, 0.1, counts, role=role, phase=phase.name, tests=tests
+        )
+        return result, records
+
+
+CORE = ["smoke", "smoke@vanilla", "oracles", "matrix", "golden", "golden@vanilla", "bench",
+        "bench@vanilla"]  # fmt: skip
+
+
+def _run(tmp_path, **kwargs):
+    """``run_suite`` with the stand-in device and an empty GPU tests folder (optional phases
+    are then skipped as absent)."""
+    tests = tmp_path / "gpu-tests"
+    tests.mkdir(exist_ok=True)
+    kwargs.setdefault("device", GPU)
+    return suite.run_suite(tests_dir=tests, **kwargs)
 
 
 def test_run_suite_writes_results_golden_and_bench(tmp_path):
@@ -272,31 +296,40 @@ def test_run_suite_writes_results_golden_and_bench(tmp_path):
     vanilla = _tree(tmp_path / "vanilla", patched=False)
     out = tmp_path / "results"
     runner = FakeRunner([5.0, 4.0, 3.0])
-    results, folder = suite.run_suite(
-        megatron=patched, baseline=vanilla, out=out, device=GPU, runner=runner
-    )
+    results, folder = _run(tmp_path, megatron=patched, vanilla=vanilla, out=out, runner=runner)
     assert folder == out / "core_v0.19.2" / "h100"
-    assert [c["phase"] for c in runner.calls] == list(suite.PHASE_NAMES)
+    assert [c["phase"] for c in runner.calls] == CORE
     assert runner.calls[-1]["tree"] == str(vanilla.resolve())
-    assert "MLA_SEAM_GOLDEN_REF" not in runner.calls[3]["env"]
-    assert results["ok"] and results["golden"]["status"] == "recorded"
-    assert results["schema_version"] == suite.SCHEMA_VERSION
+    skipped = {p["name"]: p["skipped_reason"] for p in results["phases"] if p["skipped_reason"]}
+    assert set(skipped) == {"thd-sweep", "thd-sweep@vanilla", "parity", "parity@vanilla",
+                            "kernels", "kernels@vanilla", "local-vs-te"}  # fmt: skip
+    assert "bench_issue8.py is not in" in skipped["thd-sweep"]
+    assert "MLA_SEAM_GOLDEN_REF" not in runner.calls[4]["env"]
+    assert results["ok"] and results["golden"]["patched"]["status"] == "recorded"
+    assert results["golden"]["vanilla"]["status"] == "recorded"
+    assert results["schema_version"] == suite.SCHEMA_VERSION == 2
     assert results["environment"]["transformer_engine"] == "2.20.2"
     assert results["parallel"]["world_size"] == 1
+    assert set(results["trees"]) == {"patched", "vanilla"}
     assert results["summary"]["upstream_drift"] == ["upstream builds an extra query-input RMSNorm"]
     saved = json.loads((folder / "results.json").read_text())
     assert saved["tag"] == "core_v0.19.2" and len(saved["records"]) == len(results["records"])
     bench = json.loads((folder / "bench.json").read_text())
     assert bench["summary"]["adapter_overhead"] and bench["environment"]["card_slug"] == "h100"
     assert all(r["case"].startswith("bench") for r in bench["records"])
+    verdict = json.loads((folder / "verdict.json").read_text())
+    attribution.validate(verdict)
+    assert verdict["trees"]["vanilla"]["ran"] and "base" not in verdict["trees"]
     golden = folder / "golden_values_h100_te2.20.2.json"
     assert suite.read_golden(golden)["lm loss"]["values"]["3"] == 3.0
+    assert (folder / "golden_values_h100_te2.20.2.vanilla.json").is_file()
     md = (folder / "results.md").read_text()
     for needle in (
         "PASS",
         "core_v0.19.2",
         "H100",
         "2.20.2",
+        "## Verdict",
         "## Matrix",
         "## Oracles",
         "Adapter overhead",
@@ -307,29 +340,30 @@ def test_run_suite_writes_results_golden_and_bench(tmp_path):
 
     # Same tag again: the committed golden is the reference, and it matches.
     again = FakeRunner([5.0, 4.0, 3.0])
-    results, _ = suite.run_suite(megatron=patched, out=out, device=GPU, runner=again)
+    results, _ = _run(tmp_path, megatron=patched, out=out, runner=again)
     assert again.calls[3]["env"]["MLA_SEAM_GOLDEN_REF"] == str(golden)
-    assert results["golden"]["status"] == "matched" and results["ok"]
-    assert "bench-baseline" not in [c["phase"] for c in again.calls]
+    assert results["golden"]["patched"]["status"] == "matched" and results["ok"]
+    assert not any("@" in c["phase"] for c in again.calls)
+    assert results["verdict"]["verdict"] == "incomplete"  # no vanilla tree: cannot attribute
 
     # A different value: mismatch, observed file written beside, committed one untouched.
     drift = FakeRunner([5.0, 4.0, 3.0000001])
-    results, _ = suite.run_suite(megatron=patched, out=out, device=GPU, runner=drift)
-    assert results["golden"]["status"] == "mismatch" and not results["ok"]
+    results, _ = _run(tmp_path, megatron=patched, out=out, runner=drift)
+    assert results["golden"]["patched"]["status"] == "mismatch" and not results["ok"]
     assert (folder / "golden_values_h100_te2.20.2.observed.json").is_file()
     assert suite.read_golden(golden)["lm loss"]["values"]["3"] == 3.0
     assert "FAIL" in (folder / "results.md").read_text()
 
     # --update-goldens replaces it.
-    results, _ = suite.run_suite(
+    results, _ = _run(
+        tmp_path,
         megatron=patched,
         out=out,
-        device=GPU,
         runner=FakeRunner([5.0, 4.0, 3.5]),
         update_goldens=True,
         only=["golden"],
     )
-    assert results["golden"]["status"] == "updated"
+    assert results["golden"]["patched"]["status"] == "updated"
     assert suite.read_golden(golden)["lm loss"]["values"]["3"] == 3.5
 
 
@@ -338,71 +372,71 @@ def test_only_runs_merge_into_the_previous_results(tmp_path):
     patched = _tree(tmp_path / "p")
     vanilla = _tree(tmp_path / "v", patched=False)
     out = tmp_path / "r"
-    first, folder = suite.run_suite(
+    first, folder = _run(
+        tmp_path,
         megatron=patched,
+        vanilla=vanilla,
         out=out,
-        device=GPU,
         runner=FakeRunner([3.0, 2.0]),
         only=["smoke", "oracles", "matrix"],
     )
-    assert [p["name"] for p in first["phases"]] == ["smoke", "oracles", "matrix"]
-    second, _ = suite.run_suite(
+    assert [p["name"] for p in first["phases"]] == ["smoke", "smoke@vanilla", "oracles", "matrix"]
+    second, _ = _run(
+        tmp_path,
         megatron=patched,
-        baseline=vanilla,
+        vanilla=vanilla,
         out=out,
-        device=GPU,
         runner=FakeRunner([3.0, 2.0], fail="bench"),
-        only=["golden", "bench", "bench-baseline"],
+        only=["golden", "bench", "bench-baseline"],  # the schema-1 name of bench@vanilla
     )
-    assert [p["name"] for p in second["phases"]] == list(suite.PHASE_NAMES)
+    names = [p["name"] for p in second["phases"]]
+    assert names == ["smoke", "smoke@vanilla", "oracles", "matrix", "golden", "golden@vanilla",
+                     "bench", "bench@vanilla"]  # fmt: skip
     assert second["merged_from"] == first["started"]
     cases = {r["case"] for r in second["records"]}
     assert {"matrix", "oracle_megatron", "golden", "bench_layer"} <= cases
     assert second["bench_summary"]["adapter_overhead"] and not second["ok"]
-    # Repeating a phase replaces its records instead of adding to them.
-    third, _ = suite.run_suite(
-        megatron=patched, out=out, device=GPU, runner=FakeRunner([3.0, 2.0]), only=["matrix"]
+    # Repeating a unit replaces its records instead of adding to them.
+    third, _ = _run(
+        tmp_path,
+        megatron=patched,
+        vanilla=vanilla,
+        out=out,
+        runner=FakeRunner([3.0, 2.0]),
+        only=["matrix"],
     )
     assert sum(r["case"] == "matrix" for r in third["records"]) == 1
-    assert third["golden"]["status"] == "recorded"
-    # Another card is another folder; another TE version is not merged.
+    assert third["golden"]["patched"]["status"] == "recorded"
+    # Another TE version is not merged (and overwrites the folder of this card).
     other = suite.DeviceInfo(**{**GPU.__dict__, "te": "2.21.0"})
-    fourth, _ = suite.run_suite(
-        megatron=patched, out=out, device=other, runner=FakeRunner([1.0]), only=["matrix"]
+    fourth, _ = _run(
+        tmp_path, megatron=patched, out=out, device=other, runner=FakeRunner([1.0]), only=["matrix"]
     )
     assert [p["name"] for p in fourth["phases"]] == ["matrix"] and fourth["merged_from"] is None
-    assert (
-        json.loads((folder / "results.json").read_text())["environment"]["transformer_engine"]
-        == "2.21.0"
-    )
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["environment"]["transformer_engine"] == "2.21.0"
 
 
 def test_run_suite_compares_goldens_across_tags(tmp_path):
     out = tmp_path / "results"
     old = _tree(tmp_path / "old", version=(0, 16, 1))
     new = _tree(tmp_path / "new", version=(0, 19, 2))
-    suite.run_suite(
-        megatron=old, out=out, device=GPU, runner=FakeRunner([5.0, 4.0, 3.0]), only=["golden"]
+    _run(tmp_path, megatron=old, out=out, runner=FakeRunner([5.0, 4.0, 3.0]), only=["golden"])
+    results, _ = _run(
+        tmp_path, megatron=new, out=out, runner=FakeRunner([5.0, 4.5, 3.0]), only=["golden"]
     )
-    results, _ = suite.run_suite(
-        megatron=new, out=out, device=GPU, runner=FakeRunner([5.0, 4.5, 3.0]), only=["golden"]
-    )
-    cross = results["golden"]["cross_tag"]["core_v0.16.1"]["lm loss"]
+    cross = results["golden"]["patched"]["cross_tag"]["core_v0.16.1"]["lm loss"]
     assert cross["first_different_step"] == 2 and cross["max_abs_diff"] == pytest.approx(0.5)
     assert results["ok"], "cross-tag differences are reported, not failed"
-    assert "vs core_v0.16.1" in render(results)
-
-
-def render(results) -> str:
-    return suite.render_markdown(results)
+    assert "vs core_v0.16.1" in suite.render_markdown(results)
 
 
 def test_failed_phase_fails_the_run_and_shows_its_output(tmp_path):
     patched = _tree(tmp_path / "p")
-    results, folder = suite.run_suite(
+    results, folder = _run(
+        tmp_path,
         megatron=patched,
         out=tmp_path / "r",
-        device=GPU,
         runner=FakeRunner([1.0], fail="matrix"),
         only=["matrix"],
     )
@@ -412,13 +446,16 @@ def test_failed_phase_fails_the_run_and_shows_its_output(tmp_path):
 
 def test_run_suite_refuses_bad_arguments(tmp_path):
     patched = _tree(tmp_path / "p")
+    vanilla = _tree(tmp_path / "v", patched=False)
     with pytest.raises(UsageError, match="carries the adapter"):
-        suite.run_suite(megatron=patched, baseline=patched, device=GPU, runner=FakeRunner([1.0]))
+        _run(tmp_path, megatron=patched, vanilla=patched, runner=FakeRunner([1.0]))
+    with pytest.raises(UsageError, match="is not patched"):
+        _run(tmp_path, megatron=patched, base=vanilla, runner=FakeRunner([1.0]))
     with pytest.raises(UsageError, match="unknown phase"):
-        suite.run_suite(megatron=patched, only=["nope"], device=GPU, runner=FakeRunner([1.0]))
+        _run(tmp_path, megatron=patched, only=["nope"], runner=FakeRunner([1.0]))
     nogpu = suite.DeviceInfo(python="3.11", torch="2.13.0+cpu", cuda=False)
     with pytest.raises(DeviceError, match="sees no CUDA device"):
-        suite.run_suite(megatron=patched, device=nogpu, runner=FakeRunner([1.0]))
+        _run(tmp_path, megatron=patched, device=nogpu, runner=FakeRunner([1.0]))
 
 
 # --- the CLI and a real pytest phase -------------------------------------------------------------
@@ -427,7 +464,7 @@ def test_run_suite_refuses_bad_arguments(tmp_path):
 def test_cli_exits_18_without_a_gpu(tmp_path, monkeypatch, caplog):
     patched = _tree(tmp_path / "p")
     nogpu = suite.DeviceInfo(python="3.11", torch="2.13.0+cpu", cuda=False, cuda_build=None)
-    monkeypatch.setattr(suite, "probe_device", lambda python: nogpu)
+    monkeypatch.setattr(suite.device, "probe_device", lambda python: nogpu)
     code = cli.main(["suite", "--megatron", str(patched), "--out", str(tmp_path / "r")])
     assert code == DeviceError.exit_code == 18
     assert "needs a CUDA device" in caplog.text
@@ -468,15 +505,23 @@ def test_run_phase_runs_pytest_and_collects_records(tmp_path):
                 assert False
             """))
     tree = suite.TreeInfo(str(tmp_path), "0.19.2", "core_v0.19.2", True)
-    phase = suite.Phase("demo", "t/test_x.py", timeout_s=120, side="vanilla")
+    unit = suite.Unit(suite.Phase("demo", "test_x.py", ("vanilla",), timeout_s=120), "vanilla")
     work = tmp_path / "work"
     work.mkdir()
     import sys  # pylint: disable=import-outside-toplevel
 
-    result, records = suite.run_phase(phase, tree, sys.executable, repo, work)
+    result, records = suite.run_phase(unit, tree, sys.executable, repo / "t", work)
     assert result.ok, result.output_tail
     assert result.counts == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1, "xfailed": 1}
-    assert records == [{"case": "x", "tree": str(tmp_path), "side": "vanilla", "phase": "demo"}]
+    assert records == [
+        {"case": "x", "tree": str(tmp_path), "side": "vanilla", "phase": "demo", "role": "vanilla"}
+    ]
+    assert result.name == "demo@vanilla" and result.role == "vanilla"
+    assert result.tests == {
+        "test_x::test_writes": "passed",
+        "test_x::test_skips": "skipped",
+        "test_x::test_xfails": "xfailed",
+    }
 
 
 def test_suite_needs_no_gitpython(tmp_path):
@@ -488,7 +533,7 @@ def test_suite_needs_no_gitpython(tmp_path):
     code = (
         "import sys; sys.modules['git'] = None\n"
         "from mla_seam import suite\n"
-        "suite.probe_device = lambda python: suite.DeviceInfo(python='x', torch=None, cuda=False)\n"
+        "suite.device.probe_device = lambda python: suite.DeviceInfo(python='x', torch=None, cuda=False)\n"
         f"raise SystemExit(suite.main(['--megatron', {str(patched)!r}]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

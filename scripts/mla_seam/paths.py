@@ -44,3 +44,8 @@ def cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "mla-seam"
+
+
+def gpu_tests_dir() -> Path:
+    """``<bundle>/tests/gpu``: the GPU suite's test files (``mla-seam suite`` runs them)."""
+    return bundle_root() / "tests" / "gpu"

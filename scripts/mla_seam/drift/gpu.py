@@ -1,0 +1,129 @@
+"""GPU verdicts in the drift report: each tag's ``gpu`` slot from ``mla-seam suite`` results.
+
+``--gpu-results DIR`` names a results folder (``<DIR>/<tag>/<card>/verdict.json``, written by the
+three-tree suite). A tag takes the verdict of its tag folder, else of the folder whose patched
+tree has the tag's version (upstream's tag ``core_v0.19.0`` says 0.19.1 in package_info.py);
+with several cards, the newest run. The slot holds the verdict, card, versions, timestamp, the
+trees, the attribution counts, the reasons, every finding that moved, the performance findings
+(for the per-tag ratio plot) and the golden curves of the folder (for the curve plot).
+
+A GPU verdict of ``overlay_broke`` or ``upstream_changed`` makes the tag ``needs_work`` with a
+``GPU:`` reason: drift is behaviour too. ``pass`` and ``incomplete`` leave the verdict alone
+(``incomplete`` says why in the slot).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mla_seam.drift.sweep import NEEDS_WORK, refresh
+
+log = logging.getLogger(__name__)
+
+VERDICT_FILE = "verdict.json"
+NEEDS_WORK_VERDICTS = ("overlay_broke", "upstream_changed")
+_MOVED_LIMIT = 40
+
+
+def find_verdicts(results_dir: Path) -> Dict[str, List[Path]]:
+    """``{version: [verdict.json, ...]}`` under ``results_dir`` (any tag folder, any card)."""
+    found: Dict[str, List[Path]] = {}
+    for path in sorted(Path(results_dir).glob(f"*/*/{VERDICT_FILE}")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("mla-seam drift: skipping %s (%s)", path, exc)
+            continue
+        if doc.get("kind") != "mla-seam-gpu-verdict":
+            continue
+        found.setdefault(str(doc.get("version")), []).append(path)
+        found.setdefault(str(path.parent.parent.name), []).append(path)
+    return found
+
+
+def _newest(paths: List[Path]) -> Optional[Dict[str, Any]]:
+    docs = []
+    for path in paths:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc["_path"] = path
+        docs.append(doc)
+    return max(docs, key=lambda d: str(d.get("timestamp"))) if docs else None
+
+
+def _golden_curves(folder: Path) -> Dict[str, Dict[str, List[float]]]:
+    """``{role: {metric: [value per step]}}`` from the golden-values files of one results folder."""
+    curves: Dict[str, Dict[str, List[float]]] = {}
+    for path in sorted(folder.glob("golden_values_*.json")):
+        if path.name.endswith(".observed.json"):
+            continue
+        role = "vanilla" if path.name.endswith(".vanilla.json") else "patched"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        curves[role] = {
+            metric: [float(entry["values"][k]) for k in sorted(entry["values"], key=int)]
+            for metric, entry in sorted(doc.items())
+        }
+    return curves
+
+
+def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
+    """The ``gpu`` slot of a tag from its verdict document."""
+    path: Path = doc["_path"]
+    findings = doc.get("findings") or []
+    moved = [f for f in findings if f.get("attribution") != "unchanged"]
+    try:
+        rel = str(path.parent.relative_to(root))
+    except ValueError:
+        rel = str(path.parent)
+    return {
+        "verdict": doc["verdict"],
+        "card": doc.get("card"),
+        "card_slug": doc.get("card_slug"),
+        "timestamp": doc.get("timestamp"),
+        "versions": doc.get("versions"),
+        "trees": doc.get("trees"),
+        "counts": doc.get("counts"),
+        "reasons": list(doc.get("reasons") or [])[:20],
+        "moved": moved[:_MOVED_LIMIT],
+        "moved_total": len(moved),
+        "performance": [
+            {"subject": f["subject"], "metric": f["metric"], "values": f["values"]}
+            for f in findings
+            if f.get("category") == "performance"
+        ],
+        "golden": _golden_curves(path.parent),
+        "results": rel,
+    }
+
+
+def attach(report: Dict[str, Any], results_dir: Path) -> int:
+    """Fill the ``gpu`` slot of every tag that has a verdict; return how many got one."""
+    root = Path(results_dir)
+    found = find_verdicts(root)
+    attached = 0
+    cards, versions = set(), []
+    for entry in report["tags"]:
+        paths = found.get(str(entry["tag"])) or found.get(str(entry["version"]))
+        doc = _newest(paths or [])
+        if doc is None:
+            continue
+        entry["gpu"] = slot(doc, root)
+        attached += 1
+        cards.add(doc.get("card"))
+        if doc.get("versions") not in versions:
+            versions.append(doc.get("versions"))
+        if doc["verdict"] in NEEDS_WORK_VERDICTS:
+            entry["verdict"] = NEEDS_WORK
+            reasons = doc.get("reasons") or [doc["verdict"]]
+            entry["reasons"] = list(entry["reasons"]) + [
+                f"GPU ({doc.get('card_slug')}, {doc['verdict']}): {r}" for r in reasons[:5]
+            ]
+    report["run"]["cards"] = sorted(c for c in cards if c)
+    report["run"]["versions"] = versions
+    refresh(report)
+    return attached

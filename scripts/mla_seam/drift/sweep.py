@@ -1,0 +1,346 @@
+"""The sweep: which refs a range names, and one survey plus contract probes per ref.
+
+:func:`tags_in_range` turns ``FROM..TO`` into refs: every known release between the endpoints
+(the built-in list plus ``include``, releases the package index reported), the checkout's own
+``core_vX.Y.Z`` tags in that range, and TO itself when it is another ref (``main``).
+Pre-releases (``rc``, ``.dev``, alpha/beta) are skipped unless ``include_pre``: a real clone
+has 15 ``rc`` tags between 0.13 and 0.17, and an ``rc`` is not what the series serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import platform
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from mla_seam import __version__, contracts, gitlayer, releases, upstream
+from mla_seam.errors import SeamError, UsageError
+from mla_seam.series import Series
+from mla_seam.survey import (
+    PatchClass,
+    Survey,
+    Workspace,
+    series_for,
+    survey,
+    version_at,
+)
+
+log = logging.getLogger(__name__)
+
+SUPPORTED, NEEDS_WORK = "supported", "needs_work"
+#: drift.json's schema version. 2: ``run`` (timestamp, cards, versions, pre-releases),
+#: ``since_previous``, the ``gpu`` slot's object (GPU verdicts), ``summary.gpu_*``.
+SCHEMA_VERSION = 2
+
+# --- the range ---------------------------------------------------------------------------------
+
+
+def known_releases(include: Sequence[str] = (), include_pre: bool = False) -> List[str]:
+    """The built-in releases plus ``include``, oldest first; pre-releases only on request."""
+    known = set(upstream.RELEASES) | {releases.version_of_tag(v) for v in include}
+    return sorted(
+        (v for v in known if include_pre or not releases.is_prerelease(v)),
+        key=releases.version_key,
+    )
+
+
+def _endpoint(text: str, first: bool, known: Sequence[str]) -> Optional[str]:
+    """The release an endpoint names (a line means its oldest/newest release), else ``None``."""
+    try:
+        version = upstream.version_for(text)
+    except SeamError:
+        return None
+    line = upstream.line_of(version)
+    bare = text.strip().removeprefix(upstream.TAG_PREFIX).removeprefix("v")
+    if bare.count(".") == 1:  # a line: from its first release, to its last
+        members = [v for v in known if upstream.line_of(v) == line] or [version]
+        return members[0] if first else members[-1]
+    return version
+
+
+def tags_in_range(
+    ws: Workspace, spec: str, include: Sequence[str] = (), include_pre: bool = False
+) -> Tuple[List[str], List[str]]:
+    """The refs a ``FROM..TO`` range names, oldest first, and the pre-release tags left out.
+
+    Args:
+        ws: The workspace (its tags are the checkout's).
+        spec: ``FROM..TO``: tags, versions or lines; TO may be any ref of the checkout.
+        include: Further releases to sweep (versions the package index reported).
+        include_pre: Sweep pre-releases too (``--pre``).
+
+    Raises:
+        UsageError: the range is malformed or empty.
+        UpstreamError: an endpoint is neither a known release nor a ref of the checkout.
+    """
+    start, sep, end = spec.partition("..")
+    if not sep or not start or not end:
+        raise UsageError(
+            f"--tags {spec!r} is not FROM..TO", "e.g. --tags core_v0.13.1..core_v0.19.2"
+        )
+    known = known_releases(include, include_pre)
+    low, high = _endpoint(start, True, known), _endpoint(end, False, known)
+    extra_end = None
+    if low is None:
+        ws.resolve(start)  # raises UpstreamError with the known releases
+        low = version_at(ws.repo, ws.resolve(start)[0])
+    if high is None:
+        extra_end = end
+        ws.resolve(end)
+        high = None
+    versions = set(v for v in known if _in(v, low, high))
+    skipped = []
+    for tag in gitlayer.tags_at(ws.repo):
+        version = tag.removeprefix(upstream.TAG_PREFIX)
+        if not tag.startswith(upstream.TAG_PREFIX) or not _in(version, low, high):
+            continue
+        if releases.is_prerelease(version) and not include_pre:
+            skipped.append(tag)
+        else:
+            versions.add(version)
+    refs = [f"{upstream.TAG_PREFIX}{v}" for v in sorted(versions, key=releases.version_key)]
+    if extra_end:
+        refs.append(extra_end)
+    if not refs:
+        raise UsageError(f"--tags {spec}: no release in that range", "widen the range")
+    return refs, sorted(skipped, key=lambda t: releases.version_key(releases.version_of_tag(t)))
+
+
+def _in(version: str, low: str, high: Optional[str]) -> bool:
+    key = releases.version_key(version)
+    if key[0] != 0:
+        return False
+    return releases.version_key(low) <= key and (high is None or key <= releases.version_key(high))
+
+
+# --- one tag -----------------------------------------------------------------------------------
+
+
+def _preimage_problems(ws: Workspace, s: Series, version: str, commit: str) -> List[str]:
+    images = s.images_for(version)
+    blobs = gitlayer.tree_blobs(ws.repo, commit, list(images))
+    problems = []
+    for rel, options in images.items():
+        if blobs.get(rel) not in {img.pre for img in options}:
+            problems.append(
+                f"{rel} at {version} is not a pre-image {s.name} recorded (apply would refuse); "
+                f"re-export the line with mla-seam rebase --write"
+            )
+    return problems
+
+
+def _reasons(sv: Survey, served: bool, ws: Workspace) -> List[str]:
+    reasons = []
+    if not served:
+        reasons.append(
+            f"no series lists megatron-core {sv.onto_version}; {sv.series.name} surveyed: rebase "
+            f"with `mla-seam rebase --megatron DIR --onto {sv.onto} --from {sv.series.line}`"
+        )
+    for p in sv.patches:
+        if served and p.cls not in (PatchClass.EXACT, PatchClass.OFFSET):
+            reasons.append(f"{p.hook} {p.name}: {p.cls.value}: {p.detail}")
+        elif not served and p.cls in (PatchClass.CONFLICT, PatchClass.THREE_WAY):
+            reasons.append(f"{p.hook} {p.name}: {p.cls.value}: {p.detail}")
+    if served:
+        reasons += _preimage_problems(ws, sv.series, sv.onto_version, sv.onto_commit)
+    reasons += contracts.adapter_problems(sv.new_contracts)
+    return reasons
+
+
+def tag_entry(
+    ws: Workspace,
+    lines: Sequence[Series],
+    ref: str,
+    previous: Optional[Dict[str, object]],
+    baseline: Optional[Series] = None,
+) -> Dict[str, object]:
+    """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
+    commit, source = ws.resolve(ref)
+    version = version_at(ws.repo, commit)
+    s, served = series_for(lines, version)
+    sv = survey(ws, s, ref, range_diff=False)
+    changes: List[Dict[str, object]] = []
+    if previous is not None:
+        prev_values = previous["contracts"]
+        changes = [
+            dict(c.to_json(), since=previous["tag"])
+            for c in contracts.diff(prev_values, sv.new_contracts)  # type: ignore[arg-type]
+        ]
+    reasons = _reasons(sv, served, ws)
+    base = None
+    if baseline is not None:
+        bv = sv if baseline.name == s.name else survey(ws, baseline, ref, range_diff=False)
+        base = {"series": baseline.name, "patches": [p.to_json() for p in bv.patches]}
+    return {
+        "tag": ref,
+        "version": version,
+        "line": releases.line_of(version),
+        "commit": commit,
+        "source": source,
+        "series": s.name,
+        "served": served,
+        "history": sv.history,
+        "patches": [p.to_json() for p in sv.patches],
+        "contracts": sv.new_contracts,
+        "contract_changes": changes,
+        "verdict": SUPPORTED if not reasons else NEEDS_WORK,
+        "reasons": reasons,
+        "baseline": base,
+        "gpu": None,
+    }
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def _progress(total: int):
+    """A rich progress bar on an interactive stderr, else ``None`` (a log line per tag)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console  # pylint: disable=import-outside-toplevel
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("drift {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def sweep(
+    ws: Workspace,
+    refs: Sequence[str],
+    lines: Sequence[Series],
+    baseline: Optional[Series] = None,
+) -> List[Dict[str, object]]:
+    """``tag_entry`` for every ref, in order, each compared with the one before."""
+    entries: List[Dict[str, object]] = []
+    bar = _progress(len(refs))
+    task = bar.add_task("", total=len(refs)) if bar else None
+    with bar or contextlib.nullcontext():
+        for ref in refs:
+            if bar:
+                bar.update(task, description=ref)
+            else:
+                log.info("mla-seam drift: %s", ref)
+            previous = entries[-1] if entries else None
+            entries.append(tag_entry(ws, lines, ref, previous, baseline))
+            if bar:
+                bar.advance(task)
+    return entries
+
+
+def _line_summary(entries: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, object]]:
+    """Per release line: its tags, which hooks moved, became upstream/obsolete, contract drift."""
+    lines: Dict[str, Dict[str, object]] = {}
+    for entry in entries:
+        line = str(entry["line"])
+        row = lines.setdefault(
+            line,
+            {
+                "series": entry["series"],
+                "tags": [],
+                "verdict": SUPPORTED,
+                **{cls.value: [] for cls in PatchClass},
+                "contracts_changed": [],
+            },
+        )
+        row["tags"].append(entry["tag"])  # type: ignore[union-attr]
+        if entry["verdict"] != SUPPORTED:
+            row["verdict"] = NEEDS_WORK
+        patches = (entry["baseline"] or entry)["patches"]  # type: ignore[index]
+        if entry["baseline"]:
+            ours = {p["hook"] for p in entry["patches"]}  # type: ignore[union-attr]
+            theirs = {p["hook"] for p in patches}  # type: ignore[union-attr]
+            row["line_only"] = sorted(set(row.get("line_only", [])) | (ours - theirs))
+        for p in patches:  # type: ignore[union-attr]
+            bucket = row[p["class"]]
+            if p["hook"] not in bucket:
+                bucket.append(p["hook"])
+        for change in entry["contract_changes"]:  # type: ignore[union-attr]
+            name = change["probe"] + (f"[{change['key']}]" if change["key"] else "")
+            if name not in row["contracts_changed"]:
+                row["contracts_changed"].append(name)
+    return lines
+
+
+def run_timestamp() -> str:
+    """UTC time of this run, ISO 8601; ``SOURCE_DATE_EPOCH`` pins it (reproducible reports)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (
+        _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        if epoch and epoch.isdigit()
+        else _dt.datetime.now(_dt.timezone.utc)
+    )
+    return when.isoformat(timespec="seconds")
+
+
+def report(
+    spec: str,
+    entries: Sequence[Dict[str, object]],
+    baseline: Optional[str] = None,
+    *,
+    include_pre: bool = False,
+    skipped_prereleases: Sequence[str] = (),
+) -> Dict[str, object]:
+    """The whole ``drift.json`` document (GPU slots empty; see :mod:`mla_seam.drift.gpu`)."""
+    doc: Dict[str, object] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"mla-seam {__version__}",
+        "run": {
+            "timestamp": run_timestamp(),
+            "python": platform.python_version(),
+            "prereleases": include_pre,
+            "skipped_prereleases": list(skipped_prereleases),
+            "cards": [],
+            "versions": [],
+        },
+        "range": spec,
+        "baseline": baseline,
+        "classes": [c.value for c in PatchClass],
+        "probes": [
+            {
+                "name": p.name,
+                "file": p.file,
+                "description": p.description,
+                "checked": p.expect is not None,
+                "relied_on_by": p.why,
+            }
+            for p in contracts.PROBES
+        ],
+        "tags": list(entries),
+        "since_previous": None,
+    }
+    return refresh(doc)
+
+
+def refresh(doc: Dict[str, object]) -> Dict[str, object]:
+    """Recompute ``lines`` and ``summary`` from ``tags`` (after GPU verdicts changed them)."""
+    entries: List[Dict[str, object]] = doc["tags"]  # type: ignore[assignment]
+    needs = [e["tag"] for e in entries if e["verdict"] != SUPPORTED]
+    gpu = [e for e in entries if e.get("gpu")]
+    doc["lines"] = _line_summary(entries)
+    doc["summary"] = {
+        "tags": len(entries),
+        "supported": len(entries) - len(needs),
+        "needs_work": len(needs),
+        "needs_work_tags": needs,
+        "gpu_verdicts": len(gpu),
+        "gpu_by_verdict": _count(str(e["gpu"]["verdict"]) for e in gpu),  # type: ignore[index]
+        "verdict": SUPPORTED if not needs else NEEDS_WORK,
+    }
+    return doc
+
+
+def _count(values) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,409 @@
+"""Three-tree attribution: who moved, upstream or the overlay, and the GPU verdict of a tag.
+
+A suite run measures the same things on up to three trees (:mod:`mla_seam.suite.trees`):
+vanilla and patched of the release, and patched of the base release. Every measured quantity
+(a test's outcome, a golden curve, a benchmark time, a kernel or sync count, a backend decision)
+becomes a :class:`Finding` whose attribution compares the three:
+
+* ``overlay broke``: patched is worse than vanilla of the same release (fails where vanilla
+  passes, slower beyond the noise, more launches or syncs), or patched moved off the base where
+  vanilla did not;
+* ``absorbed``: vanilla regressed against the base, patched did not (the adapter took it);
+* ``upstream changed``: vanilla moved against the base and patched moved with it;
+* ``unchanged``: nothing moved beyond the tolerance;
+* ``unattributed``: patched moved but the tree that would say why was not measured.
+
+A finding is ``regressed`` when the shipped tree (patched) is worse than the base, or fails
+outright. The verdict of the tag: ``overlay_broke`` if any finding says so, else
+``upstream_changed`` if any finding regressed (upstream moved and the adapter does not absorb it
+yet), else ``incomplete`` if a phase of the patched tree broke down or no vanilla tree ran, else
+``pass``. The document (:func:`build_verdict`) is ``verdict.json`` of the run, schema
+``schemas/gpu_verdict.schema.json``; ``mla-seam drift --gpu-results`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from mla_seam.suite.benchmarks import KERNEL_KEY, THD_SWEEP_KEY, role_of
+from mla_seam.suite.goldens import compare_golden_cross
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "gpu_verdict.schema.json"
+CATEGORIES = ("correctness", "golden", "performance", "backend", "kernels")
+ATTRIBUTIONS = ("upstream changed", "overlay broke", "absorbed", "unchanged", "unattributed")
+VERDICTS = ("pass", "upstream_changed", "overlay_broke", "incomplete")
+#: Time ratios within this factor are noise: patched and vanilla timed in separate processes
+#: on one H200 differed by up to 1.57x for the same code (results/core_v0.19.2, 2026-11-27).
+PERF_TOLERANCE = 1.25
+#: Kernel launches per step: a few launches of slack (profiler windows); syncs: none.
+KERNEL_TOLERANCE = 1.05
+
+SAME, WORSE, BETTER, MOVED = "same", "worse", "better", "moved"
+Compare = Callable[[Any, Any], Optional[str]]
+
+
+@dataclasses.dataclass
+class Finding:
+    """One measured quantity on the three trees, and who moved it."""
+
+    category: str
+    subject: str
+    metric: str
+    values: Dict[str, Any]
+    attribution: str
+    regressed: bool
+    cause: str
+
+    def to_json(self) -> Dict[str, Any]:
+        """The verdict schema's ``findings[]`` entry."""
+        return dataclasses.asdict(self)
+
+
+# --- comparators: (value, reference) -> same | worse | better | moved | None (not comparable) ---
+
+
+def lower_is_better(tolerance: float) -> Compare:
+    """Times and counts: ``worse`` when ``value / reference`` exceeds ``tolerance``."""
+
+    def compare(value: Any, reference: Any) -> Optional[str]:
+        if not _number(value) or not _number(reference):
+            return None
+        if reference == 0:
+            return SAME if value == 0 else WORSE
+        ratio = float(value) / float(reference)
+        if ratio > tolerance:
+            return WORSE
+        if ratio < 1.0 / tolerance:
+            return BETTER
+        return SAME
+
+    return compare
+
+
+def good_or_bad(value: Any, reference: Any) -> Optional[str]:
+    """Pass/fail states (``True`` good, ``False`` bad, ``None`` not measured)."""
+    if value is None or reference is None:
+        return None
+    if value == reference:
+        return SAME
+    return BETTER if value else WORSE
+
+
+def identical(value: Any, reference: Any) -> Optional[str]:
+    """Non-directional: equal or ``moved`` (golden curves, backend decisions)."""
+    if value is None or reference is None:
+        return None
+    return SAME if value == reference else MOVED
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- attribution ------------------------------------------------------------------------------
+
+
+def attribute(
+    values: Mapping[str, Any], compare: Compare, bad: Optional[Callable[[Any], bool]] = None
+) -> Tuple[str, bool]:
+    """``(attribution, regressed)`` of one quantity measured on the roles in ``values``.
+
+    Args:
+        values: ``{role: value}``; a missing role or ``None`` means not measured.
+        compare: A comparator of this module.
+        bad: For pass/fail quantities: whether a value is a failure on its own (a patched tree
+            that fails regressed even with nothing to compare it with).
+    """
+    v, p, b = values.get("vanilla"), values.get("patched"), values.get("base")
+    pv, vb, pb = compare(p, v), compare(v, b), compare(p, b)
+    failing = bool(bad and p is not None and bad(p))
+    if MOVED in (pv, vb, pb):  # non-directional: only movement against the base counts
+        if vb == MOVED:
+            return ("upstream changed", True) if pb == MOVED else ("absorbed", False)
+        if pb == MOVED:
+            return ("overlay broke", True) if vb == SAME else ("unattributed", True)
+        return ("unattributed" if b is None else "unchanged"), False
+    if pv == WORSE:
+        return "overlay broke", True
+    if vb == WORSE:
+        if pb == WORSE:
+            return "upstream changed", True
+        return "absorbed", failing
+    if vb == BETTER:
+        return "upstream changed", pb == WORSE or failing
+    if pb == WORSE:
+        return ("overlay broke", True) if vb == SAME else ("unattributed", True)
+    if pv == BETTER:
+        return "absorbed", failing
+    if failing:
+        return ("upstream changed" if pv == SAME else "unattributed"), True
+    return "unchanged", False
+
+
+def _cause(subject: str, metric: str, values: Mapping[str, Any], unit: str = "") -> str:
+    shown = ", ".join(f"{role} {_show(values[role])}{unit}" for role in _ORDER if role in values)
+    ratios = []
+    base = values.get("base")
+    for role in ("vanilla", "patched"):
+        if _number(values.get(role)) and _number(base) and base:
+            ratios.append(f"{role}/base {values[role] / base:.2f}x")
+    return f"{subject} {metric}: {shown}" + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+_ORDER = ("vanilla", "patched", "base")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _finding(
+    category: str,
+    subject: str,
+    metric: str,
+    values: Dict[str, Any],
+    compare: Compare,
+    bad: Optional[Callable[[Any], bool]] = None,
+    unit: str = "",
+) -> Finding:
+    attribution, regressed = attribute(values, compare, bad)
+    return Finding(
+        category,
+        subject,
+        metric,
+        values,
+        attribution,
+        regressed,
+        _cause(subject, metric, values, unit),
+    )
+
+
+# --- what each phase measured -----------------------------------------------------------------
+
+_GOOD_OUTCOMES = {"passed": True, "failed": False, "errors": False}
+
+
+def test_findings(phases: Iterable[Mapping[str, Any]]) -> List[Finding]:
+    """Per test id, its outcome on each role (skips and xfails are not comparison points)."""
+    outcomes: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for phase in phases:
+        for test, outcome in (phase.get("tests") or {}).items():
+            state = _GOOD_OUTCOMES.get(outcome)
+            if state is not None:
+                outcomes.setdefault((phase.get("phase") or phase["name"], test), {})[
+                    phase.get("role", "patched")
+                ] = state
+    findings = []
+    for (phase, test), values in sorted(outcomes.items()):
+        found = _finding("correctness", f"{phase}: {test}", "passed", values, good_or_bad, _failed)
+        if found.attribution != "unchanged" or found.regressed:
+            findings.append(found)
+    return findings
+
+
+def _failed(value: Any) -> bool:
+    return value is False
+
+
+def _group(
+    records: Iterable[Mapping[str, Any]], case: str, key: Sequence[str]
+) -> Dict[Tuple[Any, ...], Dict[str, Mapping[str, Any]]]:
+    groups: Dict[Tuple[Any, ...], Dict[str, Mapping[str, Any]]] = {}
+    for r in records:
+        if r.get("case") == case:
+            groups.setdefault(tuple(r.get(k) for k in key), {})[role_of(r)] = r
+    return groups
+
+
+def _subject(case: str, key: Sequence[str], values: Sequence[Any]) -> str:
+    return case + " " + " ".join(f"{k}={v}" for k, v in zip(key, values) if v is not None)
+
+
+def record_findings(records: Sequence[Mapping[str, Any]]) -> List[Finding]:
+    """Findings from the records: benchmarks, the THD sweep, kernel counts, HF parity."""
+    findings: List[Finding] = []
+    layer_key = ("spec", "backend", "layout", "dims")
+    for key, roles in sorted(_group(records, "bench_layer", layer_key).items(), key=str):
+        subject = _subject("bench_layer", layer_key, key)
+        ran = {role: r.get("outcome", "ran") == "ran" for role, r in roles.items()}
+        findings.append(_finding("backend", subject, "builds and runs", ran, good_or_bad, _failed))
+        decided = {role: r.get("decided") for role, r in roles.items() if role != "vanilla"}
+        if any(decided.values()):
+            findings.append(_finding("backend", subject, "decided", decided, identical))
+        ms = {role: r.get("ms_median") for role, r in roles.items() if r.get("ms_median")}
+        if ms:
+            compare = lower_is_better(PERF_TOLERANCE)
+            findings.append(_finding("performance", subject, "ms_median", ms, compare, unit=" ms"))
+    for key, roles in sorted(_group(records, "bench_thd_sweep", THD_SWEEP_KEY).items(), key=str):
+        ms = {role: r.get("ms_median") for role, r in roles.items()}
+        findings.append(
+            _finding(
+                "performance",
+                _subject("bench_thd_sweep", THD_SWEEP_KEY, key),
+                "ms_median",
+                ms,
+                lower_is_better(PERF_TOLERANCE),
+                unit=" ms",
+            )
+        )
+    for key, roles in sorted(_group(records, "kernel_counts", KERNEL_KEY).items(), key=str):
+        subject = _subject("kernel_counts", KERNEL_KEY, key)
+        for metric, tolerance in (("kernels_per_step", KERNEL_TOLERANCE), ("syncs_per_step", 1.0)):
+            values = {role: r.get(metric) for role, r in roles.items()}
+            findings.append(
+                _finding("kernels", subject, metric, values, lower_is_better(tolerance))
+            )
+    parity_key = ("spec", "dtype", "q_lora_rank", "input_rms")
+    for key, roles in sorted(_group(records, "parity_hf", parity_key).items(), key=str):
+        passed = {role: r.get("passed") for role, r in roles.items()}
+        found = _finding(
+            "correctness",
+            _subject("parity_hf", parity_key, key),
+            "passed",
+            passed,
+            good_or_bad,
+            _failed,
+        )
+        errors = {role: r.get("rel_err") for role, r in roles.items()}
+        found.cause += " (rel_err " + ", ".join(f"{k} {_show(v)}" for k, v in errors.items()) + ")"
+        findings.append(found)
+    return findings
+
+
+def golden_findings(golden: Mapping[str, Mapping[str, Any]]) -> List[Finding]:
+    """Per golden metric: is each role's curve the base's (bit for bit)?"""
+    observed = {
+        role: entry.get("observed")
+        for role, entry in golden.items()
+        if isinstance(entry, Mapping) and entry.get("observed")
+    }
+    metrics = sorted({m for doc in observed.values() for m in doc})
+    findings = []
+    for metric in metrics:
+        curves = {
+            role: tuple(sorted((int(s), float(v)) for s, v in doc[metric]["values"].items()))
+            for role, doc in observed.items()
+            if metric in doc
+        }
+        found = _finding("golden", "golden values", metric, curves, identical)
+        found.values = {role: [v for _, v in curve][-1:] for role, curve in curves.items()}
+        if "base" in observed:
+            diffs = []
+            for role in ("vanilla", "patched"):
+                if role in observed and metric in observed[role]:
+                    cross = compare_golden_cross(observed[role], observed["base"]).get(metric, {})
+                    diffs.append(f"{role} vs base: max rel diff {_show(cross.get('max_rel_diff'))}")
+            found.cause = f"golden {metric}: " + "; ".join(diffs)
+        findings.append(found)
+    return findings
+
+
+# --- the verdict document ---------------------------------------------------------------------
+
+
+def findings_of(results: Mapping[str, Any]) -> List[Finding]:
+    """Every finding of a results document (schema 2)."""
+    return (
+        test_findings(results.get("phases") or [])
+        + golden_findings(results.get("golden") or {})
+        + record_findings(results.get("records") or [])
+    )
+
+
+def verdict_of(findings: Sequence[Finding], results: Mapping[str, Any]) -> Tuple[str, List[str]]:
+    """``(verdict, reasons)`` of a tag (see the module doc)."""
+    broke = [f for f in findings if f.attribution == "overlay broke"]
+    if broke:
+        return "overlay_broke", [f.cause for f in broke]
+    regressed = [f for f in findings if f.regressed]
+    if regressed:
+        return "upstream_changed", [f"{f.attribution}: {f.cause}" for f in regressed]
+    reasons = []
+    for phase in results.get("phases") or []:
+        if phase.get("role") == "patched" and not phase.get("ok"):
+            why = "timed out" if phase.get("timed_out") else f"exit {phase.get('exit_code')}"
+            reasons.append(f"phase {phase['name']} of the patched tree broke down ({why})")
+    ran = {p.get("role") for p in results.get("phases") or [] if p.get("skipped_reason") is None}
+    if "vanilla" not in ran:
+        reasons.append("no vanilla tree ran: upstream and overlay cannot be told apart")
+    if "patched" not in ran:
+        reasons.append("the patched tree did not run")
+    return ("incomplete", reasons) if reasons else ("pass", [])
+
+
+def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
+    """The GPU verdict document of one suite run (``verdict.json``)."""
+    findings = findings_of(results)
+    verdict, reasons = verdict_of(findings, results)
+    env = results.get("environment") or {}
+    counts = {a: 0 for a in ATTRIBUTIONS}
+    for f in findings:
+        counts[f.attribution] += 1
+    trees = {}
+    for role, tree in (results.get("trees") or {}).items():
+        ran = any(
+            p.get("role") == role and p.get("skipped_reason") is None
+            for p in results.get("phases") or []
+        )
+        trees[role] = {"tag": tree["tag"], "version": tree["version"], "ran": ran}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "mla-seam-gpu-verdict",
+        "tag": results["tag"],
+        "version": results["trees"]["patched"]["version"],
+        "timestamp": results["started"],
+        "mla_seam_version": results.get("mla_seam_version"),
+        "card": env.get("card"),
+        "card_slug": env.get("card_slug"),
+        "versions": {
+            "torch": env.get("torch"),
+            "cuda": env.get("cuda"),
+            "cudnn": env.get("cudnn"),
+            "transformer_engine": env.get("transformer_engine"),
+            "transformers": env.get("transformers"),
+            "python": env.get("python"),
+        },
+        "parallel": results.get("parallel"),
+        "trees": trees,
+        "phases": [
+            {
+                "name": p["name"],
+                "role": p.get("role", "patched"),
+                "ok": p["ok"],
+                "counts": p["counts"],
+                "seconds": p["seconds"],
+                "skipped_reason": p.get("skipped_reason"),
+            }
+            for p in results.get("phases") or []
+        ],
+        "tolerances": {"performance": PERF_TOLERANCE, "kernels": KERNEL_TOLERANCE},
+        "counts": counts,
+        "findings": [f.to_json() for f in findings],
+        "verdict": verdict,
+        "reasons": reasons,
+    }
+
+
+def validate(doc: Mapping[str, Any]) -> None:
+    """Validate a verdict document against its schema (needs ``jsonschema``)."""
+    import jsonschema  # pylint: disable=import-outside-toplevel
+
+    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """Read a ``verdict.json``; ``ValueError`` for another kind or schema version."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if doc.get("kind") != "mla-seam-gpu-verdict" or doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: not a schema-{SCHEMA_VERSION} mla-seam GPU verdict "
+            f"(kind {doc.get('kind')!r}, schema_version {doc.get('schema_version')!r})"
+        )
+    return doc

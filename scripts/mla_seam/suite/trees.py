@@ -1,0 +1,168 @@
+"""The three trees of a suite run, and how they are staged.
+
+Roles (:data:`ROLES`):
+
+* ``patched``: the release under test with the series applied (``--megatron``);
+* ``vanilla``: the same release without the series (``--vanilla-megatron``): what upstream gives;
+* ``base``: the patched tree of the base release, the last release the drift report marked good
+  (``--base-megatron``): what "unchanged" means.
+
+:func:`stage` materializes all three from the mla-seam cache (``mla-seam upstream get``, PyPI
+sdists or a git URL) and applies the series (``mla-seam apply``), each as a subprocess of this
+interpreter: staging needs GitPython, running the phases does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from mla_seam import releases
+from mla_seam.errors import NotMegatronTreeError, TreeNotFoundError, UpstreamError
+from mla_seam.paths import ADAPTER_RELPATH
+
+log = logging.getLogger(__name__)
+
+ROLES = ("patched", "vanilla", "base")
+#: Side of each role's records (``MLA_SEAM_SIDE``): the tests know patched and vanilla only.
+SIDE = {"patched": "patched", "vanilla": "vanilla", "base": "patched"}
+#: Base release when neither ``--base`` nor a drift report names one: the first release whose
+#: patched GPU suite passed on a GPU (results/core_v0.16.1).
+DEFAULT_BASE = "0.16.1"
+
+# --- trees ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeInfo:
+    """A Megatron tree the suite runs in."""
+
+    path: str
+    version: str
+    tag: str
+    patched: bool
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON form."""
+        return dataclasses.asdict(self)
+
+
+def inspect_tree(path: os.PathLike, role: str) -> TreeInfo:
+    """Version and patched state of a Megatron tree.
+
+    Raises:
+        TreeNotFoundError: ``path`` is not a directory.
+        NotMegatronTreeError: it holds no ``megatron/core`` (or no readable version).
+    """
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise TreeNotFoundError(f"{role} {path} is not a directory", "pass a Megatron checkout")
+    if not (root / "megatron" / "core").is_dir():
+        raise NotMegatronTreeError(
+            f"{role} {root} holds no megatron/core package", "pass the Megatron-LM checkout root"
+        )
+    version = read_version(root)
+    patched = (root / ADAPTER_RELPATH).is_file()
+    return TreeInfo(str(root), version, releases.tag_of(version), patched)
+
+
+def read_version(root: Path) -> str:
+    """The tree's megatron-core version (:func:`mla_seam.releases.read_version`).
+
+    Raises:
+        NotMegatronTreeError: The file is missing or defines no version numbers.
+    """
+    try:
+        return releases.read_version(root)
+    except releases.VersionNotFound as exc:
+        raise NotMegatronTreeError(str(exc), "pass a megatron-core tree") from None
+
+
+def version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def base_from_report(report: Optional[Dict[str, Any]], release: str) -> Optional[str]:
+    """The last release a drift report marked good, other than ``release`` (``None``: none).
+
+    Good: the tag's verdict is ``supported`` and its GPU verdict, where there is one, is
+    ``pass``. Releases with a GPU pass win over releases with no GPU verdict yet; among equals
+    the newest one.
+    """
+    if not report:
+        return None
+    ranked = []
+    for entry in report.get("tags") or []:
+        version = str(entry.get("version") or "")
+        if not version or version == release or releases.is_prerelease(version):
+            continue
+        if entry.get("verdict") != "supported" or not str(entry.get("tag", "")).startswith(
+            releases.TAG_PREFIX
+        ):
+            continue
+        gpu = entry.get("gpu") or {}
+        if gpu and gpu.get("verdict") != "pass":
+            continue
+        ranked.append((bool(gpu), releases.version_key(version), version))
+    return max(ranked)[2] if ranked else None
+
+
+def _seam(*args: str, timeout: int = 900) -> str:
+    """``python -m mla_seam ARGS``; its stdout (the last line is a path for ``upstream get``)."""
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_seam", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise UpstreamError(
+            f"staging failed: mla-seam {' '.join(args)} exited {proc.returncode}: "
+            + " / ".join(tail),
+            "stage the trees by hand (mla-seam upstream get --into DIR V; mla-seam apply DIR) "
+            "and pass --megatron/--vanilla-megatron/--base-megatron",
+        )
+    return proc.stdout
+
+
+def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
+    """Materialize the trees of a three-tree run under ``work`` (reused when already there).
+
+    Args:
+        release: Version, tag or line of the release under test (a line means its newest).
+        base: Version of the base release; ``None`` or the release itself: no base tree (the
+            patched tree is the reference).
+        work: Folder for ``<role>-<version>`` checkouts.
+
+    Returns:
+        ``{role: path}``.
+
+    Raises:
+        UpstreamError: A release could not be materialized or patched.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {"patched": (release, True), "vanilla": (release, False)}
+    if base and releases.version_of_tag(base) != releases.version_of_tag(release):
+        plan["base"] = (base, True)
+    trees: Dict[str, Path] = {}
+    for role, (ref, patched) in plan.items():
+        dest = work / f"{'patched' if patched else 'vanilla'}-{releases.version_of_tag(ref)}"
+        if not (dest / "megatron" / "core").is_dir():
+            log.info("mla-seam suite: staging %s (%s) in %s", role, ref, dest)
+            _seam("upstream", "get", "--into", str(dest), ref)
+        if patched and not (dest / ADAPTER_RELPATH).is_file():
+            _seam("apply", str(dest))
+        trees[role] = dest
+    return trees
