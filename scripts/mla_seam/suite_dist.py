@@ -44,7 +44,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mla_seam import __version__
+from mla_seam import paths
 from mla_seam import suite as _suite
+from mla_seam.suite import render as _render
+from mla_seam.suite import runner as _runner
 from mla_seam.errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
@@ -675,7 +678,7 @@ def build_results(
 def render_markdown(results: Dict[str, Any]) -> str:
     """``results.md``: the cases, patched against vanilla, for people."""
     env = results["environment"]
-    fmt = _suite._fmt  # pylint: disable=protected-access
+    fmt = _render._fmt  # pylint: disable=protected-access
     lines = [
         f"# mla-seam multi-GPU suite: {results['tag']} on {results['parallel']['world_size']} x "
         f"{env.get('card') or '?'}",
@@ -775,7 +778,7 @@ def run_multigpu(
     if backend != "gloo":
         nccl = check_devices(device, nproc, python)
     deadline = time.monotonic() + (time_budget_s or 10**9)
-    root = Path(out_dir) if out_dir else _suite._default_out()  # pylint: disable=W0212
+    root = Path(out_dir) if out_dir else _runner.default_out()
     folder = root / tree.tag / device.slug / "multigpu"
     state = folder / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -789,7 +792,7 @@ def run_multigpu(
     (state / "plan.json").write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
-    repo = _suite._repo_root()  # pylint: disable=protected-access
+    repo = paths.gpu_tests_dir().parents[1]  # the folder holding tests/gpu (repo or bundle)
     records: List[Dict[str, Any]] = []
     for side, path in (("patched", tree.path), ("vanilla", base.path if base else None)):
         if path is None:
