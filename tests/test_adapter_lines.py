@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from packaging.version import Version
-
 from mla_seam import cli, series
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The newest release of every line that has a series.

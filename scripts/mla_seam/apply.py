@@ -206,12 +206,16 @@ def do_apply(run: Run) -> int:
         "written"
     )
     run.lines += _offset_lines(plan)
-    if plan.method in ("fork", "3way"):
+    if plan.method == "fork":
         n = len(plan.offsets)
         run.say(
             f"  on a fork: the patches applied strictly to the fork's own bytes ({n} offset"
-            f"{'s' if n != 1 else ''}{', 3-way merge' if plan.method == '3way' else ''}); "
-            "--revert restores them exactly"
+            f"{'s' if n != 1 else ''}); --revert restores them exactly"
+        )
+    elif plan.method == "3way":
+        run.say(
+            "  on a fork: merged 3-way without conflicts (review the hunks); --revert restores "
+            "the fork's own bytes exactly"
         )
     if run.tree.is_git and not run.commit:
         log.info(

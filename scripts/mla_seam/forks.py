@@ -172,8 +172,10 @@ def conflict_error(
             else None
         )
         if span is not None:
-            text += f": release lines {c.hunk.start}-{c.hunk.start + c.hunk.count - 1} are lines "
-            text += f"{span[0]}-{span[1]} of the fork, changed"
+            text += f": release lines {c.hunk.start}-{c.hunk.start + c.hunk.count - 1} are "
+            text += (
+                f"line {span[0]}" if span[0] == span[1] else f"lines {span[0]}-{span[1]}"
+            ) + " of the fork, changed"
             pres = [img.pre for img in series.files.get(c.rel, ())]
             found = _commits(repo, c.rel, pres, span)
             if found:
@@ -206,7 +208,11 @@ def three_way(
     for patch in patches:
         ok, report = gitlayer.apply_index(root, patch.path, three_way=True)
         if not ok:
-            lines = [ln for ln in report.splitlines() if ln.startswith(("error", "U ", "Applied"))]
+            lines = [
+                ln
+                for ln in report.splitlines()
+                if ln.startswith(("error", "U ")) or ln.endswith("with conflicts.")
+            ]
             return None, f"{patch.name}: " + ("; ".join(lines) or report.strip()[-300:])
     result = {rel: (root / rel).read_bytes() for rel in sources}
     for rel, data in result.items():

@@ -56,6 +56,19 @@ PINNED_ENV: Mapping[str, str] = {
 SEAM_IDENT = {"name": "mla-seam", "email": "mla-seam@users.noreply.github.com"}
 
 
+def _literal(cmd: git.Git, path: Optional[os.PathLike]) -> git.Git:
+    """Give ``cmd`` the literal working directory ``path``.
+
+    GitPython expands ``$VARS`` and ``~`` in the working directory it is given; a folder named
+    ``$HOME`` would then be read as the user's home. mla-seam takes paths literally.
+    """
+    if path is not None:
+        cmd._working_dir = os.path.normpath(  # pylint: disable=protected-access
+            os.path.abspath(os.fspath(path))
+        )
+    return cmd
+
+
 def _pin(cmd: git.Git) -> git.Git:
     cmd.set_persistent_git_options(c=list(PINNED_CONFIG))
     cmd.update_environment(**PINNED_ENV)
@@ -74,7 +87,7 @@ def argv(*args: str) -> List[str]:
 
 def command(cwd: Optional[os.PathLike] = None) -> git.Git:
     """A pinned git command runner for ``cwd`` (which need not be a repository)."""
-    return _pin(git.Git(str(cwd) if cwd is not None else None))
+    return _pin(_literal(git.Git(), cwd))
 
 
 def user_command(repo: git.Repo) -> git.Git:
@@ -83,7 +96,7 @@ def user_command(repo: git.Repo) -> git.Git:
     For questions about the user's work tree whose answer depends on that configuration: what
     counts as changed (``core.autocrlf``, ``core.fileMode``, filters) and how a file is stored.
     """
-    cmd = git.Git(repo.working_tree_dir)
+    cmd = _literal(git.Git(), repo.working_tree_dir)
     cmd.update_environment(**PINNED_ENV)
     cmd.set_persistent_git_options(c=["core.quotepath=false"])
     return cmd
@@ -113,7 +126,7 @@ def open_repo(path: os.PathLike) -> Optional[git.Repo]:
         if os.path.lexists(Path(path) / ".git"):
             raise _broken_dot_git(Path(path) / ".git", None)
         return None
-    _pin(repo.git)
+    _pin(_literal(repo.git, repo.working_tree_dir))
     return repo
 
 
@@ -134,7 +147,7 @@ def _broken_dot_git(dot_git: Path, exc: Optional[Exception]) -> GitError:
 def init_repo(path: os.PathLike) -> git.Repo:
     """``git init`` a new repository at ``path`` with the pinned configuration."""
     repo = git.Repo.init(str(path), initial_branch="main", expand_vars=False)
-    _pin(repo.git)
+    _pin(_literal(repo.git, repo.working_tree_dir))
     return repo
 
 
@@ -732,6 +745,7 @@ def smudged(repo: git.Repo, blob: str, path: str) -> bytes:
     proc = user_command(repo).execute(
         ["git", "cat-file", "--filters", f"--path={path}", blob],
         stdout_as_string=False,
+        strip_newline_in_stdout=False,
     )
     return proc if isinstance(proc, bytes) else proc.encode()
 

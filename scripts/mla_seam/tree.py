@@ -541,6 +541,7 @@ class StateFolder:
             shutil.rmtree(self.txn_dir)  # staged only: the tree was never touched
         state = self.read_state()
         if state is not None and not state.get("applied"):
+            self.drop_objects()  # a revert that passed its commit point: nothing to keep
             self.write_state(None)
         return self.repairs
 
