@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from mla_seam import cli, series
+
 from packaging.version import Version
+
+from mla_seam import cli, series
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The newest release of every line that has a series.
