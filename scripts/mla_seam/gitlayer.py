@@ -752,7 +752,7 @@ def smudged(repo: git.Repo, blob: str, path: str) -> bytes:
 
 def objects_dir(repo: git.Repo) -> Path:
     """The repository's object store folder (for a scratch repository's alternates)."""
-    return Path(repo.git.rev_parse("--git-path", "objects")).resolve()
+    return (Path(repo.common_dir) / "objects").resolve()  # shared by every work tree
 
 
 def last_commit_with_blob(repo: git.Repo, relpath: str, blob: str) -> Optional[str]:
