@@ -45,8 +45,11 @@ class Selection:
     blobs: Dict[str, Optional[str]]  # touched file -> blob id, as hashed for the fingerprint
 
     def describe(self) -> str:
-        """``core_v0.19 (by content: ...)`` for status lines."""
-        return f"{self.series.name} (chosen by {self.how}: {self.detail})"
+        """``core_v0.19 (selected by content: ...)`` for status lines."""
+        how = {"forced": "forced with", "recorded": "as recorded in"}.get(self.how)
+        if how:
+            return f"{self.series.name} ({how} {self.detail})"
+        return f"{self.series.name} (selected by {self.how}: {self.detail})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +128,7 @@ def select_series(
                 f"this mla-seam has no {line} series; supported: {supported_lines(root)}",
                 f"revert it with the mla-seam version that applied it, or pass --series LINE",
             )
-        return Selection(load_series(root / line), "recorded", "the tree's state record", {})
+        return Selection(load_series(root / line), "recorded", "the tree's state folder", {})
     matches, blobs = fingerprint(tree, root)
     if matches:
         own = releases.line_dir_name(releases.line_of(tree.version))
