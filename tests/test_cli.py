@@ -4,7 +4,6 @@ pipe, an empty path through scripts/apply.sh, and a really full disk (a small tm
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Callable, Dict
 import pytest
 import test_series
 from mla_seam.errors import STATUS_EXIT_CODES, DirtyTreeError, UsageError
-from test_series import LM, MLA, REPO_ROOT, TC, insert_lines, run_cli, snapshot, state_dir
+from test_series import LM, MLA, REPO_ROOT, TC, insert_lines, run_cli, snapshot
 
 bundle = test_series.bundle
 make_tree = test_series.make_tree

@@ -40,7 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from mla_seam import commitmode, engine, output, paths
 from mla_seam.assess import (
     MISSING,
-    OURS,
     POST,
     PRE,
     Assessment,

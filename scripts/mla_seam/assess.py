@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import gitlayer, paths, released
+from mla_seam import gitlayer, released
 from mla_seam.errors import (
     DirtyTreeError,
     DriftedTreeError,
@@ -482,8 +482,3 @@ def revert_problems(a: Assessment) -> List[SeamError]:
     if blocked:
         problems.append(read_only_problem(a, blocked))
     return problems
-
-
-def bundle_overlay_dir() -> Path:
-    """The bundle's overlay folder (``paths.overlay_dir``), for the apply modules."""
-    return paths.overlay_dir()
