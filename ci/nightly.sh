@@ -11,12 +11,12 @@
 # skipped, said so in the summary). Everything lands in --out (default ci-out/):
 #   summary.md outcome.json drift/ proposals/ tracking-issue.md results/ history.jsonl
 #
-# Exit status: 0 nothing to do, 17 upstream drift found, 20 the overlay broke, 21 the job broke.
+# Exit status: 0 nothing to do, 17 upstream drift found, 25 the overlay broke, 26 the job broke.
 # Keep MLA_SEAM_CACHE (sdists, checkouts) and the history file between nights.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_venv test || exit 21
+ensure_venv test || exit 26
 args=("$@")
 case " ${args[*]} " in *" --out "*) ;; *) args+=(--out ci-out) ;; esac
 "$MLA_SEAM_PY" -m mla_seam.nightly "${args[@]}"

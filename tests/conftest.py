@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator
 
 import pytest
-
 from mla_seam import gitlayer, upstream
 from mla_seam.paths import cache_dir
 

@@ -18,8 +18,8 @@ import pytest
 import test_series
 from mla_seam.apply import DEFAULT_CHECKOUT, DEFAULT_RELEASE, adapter_summary
 from mla_seam.errors import (
+    STATUS_EXIT_CODES,
     DriftedTreeError,
-    PreimageMismatchError,
     UnsupportedVersionError,
     UpstreamError,
     UsageError,
@@ -32,6 +32,7 @@ from test_series import (
     MLA,
     REPO_ROOT,
     SYNTHETIC_ADAPTER,
+    SYNTHETIC_CONFIG,
     TC,
     commit,
     insert_lines,
@@ -142,18 +143,21 @@ def test_offsets_are_reported_when_a_file_moved(
     assert snapshot(tree) == before
 
 
-def test_check_on_a_moved_file_names_it_and_simulates(
+def test_check_on_a_fork_simulates_and_reports_offsets(
     seam_env: Dict[str, str], make_tree: Callable[..., Path]
 ) -> None:
+    """A committed change far from every hunk: a fork, which the patches take strictly."""
     tree = make_tree("0.16.1")
     insert_lines(tree, [(MLA, 1, "# upstream moved this file by two lines"), (MLA, 1, "#")])
     commit(tree, "upstream change")
     before = snapshot(tree)
     check = run_cli(seam_env, "--check", str(tree))
-    assert check.returncode == PreimageMismatchError.exit_code
-    assert f"{MLA}: moved" in check.stdout and "applies with offsets" in check.stdout
-    assert MLA in check.stderr and "mla-seam rebase" in check.stderr
-    assert _status(seam_env, tree) == "drifted"
+    assert check.returncode == 0, check.stderr
+    assert f"{MLA}: moved" in check.stdout and "a fork" in check.stdout
+    assert "applies with offsets" in check.stdout and "would apply" in check.stdout
+    status = run_cli(seam_env, "--status", str(tree))
+    assert status.returncode == STATUS_EXIT_CODES["not applied"]
+    assert status.stdout.splitlines()[0] == "not applied"
     assert snapshot(tree) == before
 
 
@@ -164,15 +168,16 @@ def test_status_partial_and_drifted(
     assert run_cli(seam_env, str(tree)).returncode == 0
     _git(tree, "checkout", "--", TC)  # the user restores one patched file
     status = run_cli(seam_env, "--status", str(tree))
-    assert status.returncode == DriftedTreeError.exit_code
+    assert status.returncode == STATUS_EXIT_CODES["partial"]
     assert status.stdout.splitlines()[0] == "partial" and f"{TC}: pristine" in status.stdout
     refused = run_cli(seam_env, str(tree))
     assert refused.returncode == DriftedTreeError.exit_code and "half applied" in refused.stderr
 
     insert_lines(tree, [(LM, 5, "# user edit")])
     status = run_cli(seam_env, "--status", str(tree))
-    assert status.returncode == DriftedTreeError.exit_code
+    assert status.returncode == STATUS_EXIT_CODES["drifted"] == DriftedTreeError.exit_code
     assert status.stdout.splitlines()[0] == "drifted" and f"{LM}: moved" in status.stdout
+    assert "changed after apply" in status.stdout
 
 
 def test_overlay_only_missing_is_completed(
@@ -188,19 +193,27 @@ def test_overlay_only_missing_is_completed(
     assert tree_hash(tree) == applied
 
 
-def test_forced_series_on_an_unlisted_version(
+def test_forced_series_on_a_newer_version(
     seam_env: Dict[str, str], make_tree: Callable[..., Path]
 ) -> None:
+    """main's 0.20.0 whose files match no series: refused in one line that names --series."""
     tree = make_tree("0.19.2")
     set_version(tree, "0.20.0")
+    insert_lines(tree, [(LM, 1, "# main moved on")])
     commit(tree, "main moved on")
+    before = snapshot(tree)
     refused = run_cli(seam_env, str(tree))
     assert refused.returncode == UnsupportedVersionError.exit_code
-    assert "--series LINE" in refused.stderr and "core_v0.19 (0.19.2)" in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "mla-seam apply: megatron-core 0.20.0 is newer than every series (newest: core_v0.19); "
+        "to try that one, pass --series core_v0.19"
+    ]
+    assert snapshot(tree) == before
     done = run_cli(seam_env, "--series", "core_v0.19", str(tree))
     assert done.returncode == 0, done.stderr
-    assert run_cli(seam_env, "--series", "0.19", "--status", str(tree)).stdout.startswith("applied")
-    assert run_cli(seam_env, "--series", "core_v0.19", "--revert", str(tree)).returncode == 0
+    assert _status(seam_env, tree) == "applied on a fork (1 offset)"  # no --series: the record
+    assert run_cli(seam_env, "--revert", str(tree)).returncode == 0
+    assert snapshot(tree) == before
 
 
 def test_site_packages_layout_and_package_folder_argument(
@@ -285,7 +298,8 @@ def test_adapter_summary_reports_import_failure(
     adapter.parent.mkdir(parents=True)
     (adapter.parent / "__init__.py").write_text("")
     adapter.write_bytes(SYNTHETIC_ADAPTER)
-    assert adapter_summary(tmp_path) == "synthetic adapter: describe_default ok"
+    (adapter.parent / "transformer_config.py").write_bytes(SYNTHETIC_CONFIG)
+    assert adapter_summary(tmp_path) == "synthetic adapter: describe ok (128, local)"
 
 
 def test_apply_sh_is_posix_and_delegates(
@@ -299,7 +313,8 @@ def test_apply_sh_is_posix_and_delegates(
     done = subprocess.run(
         ["sh", str(script), "--status", str(tree)], env=seam_env, capture_output=True, text=True
     )
-    assert done.returncode == 0 and done.stdout.startswith("not applied"), done.stderr
+    assert done.returncode == STATUS_EXIT_CODES["not applied"], done.stderr
+    assert done.stdout.startswith("not applied")
 
 
 REAL_LINES = {

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 import test_series
+from mla_seam.errors import STATUS_EXIT_CODES
 from mla_seam.tree import CRASH_STEPS
 from test_series import (
     _MEMO,
@@ -75,7 +76,7 @@ def _after_crash(
 ) -> None:
     """Recovery by --status, then the state the tree must be in, bytes and git alike."""
     status = run_cli(env, "--status", str(tree))
-    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.returncode == STATUS_EXIT_CODES[want], status.stdout + status.stderr
     assert status.stdout.splitlines()[0] == want
     assert tree_hash(tree) == (refs[3] if want == "applied" else refs[2])
     assert snapshot(tree)[1] == head, "HEAD or the index changed"

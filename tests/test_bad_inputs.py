@@ -376,6 +376,61 @@ def _no_default_checkout(ctx: Ctx) -> List[str]:
     return ["--status"]
 
 
+def _fork_version(ctx: Ctx) -> List[str]:
+    """0.17.1 by version, and a file that matches no series: the 0.17 line does not exist."""
+    set_version(ctx.tree, "0.17.1")
+    insert_lines(ctx.tree, [(LM, 1, "# a fork of 0.17.1")])
+    commit(ctx.tree, "pretend a 0.17.1 fork")
+    return _tree(ctx)
+
+
+def _broken_git_file(ctx: Ctx) -> List[str]:
+    shutil.rmtree(ctx.tree / ".git")
+    (ctx.tree / ".git").write_text("gitdir: /nonexistent/worktrees/megatron\n")
+    return _tree(ctx)
+
+
+def _state_folder_is_a_file(ctx: Ctx) -> List[str]:
+    (ctx.tree / ".git" / "mla-seam").write_text("not a folder\n")
+    return _tree(ctx)
+
+
+def _env(**extra: str) -> Callable[[Ctx], List[str]]:
+    def setup(ctx: Ctx) -> List[str]:
+        ctx.env.update(extra)
+        return _tree(ctx)
+
+    return setup
+
+
+def _literal_home(ctx: Ctx) -> List[str]:
+    ctx.tree = ctx.make_tree("0.16.1", name="$HOME/megatron-lm")
+    return _tree(ctx)
+
+
+def _near_path_max(ctx: Ctx) -> List[str]:
+    """A tree whose path is close to PATH_MAX (4096): 200-character folder names."""
+    base = ctx.tmp
+    while len(str(base)) < 3850:
+        base = base / ("d" * 200)
+    base = base / ("e" * (3950 - len(str(base))))
+    base.mkdir(parents=True)
+    tree = base / "t"
+    shutil.copytree(ctx.tree, tree, symlinks=True)
+    ctx.tree = tree
+    return _tree(ctx)
+
+
+def _autocrlf(ctx: Ctx) -> List[str]:
+    """A clean checkout made with core.autocrlf=true: every text file has CRLF endings."""
+    _git(ctx, "config", "core.autocrlf", "true")
+    for rel in (MLA, TC, LM):
+        (ctx.tree / rel).unlink()
+    _git(ctx, "checkout", "--", MLA, TC, LM)
+    assert b"\r\n" in (ctx.tree / MLA).read_bytes()
+    return _tree(ctx)
+
+
 E = errors
 ROWS = [
     Row(
@@ -400,11 +455,10 @@ ROWS = [
     ),
     Row(
         "unsupported-version",
-        _version("0.17.1"),
+        _fork_version,
         E.UnsupportedVersionError.exit_code,
         "0.17.1 has no patch series",
     ),
-    Row("prerelease-version", _prerelease, E.UnsupportedVersionError.exit_code, "--series LINE"),
     Row(
         "unknown-series-line",
         lambda c: ["--series", "core_v0.42", str(c.tree)],
@@ -466,8 +520,8 @@ ROWS = [
     Row(
         "manifest-not-json",
         _manifest_not_json,
-        E.UnsupportedVersionError.exit_code,
-        "unreadable manifest",
+        E.SeriesCorruptError.exit_code,
+        "manifest.json is not valid JSON",
     ),
     Row(
         "empty-series-folder-forced",
@@ -478,16 +532,16 @@ ROWS = [
     Row(
         "empty-series-folder",
         _empty_line_auto,
-        E.UnsupportedVersionError.exit_code,
-        "core_v0.16 (unreadable manifest)",
+        E.SeriesCorruptError.exit_code,
+        "manifest.json is missing",
     ),
     Row(
         "overlay-source-edited",
         _overlay_source_edited,
-        E.SeriesCorruptError.exit_code,
-        "does not match the blob",
+        E.BundleError.exit_code,
+        "does not match the blob in the manifests",
     ),
-    Row("no-bundle", _no_bundle, E.SeriesCorruptError.exit_code, "no patches/ and overlay/"),
+    Row("no-bundle", _no_bundle, E.BundleError.exit_code, "no patches/ and overlay/"),
     Row(
         "read-only-files",
         _read_only("megatron"),
@@ -513,19 +567,23 @@ ROWS = [
         E.UnsafePathError.exit_code,
         "symbolic link",
     ),
-    Row("moved-upstream-file", _moved_upstream, E.PreimageMismatchError.exit_code, f"{MLA} (blob"),
     Row(
-        "check-moved-upstream-file",
+        "fork-changed-a-hunk-context",
+        _moved_upstream,
+        E.PreimageMismatchError.exit_code,
+        f"{MLA}: 0001-mla-seam-H1-core-attention-hook.patch hunk #1",
+    ),
+    Row(
+        "fork-changed-a-hunk-context-names-the-commit",
+        _moved_upstream,
+        E.PreimageMismatchError.exit_code,
+        "line 41 of the fork, changed by ",
+    ),
+    Row(
+        "check-fork-changed-a-hunk-context",
         _check_moved,
         E.PreimageMismatchError.exit_code,
         f"{MLA}: moved",
-    ),
-    Row(
-        "plain-tree-local-edit",
-        _plain_edit,
-        E.PreimageMismatchError.exit_code,
-        f"{MLA} (blob",
-        git=False,
     ),
     Row(
         "plain-tree-deleted-file",
@@ -556,6 +614,39 @@ ROWS = [
     ),
     Row("half-applied", _half_applied, E.DriftedTreeError.exit_code, "half applied"),
     Row("state-json-corrupted", _corrupt_state, 0, "repaired: state.json was unreadable"),
+    Row("empty-path-argument", lambda c: [""], E.UsageError.exit_code, "MEGATRON_DIR is empty"),
+    Row("blank-path-argument", lambda c: ["  "], E.UsageError.exit_code, "MEGATRON_DIR is empty"),
+    Row(
+        "dot-git-file-to-missing-gitdir",
+        _broken_git_file,
+        E.GitError.exit_code,
+        "has a .git file saying 'gitdir: /nonexistent/worktrees/megatron'",
+    ),
+    Row(
+        "state-folder-is-a-file",
+        _state_folder_is_a_file,
+        E.StateCorruptError.exit_code,
+        "is not a folder",
+    ),
+    Row(
+        "disk-full-inside-the-transaction",
+        _env(MLA_SEAM_CRASH_AT="replaced:2", MLA_SEAM_CRASH_SIGNAL="ENOSPC"),
+        E.SystemFailureError.exit_code,
+        "No space left on device",
+    ),
+    Row(
+        "disk-full-rolls-back-in-process",
+        _env(MLA_SEAM_CRASH_AT="replaced:4", MLA_SEAM_CRASH_SIGNAL="ENOSPC"),
+        E.SystemFailureError.exit_code,
+        "rolled back an interrupted apply",
+    ),
+    Row(
+        "ctrl-c-during-start-up",
+        _env(MLA_SEAM_CRASH_AT="startup", MLA_SEAM_CRASH_SIGNAL="INT"),
+        130,
+        "interrupted",
+    ),
+    Row("path-near-path-max", _near_path_max, 0, "applied core_v0.16", works=True),
     Row("journal-corrupted", _corrupt_journal, E.StateCorruptError.exit_code, "is unreadable"),
     Row(
         "status-without-dir",
@@ -565,6 +656,17 @@ ROWS = [
     ),
     # Valid inputs that must work:
     Row("path-with-spaces", _spaces, 0, "mla-seam: applied core_v0.16", works=True),
+    Row("prerelease-version-string", _prerelease, 0, "applied core_v0.16", works=True),
+    Row(
+        "version-string-of-another-line",
+        _version("0.17.1"),
+        0,
+        "applied core_v0.16",
+        works=True,
+    ),
+    Row("plain-tree-fork", _plain_edit, 0, "on a fork", git=False, works=True),
+    Row("literal-dollar-home-in-path", _literal_home, 0, "applied core_v0.16", works=True),
+    Row("autocrlf-true-checkout", _autocrlf, 0, "applied core_v0.16", works=True),
     Row(
         "megatron-package-folder",
         lambda c: [str(c.tree / "megatron")],

@@ -3,7 +3,7 @@
 Decisions are checked on literal inputs (the discovery JSON ``mla-seam upstream list --refresh
 --json`` prints, report entries); the job runs end to end on real checkouts built from the
 PyPI sdists, with a local git remote standing in for GitHub's, and once with a remote that is
-not there (the job broke: exit 21, never drift).
+not there (the job broke: exit 26, never drift).
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def test_exit_code_precedence(tmp_path):
     job.report = {"summary": {"needs_work": 1}}
     assert job.exit_code == nightly.EXIT_DRIFT == 17
     job.overlay_broke = ["core_v0.19.2"]
-    assert job.exit_code == nightly.EXIT_OVERLAY_BROKE == 20
+    assert job.exit_code == nightly.EXIT_OVERLAY_BROKE == 25
     job.broke = "remote: unreachable"
-    assert job.exit_code == nightly.EXIT_JOB_BROKE == 21
+    assert job.exit_code == nightly.EXIT_JOB_BROKE == 26
     assert len(set(nightly.EXIT_CODES)) == 4
 
 
@@ -190,7 +190,7 @@ def test_unreachable_remote_breaks_the_job_not_drift(fresh_checkout, tmp_path, c
     out = tmp_path / "out"
     code = _nightly("--out", str(out), "--megatron", str(tree), "--remote", "origin")
     text = capsys.readouterr().out
-    assert code == nightly.EXIT_JOB_BROKE == 21
+    assert code == nightly.EXIT_JOB_BROKE == 26
     outcome = json.loads((out / "outcome.json").read_text())
     assert outcome["outcome"] == "the job broke" and "unreachable" in outcome["broke"]
     assert "This is not drift" in text and not (out / "drift").exists()

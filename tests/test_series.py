@@ -46,10 +46,27 @@ RELEASES = {"0.16": ("0.16.0", "0.16.1"), "0.19": ("0.19.2",)}
 BASE = {"0.16": "0.16.1", "0.19": "0.19.2"}
 SYNTHETIC_ADAPTER = b'''"""Synthetic mla-seam adapter used by the apply tests."""
 
+HAVE_TE = False
 
-def describe_default() -> str:
+
+def resolve_attention_backend(config, spec=None):
+    """Record the spec the summary asked for."""
+    config.spec = spec
+
+
+def describe(config) -> str:
     """One summary line."""
-    return "synthetic adapter: describe_default ok"
+    return f"synthetic adapter: describe ok ({config.kwargs['v_head_dim']}, {config.spec})"
+'''
+#: The ``MLATransformerConfig`` of a synthetic tree (the summary builds one).
+SYNTHETIC_CONFIG = b'''"""Synthetic transformer_config used by the apply tests."""
+
+
+class MLATransformerConfig:
+    """Keeps its keyword arguments."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
 '''
 DATE = "2026-01-01T00:00:00+00:00"
 _MEMO: Dict[str, Path] = {}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from mla_seam import gitlayer, upstream
 from mla_seam.cli import main
 from mla_seam.errors import UpstreamError

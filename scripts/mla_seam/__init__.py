@@ -1,3 +1,3 @@
 """mla-seam: one MLA adapter file for Megatron-LM, its hook patches, and the tools that move them."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -129,7 +129,42 @@ class StateCorruptError(SeamError):
     exit_code = 19
 
 
+class BundleError(SeamError):
+    """mla-seam's own bundle (patches/, overlay/) is missing, or does not match this mla-seam."""
+
+    exit_code = 20
+
+
+class GitError(SeamError):
+    """A git command failed (a broken repository, a ``.git`` file pointing nowhere)."""
+
+    exit_code = 23
+
+
+class SystemFailureError(SeamError):
+    """The operating system refused a read or write (disk full, name too long, I/O error)."""
+
+    exit_code = 24
+
+
 class InterruptedRunError(SeamError):
     """SIGINT/SIGTERM arrived; the tree was rolled back or completed before exiting."""
 
     exit_code = 130  # 128 + SIGINT; a SIGTERM sets 143 on the instance
+
+
+#: Exit codes of ``mla-seam apply --status`` per tree state (errors keep their own codes).
+STATUS_EXIT_CODES = {
+    "applied": 0,
+    "not applied": 21,
+    "partial": 22,
+    "drifted": DriftedTreeError.exit_code,
+}
+
+#: Exit codes of the nightly drift job (``python -m mla_seam.nightly``, ``ci/nightly.sh``) beside
+#: :class:`DriftFoundError`'s 17 (upstream drift found); numbered apart from every code above.
+NIGHTLY_OVERLAY_BROKE_EXIT = 25
+NIGHTLY_JOB_BROKE_EXIT = 26
+
+#: 128 + SIGPIPE: the reader of our output went away before the command could report.
+BROKEN_PIPE_EXIT = 141

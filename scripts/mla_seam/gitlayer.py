@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import git
+from mla_seam.errors import GitError
 
 # Configuration forced on every git process we start. Each entry neutralizes a user or system
 # setting that would change bytes we read or write.
@@ -55,6 +56,19 @@ PINNED_ENV: Mapping[str, str] = {
 SEAM_IDENT = {"name": "mla-seam", "email": "mla-seam@users.noreply.github.com"}
 
 
+def _literal(cmd: git.Git, path: Optional[os.PathLike]) -> git.Git:
+    """Give ``cmd`` the literal working directory ``path``.
+
+    GitPython expands ``$VARS`` and ``~`` in the working directory it is given; a folder named
+    ``$HOME`` would then be read as the user's home. mla-seam takes paths literally.
+    """
+    if path is not None:
+        cmd._working_dir = os.path.normpath(  # pylint: disable=protected-access
+            os.path.abspath(os.fspath(path))
+        )
+    return cmd
+
+
 def _pin(cmd: git.Git) -> git.Git:
     cmd.set_persistent_git_options(c=list(PINNED_CONFIG))
     cmd.update_environment(**PINNED_ENV)
@@ -73,31 +87,67 @@ def argv(*args: str) -> List[str]:
 
 def command(cwd: Optional[os.PathLike] = None) -> git.Git:
     """A pinned git command runner for ``cwd`` (which need not be a repository)."""
-    return _pin(git.Git(str(cwd) if cwd is not None else None))
+    return _pin(_literal(git.Git(), cwd))
+
+
+def user_command(repo: git.Repo) -> git.Git:
+    """A runner for ``repo`` that keeps the user's own configuration (no ``-c`` pins).
+
+    For questions about the user's work tree whose answer depends on that configuration: what
+    counts as changed (``core.autocrlf``, ``core.fileMode``, filters) and how a file is stored.
+    """
+    cmd = _literal(git.Git(), repo.working_tree_dir)
+    cmd.update_environment(**PINNED_ENV)
+    cmd.set_persistent_git_options(c=["core.quotepath=false"])
+    return cmd
 
 
 def open_repo(path: os.PathLike) -> Optional[git.Repo]:
     """Open the repository whose work tree top level is ``path``; ``None`` if there is none.
 
     A directory nested inside some other repository (say site-packages inside a checkout) is
-    not treated as that repository: only a work tree rooted exactly at ``path`` counts.
+    not treated as that repository: only a work tree rooted exactly at ``path`` counts. The path
+    is taken literally (``expand_vars=False``): a folder named ``$HOME`` is that folder.
+
+    Raises:
+        GitError: ``path/.git`` exists but is no usable repository (a ``.git`` file pointing to
+            a git dir that is gone, a damaged ``.git`` folder).
     """
     try:
-        repo = git.Repo(str(path), search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        repo = git.Repo(str(path), search_parent_directories=True, expand_vars=False)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+        dot_git = Path(path) / ".git"
+        if os.path.lexists(dot_git):
+            raise _broken_dot_git(dot_git, exc) from None
         return None
     if repo.working_tree_dir is None:
         return None
     if Path(repo.working_tree_dir).resolve() != Path(path).resolve():
+        if os.path.lexists(Path(path) / ".git"):
+            raise _broken_dot_git(Path(path) / ".git", None)
         return None
-    _pin(repo.git)
+    _pin(_literal(repo.git, repo.working_tree_dir))
     return repo
+
+
+def _broken_dot_git(dot_git: Path, exc: Optional[Exception]) -> GitError:
+    target = ""
+    if dot_git.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            target = dot_git.read_text(encoding="utf-8").strip()
+    what = f"a .git file saying {target!r}" if target else "a .git entry git cannot open"
+    return GitError(
+        f"{dot_git.parent} has {what}: it is not a usable git work tree"
+        + (f" ({type(exc).__name__})" if exc else ""),
+        "repair it (git worktree prune / repair in the main checkout, or fix the gitdir line), "
+        "or remove the .git entry to treat the folder as a plain tree",
+    )
 
 
 def init_repo(path: os.PathLike) -> git.Repo:
     """``git init`` a new repository at ``path`` with the pinned configuration."""
-    repo = git.Repo.init(str(path), initial_branch="main")
-    _pin(repo.git)
+    repo = git.Repo.init(str(path), initial_branch="main", expand_vars=False)
+    _pin(_literal(repo.git, repo.working_tree_dir))
     return repo
 
 
@@ -116,7 +166,11 @@ def hash_blobs(root: os.PathLike, relpaths: Iterable[str]) -> Dict[str, Optional
     present = [p for p in relpaths if (Path(root) / p).is_file()]
     result: Dict[str, Optional[str]] = {p: None for p in relpaths}
     if present:
-        out = command(root).hash_object("--no-filters", "--", *present)
+        # GIT_DIR: hash-object without -w needs no repository; a broken one in root must not
+        # stop it.
+        cmd = command(root)
+        cmd.update_environment(GIT_DIR=os.devnull)
+        out = cmd.hash_object("--no-filters", "--", *present)
         for rel, blob in zip(present, out.splitlines()):
             result[rel] = blob.strip()
     return result
@@ -166,7 +220,9 @@ def dirty_paths(repo: git.Repo, relpaths: Iterable[str]) -> List[str]:
     relpaths = list(relpaths)
     if not relpaths:
         return []
-    out = repo.git.status(
+    # The user's own configuration decides what "changed" means (core.autocrlf, core.fileMode,
+    # filters): a clean checkout made with core.autocrlf=true is clean. No -c pins here.
+    out = user_command(repo).status(
         "--porcelain=v1",  # stable, script-oriented format
         "-z",  # NUL-separated: paths with spaces or newlines stay intact
         "--untracked-files=all",
@@ -643,3 +699,195 @@ def modified_tracked(repo: git.Repo, under: str = ".") -> List[str]:
     """Tracked files under ``under`` with staged or unstaged changes (untracked files ignored)."""
     out = repo.git.status("--porcelain=v1", "-z", "--untracked-files=no", "--", under)
     return [entry[3:] for entry in out.split("\0") if len(entry) > 3]
+
+
+# --- apply engine: forks, pristine bytes, commit mode ---
+# Used by mla_seam.apply, mla_seam.forks and mla_seam.commitmode.
+
+
+def filtered_blobs(repo: git.Repo, relpaths: Iterable[str]) -> Dict[str, Optional[str]]:
+    """Blob ids the files would get if committed now (the repository's clean filters and
+    ``core.autocrlf`` applied); ``None`` for a path that does not exist. Nothing is written."""
+    relpaths = list(relpaths)
+    root = Path(repo.working_tree_dir or ".")
+    present = [p for p in relpaths if (root / p).is_file()]
+    result: Dict[str, Optional[str]] = {p: None for p in relpaths}
+    if present:
+        out = user_command(repo).hash_object("--", *present)
+        for rel, blob in zip(present, out.splitlines()):
+            result[rel] = blob.strip()
+    return result
+
+
+def store_blob(repo: git.Repo, data: bytes, path: Optional[str] = None) -> str:
+    """Write ``data`` into ``repo``'s object store (clean filters for ``path`` applied when one is
+    given, the raw bytes otherwise); return its id."""
+    args = ["hash-object", "-w", "--stdin"]
+    args += [f"--path={path}"] if path else ["--no-filters"]
+    with _stdin(data) as stdin:
+        out = user_command(repo).execute(["git", *args], istream=stdin)
+    return out.strip()
+
+
+def blob_bytes(repo: git.Repo, blob: str) -> Optional[bytes]:
+    """The raw bytes of ``blob`` in ``repo``'s object store, or ``None`` when it lacks it."""
+    status, _, _ = repo.git.execute(
+        argv("cat-file", "-e", f"{blob}^{{blob}}"), with_extended_output=True, with_exceptions=False
+    )
+    if status != 0:
+        return None
+    return repo.odb.stream(bytes.fromhex(blob)).read()
+
+
+def smudged(repo: git.Repo, blob: str, path: str) -> bytes:
+    """The work-tree bytes git would check ``blob`` out as at ``path`` (smudge filters and
+    ``core.autocrlf`` of the repository applied)."""
+    proc = user_command(repo).execute(
+        ["git", "cat-file", "--filters", f"--path={path}", blob],
+        stdout_as_string=False,
+        strip_newline_in_stdout=False,
+    )
+    return proc if isinstance(proc, bytes) else proc.encode()
+
+
+def objects_dir(repo: git.Repo) -> Path:
+    """The repository's object store folder (for a scratch repository's alternates)."""
+    return (Path(repo.common_dir) / "objects").resolve()  # shared by every work tree
+
+
+def last_commit_with_blob(repo: git.Repo, relpath: str, blob: str) -> Optional[str]:
+    """The newest commit reachable from HEAD that added or removed ``blob`` at ``relpath``.
+
+    For a fork whose file left a release's content, that is the fork's first commit changing it
+    (``None``: the blob is not in HEAD's history at that path).
+    """
+    out = repo.git.execute(
+        argv("log", "-1", "--format=%H", f"--find-object={blob}", "HEAD", "--", relpath)
+    )
+    return out.strip() or None
+
+
+def commits_touching_lines(
+    repo: git.Repo, relpath: str, start: int, end: int, rev_range: str, limit: int = 20
+) -> List[Tuple[str, str]]:
+    """``(short id, subject)`` of the commits in ``rev_range`` that changed lines ``start..end``
+    of ``relpath`` as HEAD has it (``git log -L``), newest first."""
+    status, out, _ = repo.git.execute(
+        argv(
+            "log",
+            f"-{limit}",
+            "--no-patch",
+            "--format=%h %s",
+            f"-L{start},{end}:{relpath}",
+            rev_range,
+        ),
+        with_extended_output=True,
+        with_exceptions=False,
+    )
+    if status != 0:
+        return []
+    rows = []
+    for line in out.splitlines():
+        short, _, subject = line.partition(" ")
+        if short:
+            rows.append((short, subject))
+    return rows
+
+
+def scratch_repo(path: os.PathLike, alternate: Optional[git.Repo] = None) -> git.Repo:
+    """A new repository at ``path`` that may read ``alternate``'s objects (never writes them)."""
+    repo = init_repo(path)
+    if alternate is not None:
+        info = Path(repo.git_dir) / "objects" / "info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "alternates").write_text(f"{objects_dir(alternate)}\n", encoding="utf-8")
+    return repo
+
+
+def add_paths(repo: git.Repo, relpaths: Sequence[str]) -> None:
+    """Stage ``relpaths`` exactly as they are (``git add --force``)."""
+    repo.git.add("--force", "--", *relpaths)
+
+
+def current_ident(repo: git.Repo, role: str = "COMMITTER") -> Optional[Tuple[str, str]]:
+    """The user's ``(name, email)`` git would use as ``role`` in ``repo``, or ``None``."""
+    status, out, _ = user_command(repo).execute(
+        ["git", "var", f"GIT_{role}_IDENT"], with_extended_output=True, with_exceptions=False
+    )
+    if status != 0 or "<" not in out:
+        return None
+    name, _, rest = out.partition(" <")
+    return name.strip(), rest.partition(">")[0]
+
+
+def tree_with(repo: git.Repo, commit: str, files: Mapping[str, Optional[Tuple[str, str]]]) -> str:
+    """The id of ``commit``'s tree with ``files`` replaced: ``path -> (mode, blob)``, or
+    ``None`` to remove the path. Uses a temporary index; the user's index is never touched."""
+    with tempfile.TemporaryDirectory(prefix="mla-seam-index-") as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        repo.git.execute(argv("read-tree", commit), env=env)
+        lines = []
+        for rel, entry in files.items():
+            if entry is None:
+                lines.append(f"0 {'0' * 40}\t{rel}")
+            else:
+                lines.append(f"{entry[0]} {entry[1]}\t{rel}")
+        with _stdin(("\n".join(lines) + "\n").encode("utf-8")) as stdin:
+            repo.git.execute(argv("update-index", "--index-info"), env=env, istream=stdin)
+        return repo.git.execute(argv("write-tree"), env=env).strip()
+
+
+def commit_tree(
+    repo: git.Repo,
+    tree: str,
+    parent: str,
+    message: str,
+    author: Tuple[str, str, str],
+    committer: Tuple[str, str],
+) -> str:
+    """Create a commit object (no ref moves); ``author`` is ``(name, email, date)``."""
+    env = {
+        "GIT_AUTHOR_NAME": author[0],
+        "GIT_AUTHOR_EMAIL": author[1],
+        "GIT_AUTHOR_DATE": author[2],
+        "GIT_COMMITTER_NAME": committer[0],
+        "GIT_COMMITTER_EMAIL": committer[1],
+    }
+    with _stdin(message.encode("utf-8")) as stdin:
+        out = repo.git.execute(
+            argv("commit-tree", "--no-gpg-sign", tree, "-p", parent, "-F", "-"),
+            env=env,
+            istream=stdin,
+        )
+    return out.strip()
+
+
+def file_modes(repo: git.Repo, commit: str, relpaths: Iterable[str]) -> Dict[str, str]:
+    """The git file mode (``100644``, ``100755``) of each path in ``commit`` that has one."""
+    relpaths = list(relpaths)
+    if not relpaths:
+        return {}
+    out = repo.git.ls_tree("-z", "--full-tree", commit, "--", *relpaths)
+    modes = {}
+    for entry in out.split("\0"):
+        meta, _, path = entry.partition("\t")
+        if path:
+            modes[path] = meta.split()[0]
+    return modes
+
+
+def move_head(repo: git.Repo, new: str, old: str, reason: str) -> None:
+    """Move HEAD (its branch, or HEAD itself when detached) from ``old`` to ``new`` atomically;
+    fails when HEAD is no longer ``old``."""
+    repo.git.execute(argv("update-ref", "-m", reason, "HEAD", new, old))
+
+
+def reset_index(repo: git.Repo, rev: str, relpaths: Sequence[str]) -> None:
+    """Set the index entries of ``relpaths`` to ``rev``'s (``git reset -q REV -- PATHS``); the
+    work tree and every other index entry stay as they are."""
+    repo.git.execute(argv("reset", "-q", rev, "--", *relpaths))
+
+
+def head_commit_message(repo: git.Repo, rev: str) -> str:
+    """The raw message of ``rev``."""
+    return repo.git.execute(argv("log", "-1", "--format=%B", rev))

@@ -24,8 +24,8 @@ The same job runs in GitHub Actions (``ci/nightly.yml``) and on a workstation
    report.
 
 Exit status (:data:`EXIT_CODES`): 0 nothing to do; 17 upstream drift found (a tag needs work:
-rebase, new behaviour); 20 the overlay broke (a release the series claims fails its patches or
-contracts, or a GPU verdict says ``overlay_broke``); 21 the job broke (package index or git
+rebase, new behaviour); 25 the overlay broke (a release the series claims fails its patches or
+contracts, or a GPU verdict says ``overlay_broke``); 26 the job broke (package index or git
 remote unreachable, a step crashed), with the cause, never reported as drift.
 """
 
@@ -46,11 +46,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from mla_seam import drift, paths, releases, upstream
 from mla_seam.drift import gpu as drift_gpu
-from mla_seam.errors import SeamError
+from mla_seam.errors import (
+    NIGHTLY_JOB_BROKE_EXIT,
+    NIGHTLY_OVERLAY_BROKE_EXIT,
+    DriftFoundError,
+    SeamError,
+)
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_DRIFT, EXIT_OVERLAY_BROKE, EXIT_JOB_BROKE = 0, 17, 20, 21
+EXIT_OK, EXIT_DRIFT = 0, DriftFoundError.exit_code
+EXIT_OVERLAY_BROKE, EXIT_JOB_BROKE = NIGHTLY_OVERLAY_BROKE_EXIT, NIGHTLY_JOB_BROKE_EXIT
 EXIT_CODES = {
     EXIT_OK: "nothing to do",
     EXIT_DRIFT: "upstream drift found",
@@ -120,7 +126,7 @@ class Job:
 
     @property
     def exit_code(self) -> int:
-        """21 job broke > 20 overlay broke > 17 drift > 0."""
+        """26 job broke > 25 overlay broke > 17 drift > 0."""
         if self.broke:
             return EXIT_JOB_BROKE
         if self.overlay_broke:

@@ -8,7 +8,10 @@ state folder differs.
 State folder (``<git-dir>/mla-seam/`` in a git work tree, ``<root>/.mla-seam/`` otherwise)::
 
     lock            flock(2) target; holds the pid of the process that has it
-    state.json      what is applied: line, release, series sha256, per-file pre/post, overlay
+    state.json      what is applied: line, release, series sha256, per-file pre/post, overlay,
+                    how (exact, fork, 3way; worktree or commit mode), offsets
+    objects/<blob>  the bytes every touched file had before apply, named by their git blob id:
+                    --revert restores them exactly (a fork's own bytes too)
     scratch-<id>/   post-images being built (removed when done; leftovers removed on start)
     txn/            exists only while a change is being committed
       backup/<rel>  original bytes of every file the change rewrites or deletes
@@ -30,12 +33,17 @@ file is restored from its backup (temp copy + ``os.replace``, steps ``recover-re
 files that did not exist are deleted, then the journal (``recover-journal-removed``) and
 ``txn/`` go. Restoring is idempotent, so a crash during recovery is repaired by the next run.
 A ``txn/`` without a journal had not touched the tree and is just deleted.
+
+A write that fails inside a transaction (disk full, a name too long) is rolled back at once, in
+the same process, before the error is reported; when even that fails, the journal stays for the
+next run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -63,6 +71,7 @@ STATE_SCHEMA = 1
 CRASH_ENV = "MLA_SEAM_CRASH_AT"  # test hook: step name at which the process signals itself
 CRASH_SIGNAL_ENV = "MLA_SEAM_CRASH_SIGNAL"  # KILL (default), INT or TERM
 CRASH_STEPS = (
+    "startup",
     "locked",
     "preflight-done",
     "post-images-built",
@@ -78,10 +87,16 @@ CRASH_STEPS = (
 
 
 def crash_point(step: str) -> None:
-    """Test hook: signal this process at ``step`` when ``MLA_SEAM_CRASH_AT`` names it."""
+    """Test hook: signal this process at ``step`` when ``MLA_SEAM_CRASH_AT`` names it.
+
+    ``MLA_SEAM_CRASH_SIGNAL=ENOSPC`` raises a "no space left on device" error there instead (a
+    write failing on a full disk).
+    """
     if os.environ.get(CRASH_ENV) != step:
         return
     name = os.environ.get(CRASH_SIGNAL_ENV, "KILL").upper()
+    if name == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {step})")
     os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
 
 
@@ -241,6 +256,12 @@ class StateFolder:
         Read-only runs (``write=False``) lock only when a state folder exists (something may
         need recovery), and go on unlocked, with a warning, when it cannot be written.
         """
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise StateCorruptError(
+                f"mla-seam's state folder {self.path} is not a folder (a file or a broken link)",
+                f"move it away (mv {self.path} {self.path}.aside); mla-seam keeps what it applied "
+                "there, so keep the copy if it came from an earlier run",
+            )
         if write or self.path.exists():
             try:
                 self._acquire()
@@ -344,6 +365,30 @@ class StateFolder:
             return
         replace_atomic(self.state_path, json_bytes({"schema": STATE_SCHEMA, **state}))
 
+    # -- pristine bytes --
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.path / "objects"
+
+    def store_objects(self, objects: Dict[str, bytes]) -> None:
+        """Keep ``blob id -> bytes`` in ``objects/`` (durable; an existing object is kept)."""
+        for blob, data in objects.items():
+            target = self.objects_dir / blob
+            if not target.is_file():
+                replace_atomic(target, data)
+
+    def load_object(self, blob: str) -> Optional[bytes]:
+        """The stored bytes of ``blob``, or ``None``."""
+        try:
+            return (self.objects_dir / blob).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def drop_objects(self) -> None:
+        """Forget every stored object (after a revert)."""
+        shutil.rmtree(self.objects_dir, ignore_errors=True)
+
     # -- scratch --
 
     @contextlib.contextmanager
@@ -365,7 +410,11 @@ class StateFolder:
         back; see the module docstring for the steps.
         """
         txn = uuid.uuid4().hex[:16]
-        entries = self._stage(txn, changes)
+        try:
+            entries = self._stage(txn, changes)
+        except OSError:
+            shutil.rmtree(self.txn_dir, ignore_errors=True)  # the tree was not touched
+            raise
         crash_point("txn-staged")
         journal = {
             "schema": STATE_SCHEMA,
@@ -374,14 +423,24 @@ class StateFolder:
             "pid": os.getpid(),
             "files": entries,
         }
-        replace_atomic(self.journal_path, json_bytes(journal))
+        try:
+            replace_atomic(self.journal_path, json_bytes(journal))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.journal_path.with_name(f".{self.journal_path.name}.tmp"))
+            shutil.rmtree(self.txn_dir, ignore_errors=True)
+            raise
         crash_point("journal-written")
-        for k, (entry, change) in enumerate(zip(entries, changes), start=1):
-            self._install(entry, change.new)
-            crash_point(f"replaced:{k}")
-        for folder in sorted({(self.tree.root / e["path"]).parent for e in entries}):
-            fsync_dir(folder)
-        self.write_state({**(state or {}), "txn": txn, "tool": f"mla-seam {__version__}"})
+        try:
+            for k, (entry, change) in enumerate(zip(entries, changes), start=1):
+                self._install(entry, change.new)
+                crash_point(f"replaced:{k}")
+            for folder in sorted({(self.tree.root / e["path"]).parent for e in entries}):
+                fsync_dir(folder)
+            self.write_state({**(state or {}), "txn": txn, "tool": f"mla-seam {__version__}"})
+        except OSError as exc:
+            self._roll_back_now(journal, exc)
+            raise
         self.committed = f"{op} (txn {txn})"
         crash_point("state-written")
         os.unlink(self.journal_path)
@@ -390,6 +449,23 @@ class StateFolder:
         shutil.rmtree(self.txn_dir)
         crash_point("txn-removed")
         return txn
+
+    def _roll_back_now(self, journal: dict, exc: OSError) -> None:
+        """Undo a transaction whose write failed, in this process (the journal stays on failure)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.state_path.with_name(f".{self.state_path.name}.tmp"))
+        try:
+            self._roll_back(journal)
+        except OSError as again:
+            log.error(
+                "mla-seam: could not roll back after %s: %s; the journal in %s stays, and the "
+                "next run restores the tree from it",
+                exc.strerror,
+                again,
+                self.txn_dir,
+            )
+            return
+        log.warning("mla-seam: %s", self.repairs[-1])
 
     def _stage(self, txn: str, changes: Sequence[Change]) -> List[dict]:
         """Write backups and new bytes into ``txn/``; return the journal's file entries."""
@@ -465,6 +541,7 @@ class StateFolder:
             shutil.rmtree(self.txn_dir)  # staged only: the tree was never touched
         state = self.read_state()
         if state is not None and not state.get("applied"):
+            self.drop_objects()  # a revert that passed its commit point: nothing to keep
             self.write_state(None)
         return self.repairs
 
@@ -526,5 +603,11 @@ class StateFolder:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             return
-        backup = (self.txn_dir / "backup" / entry["path"]).read_bytes()
-        self._put(target, self.tree.root / entry["tmp"], backup, entry)
+        backup = self.txn_dir / "backup" / entry["path"]
+        if entry.get("uid") is not None and os.geteuid() == 0:
+            with contextlib.suppress(OSError):
+                os.chown(backup, entry["uid"], entry["gid"])
+        try:  # the backup already has the file's mode: renaming it needs no free space
+            os.replace(backup, target)
+        except OSError:
+            self._put(target, self.tree.root / entry["tmp"], backup.read_bytes(), entry)

@@ -40,13 +40,13 @@ import tarfile
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import git
-from mla_seam import gitlayer
+from mla_seam import gitlayer, index, output
 from mla_seam.errors import UpstreamError, UsageError
 from mla_seam.paths import cache_dir
-from mla_seam.releases import TAG_PREFIX, line_of
+from mla_seam.releases import TAG_PREFIX, is_prerelease, line_of, version_key
 from packaging.version import Version
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,11 @@ def version_for(ref: str) -> str:
     Raises:
         UpstreamError: ``ref`` names no known release; the message lists the known lines.
     """
+    bare = ref.strip().removeprefix(TAG_PREFIX).removeprefix("v")
     match = _REF_RE.match(ref.strip())
     if match is None:
+        if bare and bare in index.indexed():
+            return bare  # a release learned from the package index (0.17.0rc0, 0.21.0)
         raise _unknown(ref)
     major, minor, patch = match.groups()
     line = f"{int(major)}.{int(minor)}"
@@ -145,6 +148,8 @@ def version_for(ref: str) -> str:
         return newest_in_line(line)
     version = f"{line}.{int(patch)}"
     if version not in SDIST_SHA256:
+        if version in index.indexed():
+            return version
         raise _unknown(ref)
     return version
 
@@ -239,11 +244,12 @@ def _find_sdist(folder: Path, version: str) -> Optional[Path]:
     return None
 
 
-def _verify_sdist(path: Path, version: str) -> None:
+def _verify_sdist(path: Path, version: str, cache: Optional[Path] = None) -> None:
+    expected = SDIST_SHA256.get(version) or index.expected_sha256(version, cache)
     actual = _sha256(path)
-    if actual != SDIST_SHA256[version]:
+    if actual != expected:
         raise UpstreamError(
-            f"{path} has sha256 {actual}, not PyPI's {SDIST_SHA256[version]}",
+            f"{path} has sha256 {actual}, not the package index's {expected}",
             f"delete {path} and run again to download it afresh",
         )
 
@@ -290,8 +296,12 @@ def fetch_sdist(ref: str, *, cache: Optional[Path] = None) -> Path:
     if found is None:
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(_cache(cache), f"sdist-{version}"):
-            found = _find_sdist(folder, version) or _download_into(folder, version)
-    _verify_sdist(found, version)
+            found = _find_sdist(folder, version)
+            if found is None and version not in SDIST_SHA256:
+                found = index.download(version, folder, cache)
+            elif found is None:
+                found = _download_into(folder, version)
+    _verify_sdist(found, version, cache)
     return found
 
 
@@ -591,7 +601,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     get_parser.add_argument("--url", help=f"git URL to clone from first (default: ${URL_ENV})")
     get_parser.set_defaults(func=_cmd_get)
-    list_parser = actions.add_parser("list", help="known releases, their tags, what is cached")
+    list_parser = actions.add_parser(
+        "list",
+        help="known releases, their tags, what is cached",
+        description=(
+            "Releases mla-seam knows: built in (tested, sdist sha256 shipped) and, after "
+            "--refresh, those the package index lists (its sha256 recorded, verified on first "
+            f"download). Index: ${index.INDEX_ENV}, else $PIP_INDEX_URL, else PyPI."
+        ),
+    )
+    list_parser.add_argument(
+        "--refresh", action="store_true", help="ask the package index for new releases first"
+    )
+    list_parser.add_argument(
+        "--pre", action="store_true", help="include pre-releases (rc, dev) and yanked files"
+    )
+    list_parser.add_argument("--json", action="store_true", help="print a JSON list")
     list_parser.set_defaults(func=_cmd_list)
 
 
@@ -602,24 +627,82 @@ def _cmd_get(args: argparse.Namespace) -> int:
         path = get(args.refs[0], url=args.url)
     else:
         path = get_many(args.refs, args.into, url=args.url)
-    print(Path(path).resolve())
+    output.emit(str(Path(path).resolve()))
     return 0
+
+
+def discover(include_prereleases: bool = False) -> List[str]:
+    """Ask the package index; return the releases it has that are not built in, oldest first.
+
+    Yanked files are never offered; pre-releases only when ``include_prereleases``. The index's
+    answer is recorded in the cache, so :func:`get` can materialize those releases (their sdist
+    verified against the index's sha256 on first download, and that hash kept).
+
+    Raises:
+        UpstreamError: the index is unreachable or unreadable.
+    """
+    found = index.refresh(RELEASES[0])
+    new = index.offered(found, RELEASES, include_prereleases)
+    for version in new:
+        log.debug("new megatron-core release on the index: %s", version)
+    return new
+
+
+def release_rows(include_prereleases: bool = False) -> List[Dict[str, object]]:
+    """Every known release as ``{version, tag, line, prerelease, yanked, source, cached}``."""
+    rows: Dict[str, Dict[str, object]] = {}
+    for version in RELEASES:
+        rows[version] = {"source": "builtin", "sha256": SDIST_SHA256[version], "yanked": False}
+    for version, entry in index.indexed().items():
+        if version in rows:
+            continue
+        if not include_prereleases and (entry.get("yanked") or is_prerelease(version)):
+            continue
+        rows[version] = {
+            "source": "index",
+            "sha256": index.expected_sha256(version) or entry.get("sha256"),
+            "yanked": bool(entry.get("yanked")),
+        }
+    result = []
+    for version in sorted(rows, key=version_key):
+        result.append(
+            {
+                "version": version,
+                "tag": f"{TAG_PREFIX}{version}",
+                "line": line_of(version),
+                "prerelease": is_prerelease(version),
+                "cached": cached_source(version) is not None,
+                **rows[version],
+            }
+        )
+    return result
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.refresh:
+        new = discover(include_prereleases=args.pre)
+        shown = ", ".join(new[:8]) + (f" and {len(new) - 8} more" if len(new) > 8 else "")
+        log.info(
+            "index %s: %s",
+            index.index_url(),
+            f"{len(new)} new release(s): {shown}" if new else "no new releases",
+        )
+    rows = release_rows(include_prereleases=args.pre)
+    if args.json:
+        output.emit_json(rows)
+        return 0
     log.info("cache: %s", cache_dir())
-    for row in _list_rows(RELEASES):
-        print(row)
+    for row in rows:
+        state = "-"
+        source = cached_source(str(row["version"])) if row["cached"] else None
+        if source is not None:
+            state = (
+                f"cached (git {source.get('url', '')})"
+                if source.get("source") == "git"
+                else "cached (sdist)"
+            )
+        flags = [str(row["source"])]
+        flags += ["pre-release"] if row["prerelease"] else []
+        flags += ["yanked"] if row["yanked"] else []
+        output.emit(f"{row['version']:<12} {row['tag']:<18} {state:<16} {', '.join(flags)}")
     return 0
-
-
-def _list_rows(versions: Iterable[str]) -> Iterator[str]:
-    for version in versions:
-        source = cached_source(version)
-        if source is None:
-            state = "-"
-        elif source.get("source") == "git":
-            state = f"cached (git {source.get('url', '')})"
-        else:
-            state = "cached (sdist)"
-        yield f"{version:<8} {tag_for(version):<14} {state}"

@@ -1,0 +1,277 @@
+"""Forks: running the series on files that are not a release's, and explaining a refusal.
+
+A fork's touched files differ from every recorded pre-image. The series still goes in when
+every hunk applies strictly (``git apply``: exact context, offsets allowed, never fuzz). When a
+hunk does not, :func:`conflict_error` names the file, the patch and hunk, the release lines the
+fork changed there and the fork's commits that changed them (``git log -L`` from the commit
+where the file left the release's content). ``--3way`` (:func:`three_way`) merges through the
+blob ids the patches record, in a scratch repository that borrows the fork's objects; a merge
+with conflicts is thrown away, so conflict markers never reach the tree.
+
+This module also finds a file's pristine bytes for revert and upgrade
+(:func:`pristine_bytes`): the state folder's store, the series run backwards, the tree's own
+git objects, or a cached release checkout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import git
+from mla_seam import gitlayer
+from mla_seam.errors import PreimageMismatchError, SeamError
+from mla_seam.series import PatchEntry, PatchResult, Series, apply_patches
+
+_HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
+_MARKER_RE = re.compile(rb"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hunk:
+    """One hunk of a patch: where it sits in the file it was made for, and its old side."""
+
+    number: int  # 1-based within its file in its patch
+    start: int  # first old-side line (1-based)
+    count: int
+    header: str  # "@@ -120,7 +120,8 @@ def __init__"
+    old: Tuple[bytes, ...]  # context and removed lines, in order
+
+
+def hunks_of(data: bytes) -> Dict[str, List[Hunk]]:
+    """The hunks of a (validated) format-patch, per file."""
+    result: Dict[str, List[Hunk]] = {}
+    current: Optional[str] = None
+    lines = data.split(b"\n")
+    i = 0
+    while i < len(lines):
+        raw = lines[i]
+        if raw.startswith(b"diff --git "):
+            current = raw.split(b" b/", 1)[-1].decode("utf-8")
+            result.setdefault(current, [])
+        match = _HUNK_RE.match(raw) if current else None
+        if match:
+            start, count = int(match.group(1)), int(match.group(2) or 1)
+            new_count = int(match.group(4) or 1)
+            old: List[bytes] = []
+            left_old, left_new = count, new_count
+            i += 1
+            while i < len(lines) and (left_old > 0 or left_new > 0):
+                body = lines[i]
+                tag = body[:1]
+                if tag in (b" ", b""):
+                    old.append(body[1:])
+                    left_old, left_new = left_old - 1, left_new - 1
+                elif tag == b"-":
+                    old.append(body[1:])
+                    left_old -= 1
+                elif tag == b"+":
+                    left_new -= 1
+                i += 1
+            hunks = result[current]
+            header = raw.decode("utf-8", errors="replace")
+            hunks.append(Hunk(len(hunks) + 1, start, count, header, tuple(old)))
+            continue
+        i += 1
+    return result
+
+
+def _contains(lines: Sequence[bytes], block: Sequence[bytes]) -> bool:
+    if not block:
+        return True
+    first = block[0]
+    n = len(block)
+    return any(
+        lines[k] == first and tuple(lines[k : k + n]) == tuple(block)
+        for k in range(len(lines) - n + 1)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HunkConflict:
+    """A hunk whose old side the fork's file no longer contains."""
+
+    patch: str
+    rel: str
+    hunk: Hunk
+
+
+def failing_hunks(series: Series, sources: Dict[str, bytes], scratch: Path) -> List[HunkConflict]:
+    """Run the patches one by one on copies of ``sources``; list the hunks that do not apply."""
+    for rel, data in sources.items():
+        target = scratch / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    conflicts: List[HunkConflict] = []
+    for patch in series.patches:
+        try:
+            gitlayer.apply_patch(scratch, patch.path)
+            continue
+        except git.GitCommandError:
+            pass
+        for rel, hunks in hunks_of(patch.path.read_bytes()).items():
+            lines = (scratch / rel).read_bytes().split(b"\n") if (scratch / rel).is_file() else []
+            for hunk in hunks:
+                if not _contains(lines, hunk.old):
+                    conflicts.append(HunkConflict(patch.name, rel, hunk))
+    return conflicts
+
+
+def _fork_lines(pristine: bytes, fork: bytes, start: int, count: int) -> Optional[Tuple[int, int]]:
+    """The fork's lines (1-based, inclusive) that replaced release lines ``start..start+count``."""
+    old, new = pristine.split(b"\n"), fork.split(b"\n")
+    lo, hi = start - 1, start - 1 + count
+    spans = []
+    matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal" or i2 < lo or i1 > hi:
+            continue
+        spans.append((j1, j2))
+    if not spans:
+        return None
+    first, last = min(j1 for j1, _ in spans), max(j2 for _, j2 in spans)
+    if last <= first:  # only deletions: the lines around the gap
+        first, last = max(first - 1, 0), min(first + 1, len(new))
+    return first + 1, max(last, first + 1)
+
+
+def _commits(
+    repo: Optional[git.Repo], rel: str, pres: Iterable[str], lines: Tuple[int, int]
+) -> List[Tuple[str, str]]:
+    if repo is None:
+        return []
+    for pre in pres:
+        base = gitlayer.last_commit_with_blob(repo, rel, pre)
+        if base is None:
+            continue
+        parents = repo.commit(base).parents
+        rev_range = f"{parents[0].hexsha}..HEAD" if parents else "HEAD"
+        return gitlayer.commits_touching_lines(repo, rel, lines[0], lines[1], rev_range)
+    return []
+
+
+def conflict_error(
+    series: Series,
+    conflicts: Sequence[HunkConflict],
+    sources: Dict[str, bytes],
+    repo: Optional[git.Repo],
+    pristine: Dict[str, Optional[bytes]],
+) -> PreimageMismatchError:
+    """The refusal for a fork whose changes reach into the series' hunks."""
+    parts = []
+    for c in conflicts:
+        text = f"{c.rel}: {c.patch} hunk #{c.hunk.number} ({c.hunk.header.strip()})"
+        original = pristine.get(c.rel)
+        span = (
+            _fork_lines(original, sources[c.rel], c.hunk.start, c.hunk.count)
+            if original is not None
+            else None
+        )
+        if span is not None:
+            text += f": release lines {c.hunk.start}-{c.hunk.start + c.hunk.count - 1} are "
+            text += (
+                f"line {span[0]}" if span[0] == span[1] else f"lines {span[0]}-{span[1]}"
+            ) + " of the fork, changed"
+            pres = [img.pre for img in series.files.get(c.rel, ())]
+            found = _commits(repo, c.rel, pres, span)
+            if found:
+                text += " by " + ", ".join(f"{short} ({subject})" for short, subject in found)
+            elif repo is not None:
+                text += " outside the history of HEAD"
+        else:
+            text += ": its context is not in the file"
+        parts.append(text)
+    return PreimageMismatchError(
+        f"the fork changed lines the series needs as context ({len(conflicts)} hunk"
+        f"{'s' if len(conflicts) != 1 else ''}): " + "; ".join(parts),
+        "port the hook by hand on the fork (see the patch in the series folder), or try "
+        "`mla-seam apply --3way` (a merge with conflicts is rolled back, never left in the tree); "
+        "`mla-seam apply --check` lists every patch",
+    )
+
+
+def three_way(
+    repo: git.Repo, patches: Sequence[PatchEntry], sources: Dict[str, bytes], scratch: Path
+) -> Tuple[Optional[Dict[str, bytes]], str]:
+    """3-way apply of ``patches`` to ``sources`` in a scratch repository borrowing ``repo``'s
+    objects. Returns the new bytes, or ``None`` and the conflict report (nothing kept)."""
+    work = gitlayer.scratch_repo(scratch / "merge", alternate=repo)
+    root = Path(work.working_tree_dir)
+    for rel, data in sources.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    gitlayer.add_paths(work, sorted(sources))
+    for patch in patches:
+        ok, report = gitlayer.apply_index(root, patch.path, three_way=True)
+        if not ok:
+            lines = [
+                ln
+                for ln in report.splitlines()
+                if ln.startswith(("error", "U ")) or ln.endswith("with conflicts.")
+            ]
+            return None, f"{patch.name}: " + ("; ".join(lines) or report.strip()[-300:])
+    result = {rel: (root / rel).read_bytes() for rel in sources}
+    for rel, data in result.items():
+        if len(_MARKER_RE.findall(data)) > len(_MARKER_RE.findall(sources[rel])):
+            return None, f"{rel}: the merge left conflict markers"
+    return result, ""
+
+
+# --- pristine bytes ------------------------------------------------------------------------
+
+
+def from_objects(repos: Sequence[git.Repo], wanted: Dict[str, str]) -> Dict[str, bytes]:
+    """Committed-form bytes of the wanted blobs found in any of ``repos``' object stores."""
+    found: Dict[str, bytes] = {}
+    for rel, blob in wanted.items():
+        for repo in repos:
+            data = gitlayer.blob_bytes(repo, blob)
+            if data is not None:
+                found[rel] = data
+                break
+    return found
+
+
+def cached_release_repos() -> List[git.Repo]:
+    """The repositories of the release checkouts in mla-seam's cache (nothing is downloaded)."""
+    from mla_seam import upstream  # pylint: disable=import-outside-toplevel
+
+    folder = upstream.checkouts_dir()
+    repos = []
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(".") or not (entry / ".git").is_dir():
+                continue
+            try:
+                repo = gitlayer.open_repo(entry)
+            except SeamError:
+                continue
+            if repo is not None:
+                repos.append(repo)
+    return repos
+
+
+def reverse_series(
+    series: Series, sources: Dict[str, bytes], wanted: Dict[str, str]
+) -> Dict[str, bytes]:
+    """The series run backwards on ``sources``; the files whose result has the wanted blob."""
+    with tempfile.TemporaryDirectory(prefix="mla-seam-reverse-") as tmp:
+        work = Path(tmp)
+        for rel, data in sources.items():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_bytes(data)
+        results: List[PatchResult] = apply_patches(
+            series.patches, work, label=series.name, reverse=True, stop_on_error=False
+        )
+        if not all(r.ok for r in results):
+            return {}
+        blobs = gitlayer.hash_blobs(work, sorted(sources))
+        return {
+            rel: (work / rel).read_bytes()
+            for rel in sources
+            if rel in wanted and blobs[rel] == wanted[rel]
+        }
