@@ -194,12 +194,12 @@ def test_rebase_016_onto_newer_lines_writes_series_that_apply(
 def test_survey_of_one_tag_leaves_checkout_and_patches_alone(combo, capsys):
     before, patches = repo_state(combo), files_of(REPO / "patches")
     code, out = run(
-        capsys, "rebase", "--megatron", str(combo), "--onto", "core_v0.13.1", "--from", "0.16"
+        capsys, "rebase", "--megatron", str(combo), "--onto", "core_v0.13.1", "--from", "0.19"
     )
-    assert code == 16  # H4's anchor does not exist on 0.13: a conflict
-    assert "H4  0004-" in out and "conflict" in out
-    assert "megatron/core/transformer/transformer_config.py @@" in out
-    assert "contracts core_v0.16.1 -> core_v0.13.1" in out and "mla.rope_cu_seqlens" in out
+    assert code == 16  # H9's anchor (0.19's QK-norm resolver) does not exist on 0.13: a conflict
+    assert "H9  0007-" in out and "conflict" in out
+    assert "megatron/core/transformer/multi_latent_attention.py @@" in out
+    assert "contracts core_v0.19.2 -> core_v0.13.1" in out and "mla.rope_cu_seqlens" in out
     assert repo_state(combo) == before and files_of(REPO / "patches") == patches
 
 
@@ -347,28 +347,32 @@ def test_reexport_of_a_line_onto_its_own_base_keeps_every_byte(combo, bundle, ca
         assert files_of(bundle / "patches" / f"core_v{line}") == before
 
 
-def test_hand_written_hook_workflow(combo, bundle, capsys, tmp_path, fresh_checkout):
-    """--keep, write the conflicting hook there, --resolved --write; the line then applies."""
-    keep = tmp_path / "keep"
-    code, out = run(
-        capsys,
-        "rebase",
-        "--megatron",
-        str(combo),
-        "--onto",
-        "core_v0.13.1",
-        "--from",
-        "0.14",
-        "--keep",
-        str(keep),
+def test_hand_written_hook_workflow(synthetic, bundle, capsys, tmp_path):
+    """--keep, write the conflicting hook there, --resolved --write; the line then applies.
+
+    Upstream puts a statement right below ``super().__post_init__()`` in
+    ``MLATransformerConfig.__post_init__``, where H4 inserts its call: H4 conflicts (3-way too).
+    """
+    anchor = "    def __post_init__(self):\n        super().__post_init__()\n        if self.multi_latent_attention"
+    moved = (
+        "    def __post_init__(self):\n        super().__post_init__()\n"
+        "        self.mla_checked = False\n        if self.multi_latent_attention"
     )
-    assert code == 16 and f"kept: {keep}" in out
+    edit(synthetic / TC, anchor, moved)
+    gitlayer.create_tag(
+        gitlayer.open_repo(synthetic), "synthetic-h4", commit_all(synthetic, "upstream: new line")
+    )
+    keep = tmp_path / "keep"
+    args = ("rebase", "--megatron", str(synthetic), "--onto", "synthetic-h4", "--from", "0.16")
+    code, out = run(capsys, *args, "--releases", "0.16.1", "--keep", str(keep))
+    assert code == 16 and f"kept: {keep}" in out, out
+    assert "H4  0004-" in out and "conflict" in out
     notes = keep / ".git" / "mla-seam-rebase"
     message = next(notes.glob("*H4*.msg")).read_text()
     edit(
         keep / TC,
-        '            raise ValueError("apply_rope_fusion for MLA only works with YARN RoPE.")\n',
-        '            raise ValueError("apply_rope_fusion for MLA only works with YARN RoPE.")\n\n'
+        "        self.mla_checked = False\n",
+        "        self.mla_checked = False\n"
         "        from megatron.core.transformer import mla_adapter\n"
         "        mla_adapter.check_config(self)\n",
     )
@@ -381,23 +385,22 @@ def test_hand_written_hook_workflow(combo, bundle, capsys, tmp_path, fresh_check
         "--megatron",
         str(keep),
         "--onto",
-        "core_v0.13.1",
+        "synthetic-h4",
         "--from",
-        "0.14",
+        "0.16",
+        "--releases",
+        "0.16.1",
         "--resolved",
         "mla-seam/rebase",
         "--write",
     )
     assert code == 0, out
-    assert (
-        "mla-seam H4: validate MLA config after MLATransformerConfig.__post_init__: written by hand"
-        in out
-    )
+    assert "mla-seam H4: validate MLA config in MLATransformerConfig" in out
+    assert "written by hand" in out
     assert "mla-seam H1: build MLA core attention through the adapter: as surveyed" in out
-    written = load_series(bundle / "patches" / "core_v0.13")
-    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H6", "H4"]
-    tree = fresh_checkout("0.13.1", tmp_path / "tree")
-    assert cli.main(["apply", str(tree)]) == 0
+    written = load_series(bundle / "patches" / "core_v0.16")
+    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H6", "H8", "H4"]
+    assert cli.main(["apply", str(synthetic)]) == 0
 
 
 # --- refreshing the overlay blob ---------------------------------------------------------------

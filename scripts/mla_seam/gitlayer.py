@@ -10,7 +10,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import git
 from mla_seam.errors import GitError
@@ -178,13 +178,15 @@ def hash_blobs(root: os.PathLike, relpaths: Iterable[str]) -> Dict[str, Optional
 
 def apply_patch(
     workdir: os.PathLike,
-    patch: os.PathLike,
+    patch: Union[os.PathLike, Sequence[os.PathLike]],
     *,
     check: bool = False,
     reverse: bool = False,
     three_way: bool = False,
 ) -> str:
-    """Apply one patch file to the files under ``workdir``; return git's verbose report.
+    """Apply one patch file (or several, in order, as one all-or-nothing step) under ``workdir``.
+
+    Several patches may touch the same file: each applies to the result of the ones before it.
 
     The report names each hunk that landed at an offset ("Hunk #2 succeeded at 120 (offset 4
     lines)"). Raises ``git.GitCommandError`` when any hunk does not apply; nothing is written in
@@ -202,7 +204,8 @@ def apply_patch(
         args.append("--reverse")
     if three_way:
         args.append("--3way")  # only meaningful inside a repository that has the pre-image blobs
-    args += ["--", str(Path(patch).resolve())]
+    patches = [patch] if isinstance(patch, (str, os.PathLike)) else list(patch)
+    args += ["--", *(str(Path(p).resolve()) for p in patches)]
     cmd = command(workdir)
     # Outside a repository git apply treats cwd as the tree; GIT_DIR unset keeps it from
     # discovering an enclosing repository when the scratch folder happens to live inside one.
@@ -530,7 +533,8 @@ def apply_index(
     args = ["--verbose", "-p1", "--whitespace=nowarn", "--index"]
     if three_way:
         args.append("--3way")
-    args += ["--", str(Path(patch).resolve())]
+    patches = [patch] if isinstance(patch, (str, os.PathLike)) else list(patch)
+    args += ["--", *(str(Path(p).resolve()) for p in patches)]
     status, out, err = command(workdir).execute(
         argv("apply", *args), with_extended_output=True, with_exceptions=False
     )

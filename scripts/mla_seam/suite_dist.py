@@ -43,12 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import __version__
-from mla_seam import paths
+from mla_seam import __version__, paths
 from mla_seam import suite as _suite
+from mla_seam.errors import DeviceError, UsageError
 from mla_seam.suite import render as _render
 from mla_seam.suite import runner as _runner
-from mla_seam.errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 

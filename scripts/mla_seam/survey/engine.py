@@ -264,12 +264,7 @@ class _Surveyor:
     def _already_upstream(
         self, patch: PatchEntry, info: Mapping[str, str]
     ) -> Optional[Tuple[str, Optional[Commit]]]:
-        try:
-            gitlayer.apply_patch(self.ws.root, patch.path, check=True, reverse=True)
-        except git.GitCommandError:
-            reversed_ok = False
-        else:
-            reversed_ok = True
+        reversed_ok = self._reverses(patch)
         by_id = self._patch_id_match(info["diff"], patch.files)
         if not reversed_ok and by_id is None:
             return None
@@ -277,6 +272,30 @@ class _Surveyor:
         how = "reverse-applies" if reversed_ok else "an upstream commit has its patch-id"
         where = f"; introduced by {commit}" if commit else ""
         return f"already in {self.onto} ({how}{where})", commit
+
+    def _reverses(self, patch: PatchEntry) -> bool:
+        """Whether ``patch`` reverse-applies on the new base, alone or under the later patches.
+
+        A hook whose context holds the line a later hook adds (H8 right below H2) reverses only
+        once the later ones are taken out: a base that carries the whole series is tried with
+        the series from its last patch down to this one.
+        """
+        try:
+            gitlayer.apply_patch(self.ws.root, patch.path, check=True, reverse=True)
+            return True
+        except git.GitCommandError:
+            pass
+        later = self.series.patches[self.series.patches.index(patch) :]
+        if len(later) == 1:
+            return False
+        # git apply --check does not chain patches that touch one file; apply for real (all or
+        # nothing) and put the work tree back.
+        try:
+            gitlayer.apply_patch(self.ws.root, [p.path for p in reversed(later)], reverse=True)
+        except git.GitCommandError:
+            return False
+        gitlayer.reset_hard(self.ws.repo)
+        return True
 
     def _patch_id_match(self, diff: str, files: Sequence[str]) -> Optional[Commit]:
         pid = gitlayer.patch_id(diff.encode("utf-8"), self.ws.root)
