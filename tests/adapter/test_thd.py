@@ -138,3 +138,23 @@ def test_context_parallel_lengths_must_split_into_chunks():
     layer.config.context_parallel_size = 2  # as a CP=2 run sees it; no group is needed
     with pytest.raises(mla_adapter.MLACompatibilityError, match="multiple of 2 x 2"):
         mla_adapter.normalize_packed_seq(layer, params, torch.zeros(5, 1, 128))
+
+
+def test_one_host_copy_per_offsets_tensor(monkeypatch):
+    """The once-per-batch host copy (a device sync on a GPU) is taken once per distinct tensor:
+    kv offsets that are the q offsets, and padded offsets that are the actual ones, add none."""
+    copies = []
+    tolist = torch.Tensor.tolist
+
+    def counting(tensor):
+        copies.append(tensor)
+        return tolist(tensor)
+
+    cu = _cu(3, 5, 8)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu
+    )
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    mla_adapter.normalize_packed_seq(_layer(), params, torch.zeros(16, 1, 128))
+    mla_adapter.normalize_packed_seq(_layer(), params, torch.zeros(16, 1, 128))  # next layer
+    assert len(copies) == 1 and copies[0] is cu

@@ -195,9 +195,21 @@ class AdapterHostTimer:
         self.seconds = 0.0
 
     def _timed(self, fn, sign: float):
+        """``fn`` timed into :attr:`seconds` (``sign`` -1: subtracted, for upstream's work).
+
+        A blocking copy inside an entry point (the host copy of the offsets, once per batch)
+        would wait for every kernel queued before it; that wait is counted as a sync per step,
+        not as host work. So an added span starts on an idle GPU (synchronized before its
+        clock starts), and a subtracted span starts its clock before synchronizing.
+        """
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            if sign > 0:
+                torch.cuda.synchronize()
             start = time.perf_counter()
+            if sign < 0:
+                torch.cuda.synchronize()
             try:
                 return fn(*args, **kwargs)
             finally:

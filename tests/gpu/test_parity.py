@@ -81,9 +81,11 @@ def test_hf_parity(spec, q_lora, input_rms, buildable, megatron_version, record)
         passed=passed,
         query_norm_env=os.environ.get("MLA_SEAM_QUERY_NORM"),
     )
-    if have_adapter() and not os.environ.get("MLA_SEAM_QUERY_NORM"):
-        assert consumed, f"Megatron parameters without an HF counterpart: {extra} {built.notes}"
-        assert rel <= goal, f"relative error {rel:.3g} vs HF above {goal:g}"
+    if not have_adapter() or os.environ.get("MLA_SEAM_QUERY_NORM"):
+        # The record carries the comparison; a pass here would read as "vanilla matches HF".
+        pytest.skip(f"recorded, not asserted (vanilla tree or upstream query norm): rel {rel:.3g}")
+    assert consumed, f"Megatron parameters without an HF counterpart: {extra} {built.notes}"
+    assert rel <= goal, f"relative error {rel:.3g} vs HF above {goal:g}"
 
 
 def _mask(built, dev: str):

@@ -450,9 +450,13 @@ def _prepare_thd(
         params.cu_seqlens_kv = params.cu_seqlens_q
     if getattr(params, "cu_seqlens_kv_padded", None) is None:
         params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
-    host = {}
+    host: Dict[str, Optional[List[int]]] = {}
+    copied: Dict[int, Optional[List[int]]] = {}  # one host copy per tensor (kv is often q's)
     for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
-        host[name] = _host_offsets(name, getattr(params, name, None))
+        offsets = getattr(params, name, None)
+        if id(offsets) not in copied:
+            copied[id(offsets)] = _host_offsets(name, offsets)
+        host[name] = copied[id(offsets)]
     for side in ("q", "kv"):
         actual = host[f"cu_seqlens_{side}"]
         padded = host[f"cu_seqlens_{side}_padded"] or actual
