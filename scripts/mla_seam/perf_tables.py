@@ -21,6 +21,7 @@ any number of trees and runs; every record names its tree's ``version`` and ``si
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -428,22 +429,24 @@ def render_markdown(doc: Mapping[str, Any], card: str = "") -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the tables of the given JSON-lines files as markdown.
-
-    Args:
-        argv: ``[--card NAME] FILE...``.
+    """``python -m mla_seam.perf_tables [--card NAME] FILE...``: the tables as markdown.
 
     Returns:
-        0, or 2 without files.
+        0; 2 for bad arguments or a records file that cannot be read.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    card = ""
-    if args[:1] == ["--card"] and len(args) > 1:
-        card, args = args[1], args[2:]
-    if not args:
-        sys.stderr.write("usage: python -m mla_seam.perf_tables [--card NAME] RESULTS.jsonl...\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m mla_seam.perf_tables",
+        description="Tabulate the issue-8 GPU records (JSON lines) as markdown.",
+    )
+    parser.add_argument("--card", default="", help="the card and software, for the heading")
+    parser.add_argument("files", nargs="+", metavar="RESULTS.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        records = read_records(args.files)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"perf_tables: cannot read the records: {exc}\n")
         return 2
-    sys.stdout.write(render_markdown(tables(read_records(args)), card))
+    sys.stdout.write(render_markdown(tables(records), args.card))
     return 0
 
 
