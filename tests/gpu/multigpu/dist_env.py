@@ -148,9 +148,18 @@ def _split(full: torch.Tensor, param: torch.Tensor, rank_: int, size: int) -> to
     return torch.cat(pieces[rank_::size], dim=dim)
 
 
+#: Set by :func:`load_full` on each parameter it loaded: whether that parameter is a shard.
+SPLIT_ATTR = "_mla_seam_tp_split"
+
+
 def is_tp_split(param: torch.Tensor, tp: int) -> bool:
-    """Whether Megatron split this parameter over the tensor-parallel ranks."""
-    return tp > 1 and bool(getattr(param, "tensor_model_parallel", False))
+    """Whether Megatron split this parameter over the tensor-parallel ranks.
+
+    Megatron's ``tensor_model_parallel`` flag, unless :func:`load_full` found the parameter at
+    its full size (0.16's TE duplicated down projections carry the flag but are replicated).
+    """
+    flagged = bool(getattr(param, "tensor_model_parallel", False))
+    return tp > 1 and bool(getattr(param, SPLIT_ATTR, flagged))
 
 
 def load_full(
@@ -180,7 +189,9 @@ def load_full(
             if ref_name not in full:
                 raise AssertionError(f"{name}: no reference parameter {ref_name!r}")
             value = full[ref_name]
-            if is_tp_split(param, tp):
+            split = is_tp_split(param, tp) and tuple(value.shape) != tuple(param.shape)
+            setattr(param, SPLIT_ATTR, split)
+            if split:
                 value = _split(value, param, tp_rank, tp)
             if tuple(value.shape) != tuple(param.shape):
                 raise AssertionError(
