@@ -232,3 +232,19 @@ def test_tree_applied_by_0_1_0_is_recognised_upgraded_and_reverted(
     undo = _now("--revert", str(tree), root=root)
     assert undo.returncode == 0, undo.stdout + undo.stderr
     assert snapshot(tree) == before, "revert of a 0.1.0 tree is not byte-exact"
+
+
+def test_every_package_of_the_tooling_is_in_the_wheel() -> None:
+    """pyproject lists the packages by hand (the bundle is mapped in): none may be left out."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    listed = set(
+        tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    scripts = REPO_ROOT / "scripts"
+    found = {
+        ".".join(init.parent.relative_to(scripts).parts)
+        for init in scripts.glob("mla_seam/**/__init__.py")
+    }
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    gpu = {p.parent.name for p in (REPO_ROOT / "tests" / "gpu").glob("*/*.py")}
+    assert {f"mla_seam._bundle.tests.gpu.{name}" for name in gpu} <= listed
