@@ -531,7 +531,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 config = MLATransformerConfig(
     num_layers=1, hidden_size=2048, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
     qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, rope_type="yarn",
-    rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=0.707,
+    rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=0.707, qk_layernorm=True,
 )
 mla_adapter.resolve_attention_backend(config, "te" if mla_adapter.HAVE_TE else "local")
 print(mla_adapter.describe(config))
