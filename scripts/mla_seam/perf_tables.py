@@ -440,7 +440,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--card", default="", help="the card and software, for the heading")
     parser.add_argument("files", nargs="+", metavar="RESULTS.jsonl")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage
+        return int(exc.code or 0)
     try:
         records = read_records(args.files)
     except (OSError, ValueError) as exc:
