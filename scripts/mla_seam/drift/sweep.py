@@ -133,7 +133,15 @@ def _preimage_problems(ws: Workspace, s: Series, version: str, commit: str) -> L
     return problems
 
 
-def _reasons(sv: Survey, served: bool, ws: Workspace) -> List[str]:
+def _served_by_line(s: Series, version: str, sv: Survey) -> bool:
+    """Whether apply serves a version its line does not list (``0.19.1`` at upstream's tag
+    ``core_v0.19.0``, ``0.17.0rc0``, an unlisted patch release): same ``MAJOR.MINOR`` and every
+    hook applies strictly (exact, offset or obsolete), as ``mla-seam apply`` then does."""
+    strict = (PatchClass.EXACT, PatchClass.OFFSET, PatchClass.OBSOLETE)
+    return s.line == releases.line_of(version) and all(p.cls in strict for p in sv.patches)
+
+
+def _reasons(sv: Survey, served: bool, ws: Workspace, listed: bool = True) -> List[str]:
     reasons = []
     if not served:
         reasons.append(
@@ -145,7 +153,7 @@ def _reasons(sv: Survey, served: bool, ws: Workspace) -> List[str]:
             reasons.append(f"{p.hook} {p.name}: {p.cls.value}: {p.detail}")
         elif not served and p.cls in (PatchClass.CONFLICT, PatchClass.THREE_WAY):
             reasons.append(f"{p.hook} {p.name}: {p.cls.value}: {p.detail}")
-    if served:
+    if served and listed:
         reasons += _preimage_problems(ws, sv.series, sv.onto_version, sv.onto_commit)
     reasons += contracts.adapter_problems(sv.new_contracts)
     return reasons
@@ -161,8 +169,9 @@ def tag_entry(
     """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
     commit, source = ws.resolve(ref)
     version = version_at(ws.repo, commit)
-    s, served = series_for(lines, version)
+    s, listed = series_for(lines, version)
     sv = survey(ws, s, ref, range_diff=False)
+    served = listed or _served_by_line(s, version, sv)
     changes: List[Dict[str, object]] = []
     if previous is not None:
         prev_values = previous["contracts"]
@@ -170,7 +179,7 @@ def tag_entry(
             dict(c.to_json(), since=previous["tag"])
             for c in contracts.diff(prev_values, sv.new_contracts)  # type: ignore[arg-type]
         ]
-    reasons = _reasons(sv, served, ws)
+    reasons = _reasons(sv, served, ws, listed)
     base = None
     if baseline is not None:
         bv = sv if baseline.name == s.name else survey(ws, baseline, ref, range_diff=False)
