@@ -66,7 +66,12 @@ def test_version_map() -> None:
 
 
 @pytest.mark.parametrize("ref", ["core_v0.12.0", "0.18.1", "0.20", "main", "core_r0.16.0", ""])
-def test_unknown_ref_names_known_lines(ref: str) -> None:
+def test_unknown_ref_names_known_lines(
+    ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty cache: a package-index refresh recorded in the user's cache (PyPI lists the
+    # yanked 0.18.1) would make 0.18.1 a known release, as an exact pin of it is.
+    monkeypatch.setenv("MLA_SEAM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UpstreamError) as info:
         upstream.version_for(ref)
     assert "0.13" in str(info.value) and "0.19 (0.19.0, 0.19.2)" in str(info.value)
