@@ -495,7 +495,8 @@ def test_run_phase_runs_pytest_and_collects_records(tmp_path):
             def test_writes():
                 with open(os.environ["MLA_SEAM_RESULTS"], "a") as f:
                     f.write(json.dumps({"case": "x", "tree": os.environ["MLA_SEAM_MEGATRON_TREE"],
-                                        "side": os.environ["MLA_SEAM_SIDE"]}) + "\\n")
+                                        "side": os.environ["MLA_SEAM_SIDE"],
+                                        "tf32": os.environ.get("NVIDIA_TF32_OVERRIDE")}) + "\\n")
 
             def test_skips():
                 pytest.skip("no")
@@ -505,7 +506,10 @@ def test_run_phase_runs_pytest_and_collects_records(tmp_path):
                 assert False
             """))
     tree = suite.TreeInfo(str(tmp_path), "0.19.2", "core_v0.19.2", True)
-    unit = suite.Unit(suite.Phase("demo", "test_x.py", ("vanilla",), timeout_s=120), "vanilla")
+    phase = suite.Phase(
+        "demo", "test_x.py", ("vanilla",), 120, env=(("NVIDIA_TF32_OVERRIDE", "0"),)
+    )
+    unit = suite.Unit(phase, "vanilla")
     work = tmp_path / "work"
     work.mkdir()
     import sys  # pylint: disable=import-outside-toplevel
@@ -514,8 +518,9 @@ def test_run_phase_runs_pytest_and_collects_records(tmp_path):
     assert result.ok, result.output_tail
     assert result.counts == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1, "xfailed": 1}
     assert records == [
-        {"case": "x", "tree": str(tmp_path), "side": "vanilla", "phase": "demo", "role": "vanilla"}
-    ]
+        {"case": "x", "tree": str(tmp_path), "side": "vanilla", "tf32": "0", "phase": "demo",
+         "role": "vanilla"}
+    ]  # fmt: skip
     assert result.name == "demo@vanilla" and result.role == "vanilla"
     assert result.tests == {
         "test_x::test_writes": "passed",

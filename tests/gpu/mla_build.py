@@ -142,7 +142,6 @@ def megatron_config(
         rope_type=rope.kind,
         rotary_base=rope.theta,
         rotary_scaling_factor=rope.factor,
-        original_max_position_embeddings=rope.original_max_position_embeddings,
         beta_fast=rope.beta_fast,
         beta_slow=rope.beta_slow,
         mscale=rope.mscale,
@@ -159,6 +158,13 @@ def megatron_config(
         apply_rope_fusion=False,
         attention_backend=getattr(AttnBackend, backend),
     )
+    # YaRN's pretraining context: ``original_max_position_embeddings`` from 0.14 on; 0.13 reads
+    # ``max_position_embeddings`` for it (no separate field). Detected on the config class.
+    fields = {f.name for f in dataclasses.fields(MLATransformerConfig)}
+    if "original_max_position_embeddings" in fields:
+        kwargs["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    else:
+        kwargs["max_position_embeddings"] = rope.original_max_position_embeddings
     if recompute:
         kwargs.update(recompute_granularity="selective", recompute_modules=[recompute])
     kwargs.update(overrides)

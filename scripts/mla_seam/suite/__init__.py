@@ -66,7 +66,7 @@ from mla_seam.suite.phases import (
     run_phase,
 )
 from mla_seam.suite.render import render_markdown
-from mla_seam.suite.runner import SCHEMA_VERSION, build_results, run_suite
+from mla_seam.suite.runner import SCHEMA_VERSION, build_results, reattribute, run_suite
 from mla_seam.suite.trees import (
     DEFAULT_BASE,
     ROLES,
@@ -147,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
     """The ``suite`` verb; exit 0 when the patched tree passed and the overlay broke nothing."""
     from mla_seam.errors import UsageError  # pylint: disable=import-outside-toplevel
 
+    if getattr(args, "reattribute", None):
+        for folder in args.reattribute:
+            verdict = reattribute(folder)["verdict"]
+            counts = ", ".join(f"{n} {a}" for a, n in verdict["counts"].items() if n)
+            sys.stdout.write(f"{verdict['tag']}: {verdict['verdict']} ({counts})\n")
+        return 0
     if getattr(args, "nproc", None):
         # The multi-GPU phase (torchrun + NCCL); it imports this package, hence the late import.
         from mla_seam import suite_dist  # pylint: disable=import-outside-toplevel
@@ -253,6 +259,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar="ARG",
         help="extra pytest argument for every phase (repeatable), e.g. --pytest-arg=-x",
+    )
+    parser.add_argument(
+        "--reattribute",
+        nargs="+",
+        metavar="RUN",
+        help="derive the verdict of stored runs (results/<tag>/<card>) again with this "
+        "version's attribution; runs nothing, needs no GPU",
     )
     _add_multigpu_arguments(parser)
     parser.set_defaults(func=run)

@@ -10,14 +10,15 @@ becomes a :class:`Finding` whose attribution compares the three:
   vanilla did not;
 * ``absorbed``: vanilla regressed against the base, patched did not (the adapter took it);
 * ``upstream changed``: vanilla moved against the base and patched moved with it;
-* ``unchanged``: nothing moved beyond the tolerance;
-* ``unattributed``: patched moved but the tree that would say why was not measured.
+* ``unchanged``: nothing moved beyond the tolerance (a test failing alike on all three trees is
+  a standing failure: unchanged, not regressed);
+* ``unattributed``: patched moved, or fails, and the tree that would say why was not measured.
 
 A finding is ``regressed`` when the shipped tree (patched) is worse than the base, or fails
-outright. The verdict of the tag: ``overlay_broke`` if any finding says so, else
-``upstream_changed`` if any finding regressed (upstream moved and the adapter does not absorb it
-yet), else ``incomplete`` if a phase of the patched tree broke down or no vanilla tree ran, else
-``pass``. The document (:func:`build_verdict`) is ``verdict.json`` of the run, schema
+where the base was not seen to fail. The verdict of the tag: ``overlay_broke`` if any finding
+says so, else ``upstream_changed`` if an attributed finding regressed (upstream moved and the
+adapter does not absorb it yet), else ``incomplete`` if an unattributed finding regressed, a
+phase of the patched tree broke down or no vanilla tree ran, else ``pass``. The document (:func:`build_verdict`) is ``verdict.json`` of the run, schema
 ``schemas/gpu_verdict.schema.json``; ``mla-seam drift --gpu-results`` reads it.
 """
 
@@ -37,9 +38,12 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "gpu_verdict.sch
 CATEGORIES = ("correctness", "golden", "performance", "backend", "kernels")
 ATTRIBUTIONS = ("upstream changed", "overlay broke", "absorbed", "unchanged", "unattributed")
 VERDICTS = ("pass", "upstream_changed", "overlay_broke", "incomplete")
-#: Time ratios within this factor are noise: patched and vanilla timed in separate processes
-#: on one H200 differed by up to 1.57x for the same code (results/core_v0.19.2, 2026-11-27).
-PERF_TOLERANCE = 1.25
+#: Time ratios within this factor are noise. Times are compared by their fastest sample
+#: (:func:`fastest_ms`: interference only adds time), and identical code still spreads: the base
+#: tree (patched 0.16.1) timed in seven processes of one run on four H200s, 2026-11-29, gave
+#: fastest samples up to 1.54x apart (medians up to 2.21x). Smaller moves are told by the kernel
+#: and sync counts, which do not drift with the machine's load.
+PERF_TOLERANCE = 1.6
 #: Kernel launches per step: a few launches of slack (profiler windows); syncs: none.
 KERNEL_TOLERANCE = 1.05
 
@@ -141,7 +145,10 @@ def attribute(
     if pv == BETTER:
         return "absorbed", failing
     if failing:
-        return ("upstream changed" if pv == SAME else "unattributed"), True
+        if pv == SAME and vb == SAME:  # fails alike on all three: standing, nothing moved
+            return "unchanged", False
+        # Fails alike on vanilla with no base to say whether that is new, or vanilla unmeasured.
+        return "unattributed", True
     return "unchanged", False
 
 
@@ -212,6 +219,14 @@ def _failed(value: Any) -> bool:
     return value is False
 
 
+def fastest_ms(record: Mapping[str, Any]) -> Optional[float]:
+    """A timing record's fastest sample (``ms_all``), else its median (older records)."""
+    samples = [t for t in record.get("ms_all") or () if _number(t)]
+    if samples:
+        return min(samples)
+    return record.get("ms_median") if _number(record.get("ms_median")) else None
+
+
 def _group(
     records: Iterable[Mapping[str, Any]], case: str, key: Sequence[str]
 ) -> Dict[Tuple[Any, ...], Dict[str, Mapping[str, Any]]]:
@@ -237,17 +252,17 @@ def record_findings(records: Sequence[Mapping[str, Any]]) -> List[Finding]:
         decided = {role: r.get("decided") for role, r in roles.items() if role != "vanilla"}
         if any(decided.values()):
             findings.append(_finding("backend", subject, "decided", decided, identical))
-        ms = {role: r.get("ms_median") for role, r in roles.items() if r.get("ms_median")}
+        ms = {role: fastest_ms(r) for role, r in roles.items() if fastest_ms(r)}
         if ms:
             compare = lower_is_better(PERF_TOLERANCE)
-            findings.append(_finding("performance", subject, "ms_median", ms, compare, unit=" ms"))
+            findings.append(_finding("performance", subject, "ms_fastest", ms, compare, unit=" ms"))
     for key, roles in sorted(_group(records, "bench_thd_sweep", THD_SWEEP_KEY).items(), key=str):
-        ms = {role: r.get("ms_median") for role, r in roles.items()}
+        ms = {role: fastest_ms(r) for role, r in roles.items()}
         findings.append(
             _finding(
                 "performance",
                 _subject("bench_thd_sweep", THD_SWEEP_KEY, key),
-                "ms_median",
+                "ms_fastest",
                 ms,
                 lower_is_better(PERF_TOLERANCE),
                 unit=" ms",
@@ -323,9 +338,11 @@ def verdict_of(findings: Sequence[Finding], results: Mapping[str, Any]) -> Tuple
     if broke:
         return "overlay_broke", [f.cause for f in broke]
     regressed = [f for f in findings if f.regressed]
-    if regressed:
+    if any(f.attribution != "unattributed" for f in regressed):
         return "upstream_changed", [f"{f.attribution}: {f.cause}" for f in regressed]
-    reasons = []
+    # Regressions no tree can explain (a failure vanilla shares, with no base measured) leave
+    # the tag undecided rather than blamed on either side.
+    reasons = [f"unattributed: {f.cause}" for f in regressed]
     for phase in results.get("phases") or []:
         if phase.get("role") == "patched" and not phase.get("ok"):
             why = "timed out" if phase.get("timed_out") else f"exit {phase.get('exit_code')}"

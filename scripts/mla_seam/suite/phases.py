@@ -44,6 +44,8 @@ class Phase:
         optional: The file may be absent from this checkout (a phase another branch adds):
             skipped with that reason instead of failing.
         golden: Its test writes golden values (``MLA_SEAM_GOLDEN_OUT``, see ``goldens``).
+        env: Environment of its processes, set before they start (what a library reads once
+            at load, like cuBLAS's ``NVIDIA_TF32_OVERRIDE``, cannot be set by the test itself).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Phase:
     nproc: int = 1
     optional: bool = False
     golden: bool = False
+    env: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def file(self) -> str:
@@ -77,7 +80,17 @@ PHASES: Tuple[Phase, ...] = (
     Phase(
         "thd-sweep", SWEEP + "::test_thd_sweep", ("patched", "vanilla", "base"), 360, optional=True
     ),
-    Phase("parity", "test_parity.py", ("patched", "vanilla"), 240, optional=True),
+    # HF parity in fp32 with cuBLAS's TF32 off: TE's fp32 GEMMs otherwise run in TF32 (1.41e-3
+    # at input RMS 3 on vanilla and patched of every line, 2026-11-29), above the 1e-3 goal.
+    # The base runs it too, so a failure all three trees share is told from a new one.
+    Phase(
+        "parity",
+        "test_parity.py",
+        ("patched", "vanilla", "base"),
+        240,
+        optional=True,
+        env=(("NVIDIA_TF32_OVERRIDE", "0"),),
+    ),
     Phase("kernels", SWEEP + "::test_kernel_counts", ("patched", "vanilla"), 240, optional=True),
     Phase("local-vs-te", SWEEP + "::test_local_vs_te", ("patched",), 240, optional=True),
 )
@@ -258,6 +271,7 @@ def run_phase(
         PYTHONUNBUFFERED="1",
         PYTHONPATH=package_parent + os.pathsep + env.get("PYTHONPATH", ""),
     )
+    env.update(phase.env)
     env.update(extra_env or {})
     cmd = [
         python,

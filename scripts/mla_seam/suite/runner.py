@@ -318,6 +318,46 @@ def merge_previous(
     return merged, old_records + records, merged_golden
 
 
+def reattribute(folder: os.PathLike) -> Dict[str, Any]:
+    """Derive a stored run's verdict again with this version's attribution (no GPU needed).
+
+    The measurements stay as they were; ``verdict.json``, ``results.md`` and the ``verdict`` of
+    ``results.json`` are rewritten, and ``results.json`` records when and by which mla-seam.
+
+    Args:
+        folder: A run's folder (``<out>/<tag>/<card>``) or its ``results.json``.
+
+    Raises:
+        UsageError: No readable schema-2 ``results.json`` there.
+    """
+    path = Path(folder)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"--reattribute {folder}: no readable results.json ({exc})",
+            "pass a suite run's folder, e.g. results/core_v0.19.2/h200",
+        ) from exc
+    if (
+        results.get("kind") != "mla-seam-gpu-suite"
+        or results.get("schema_version") != SCHEMA_VERSION
+    ):
+        raise UsageError(
+            f"--reattribute {folder}: not a schema-{SCHEMA_VERSION} suite run "
+            f"(kind {results.get('kind')!r}, schema_version {results.get('schema_version')!r})",
+            "only runs of the three-tree suite carry what attribution compares",
+        )
+    results["verdict"] = attribution.build_verdict(results)
+    results["reattributed"] = {
+        "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mla_seam_version": __version__,
+    }
+    write_outputs(path.parent, results)
+    return results
+
+
 def write_outputs(out_dir: Path, results: Mapping[str, Any]) -> None:
     """``results.json``, ``results.md``, ``bench.json`` and ``verdict.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

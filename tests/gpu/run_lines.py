@@ -1,0 +1,227 @@
+"""Three-tree suites of several release lines spread over the GPUs of one host, inside a deadline.
+
+Device glue for committing results (issue 9): a lent machine gives at most 10 minutes a call, a
+three-tree run of one release takes 10-12 minutes on one H200, and a host has 2-8 GPUs. This
+script stages every tree first, then runs the suite's units in chunks (one ``mla-seam suite
+--only ...`` process per chunk, merged into ``OUT/<tag>/<card>/results.json``), one chunk per GPU
+at a time and one chunk per release at a time (a release's results file has one writer). A chunk
+starts only when its estimate fits before the deadline; units already in a results file are not
+run again, so a second call with the same OUT (carried back) finishes what the first left.
+
+    python3 tests/gpu/run_lines.py --out OUT --work TREES --deadline-s 540 \\
+        --release 0.18.2:0.16.1 --release 0.16.1:none --release 0.19.2:0.16.1=parity,bench \\
+        [--dist 0.16.1:2] [--gpus 0,1,2,3]
+
+``--release V:BASE[=UNITS]`` (BASE ``none``: two trees; UNITS: phase or unit names, run again
+even when done; default: what is not done yet of the whole suite but ``local-vs-te``). ``--dist V:N`` also runs the multi-GPU cases of V on N GPUs
+(``mla-seam suite --nproc N``). Writes ``OUT/run_lines.log`` and ``OUT/run_lines.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+# pylint: disable=wrong-import-position
+from mla_seam import releases  # noqa: E402
+from mla_seam.suite.trees import stage  # noqa: E402
+
+#: Units run together in one suite process (one merge each), in the order they are started.
+CHUNKS = (
+    ("matrix",),
+    ("oracles",),
+    ("thd-sweep", "thd-sweep@vanilla", "thd-sweep@base"),
+    ("smoke", "smoke@vanilla", "golden", "golden@vanilla", "golden@base"),
+    ("parity", "parity@vanilla", "kernels", "kernels@vanilla"),
+    ("bench", "bench@vanilla", "bench@base", "local-vs-te"),
+)
+#: Seconds per unit on one H200 (core_v0.19.2, 2026-11-29; older lines are faster).
+ESTIMATE = {
+    "smoke": 33, "smoke@vanilla": 24, "oracles": 90, "matrix": 108, "golden": 23,
+    "golden@vanilla": 19, "golden@base": 21, "thd-sweep": 45, "thd-sweep@vanilla": 40,
+    "thd-sweep@base": 37, "parity": 36, "parity@vanilla": 33, "kernels": 25,
+    "kernels@vanilla": 41, "bench": 30, "bench@vanilla": 30, "bench@base": 30, "local-vs-te": 30,
+}  # fmt: skip
+#: The suite process's own start (device probe, tree inspection, merge).
+START_S = 12
+DIST_S = 200
+
+
+@dataclasses.dataclass
+class Job:
+    """One process: a chunk of one release, or the multi-GPU cases of one release."""
+
+    name: str
+    key: str
+    argv: List[str]
+    gpus: int
+    estimate: float
+    proc: Optional[subprocess.Popen] = None
+    devices: Sequence[int] = ()
+    started: float = 0.0
+    rc: Optional[int] = None
+    seconds: float = 0.0
+
+
+def _say(log, text: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {text}"
+    print(line, flush=True)
+    log.write(line + "\n")
+    log.flush()
+
+
+def done_units(out: Path, version: str) -> set:
+    """Units already in ``OUT/core_vV/*/results.json`` (run to the end, ok or not)."""
+    done = set()
+    for path in out.glob(f"{releases.TAG_PREFIX}{version}/*/results.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        done |= {p["name"] for p in data.get("phases", []) if not p.get("timed_out")}
+    return done
+
+
+def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[Job]:
+    """The chunks still to run for ``V:BASE[=UNITS]``."""
+    head, _, units = spec.partition("=")
+    version, _, base = head.partition(":")
+    base = None if base in ("", "none") else base
+    trees = stage(version, base, work)
+    wanted = {u for u in units.split(",") if u} if units else None
+    done = done_units(out, version)
+    jobs = []
+    for chunk in CHUNKS:
+        pick = []
+        for unit in chunk:
+            phase = unit.split("@")[0]
+            role = unit.split("@")[1] if "@" in unit else "patched"
+            if role not in trees or (unit in done and wanted is None):
+                continue
+            if wanted is None and phase == "local-vs-te":
+                continue
+            if wanted is not None and unit not in wanted and phase not in wanted:
+                continue
+            pick.append(unit)
+        if not pick:
+            continue
+        argv = [python, "-m", "mla_seam", "suite", "--megatron", str(trees["patched"])]
+        argv += ["--vanilla-megatron", str(trees["vanilla"]), "--out", str(out)]
+        if "base" in trees:
+            argv += ["--base-megatron", str(trees["base"])]
+        argv += ["--only", ",".join(pick)]
+        estimate = START_S + sum(ESTIMATE.get(u, 40) for u in pick)
+        jobs.append(Job(f"{version}:{'+'.join(pick)}", version, argv, 1, estimate))
+    return jobs
+
+
+def dist_job(spec: str, out: Path, work: Path, python: str, budget: float) -> Job:
+    """``V:N``: the multi-GPU cases of V on N GPUs, patched and vanilla."""
+    version, _, nproc = spec.partition(":")
+    trees = stage(version, None, work)
+    argv = [python, "-m", "mla_seam", "suite", "--nproc", nproc or "2"]
+    argv += ["--megatron", str(trees["patched"]), "--vanilla-megatron", str(trees["vanilla"])]
+    argv += ["--out", str(out), "--time-budget-s", str(int(budget))]
+    return Job(f"dist {version} x{nproc}", f"dist-{version}", argv, int(nproc or 2), DIST_S)
+
+
+def schedule(jobs: List[Job], gpus: List[int], deadline: float, log) -> None:
+    """Run ``jobs`` in order over ``gpus``: a job starts when it fits, its key free, GPUs idle."""
+    pending, running, finished = list(jobs), [], []
+    free = list(gpus)
+    while pending or running:
+        for job in list(running):
+            rc = job.proc.poll()
+            late = time.monotonic() > deadline
+            if rc is None and not late:
+                continue
+            if rc is None:
+                job.proc.kill()
+                rc = job.proc.wait()
+                _say(log, f"killed at the deadline: {job.name}")
+            job.rc, job.seconds = rc, time.monotonic() - job.started
+            _say(log, f"done rc={rc} {job.seconds:.0f}s (est {job.estimate:.0f}) {job.name}")
+            running.remove(job)
+            finished.append(job)
+            free.extend(job.devices)
+        busy = {j.key for j in running}
+        left = deadline - time.monotonic()
+        for job in list(pending):
+            if job.estimate > left:
+                pending.remove(job)
+                _say(
+                    log,
+                    f"left for a later call (est {job.estimate:.0f}s > {left:.0f}s): {job.name}",
+                )
+                continue
+            if job.key in busy or len(free) < job.gpus:
+                continue
+            job.devices, free = free[: job.gpus], free[job.gpus :]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
+            # Processes side by side: each gets its share of the cores, not all of them.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(gpus))))
+            job.started = time.monotonic()
+            with open(log.name + f".{len(finished) + len(running)}.out", "w") as sink:
+                job.proc = subprocess.Popen(
+                    job.argv, env=env, stdout=sink, stderr=subprocess.STDOUT
+                )
+            running.append(job)
+            busy.add(job.key)
+            pending.remove(job)
+            _say(log, f"start on GPU {job.devices} (est {job.estimate:.0f}s): {job.name}")
+        time.sleep(1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--deadline-s", type=float, default=540)
+    parser.add_argument("--release", action="append", default=[], metavar="V:BASE[=UNITS]")
+    parser.add_argument("--dist", action="append", default=[], metavar="V:N")
+    parser.add_argument("--gpus", help="comma-separated device indices (default: all visible)")
+    args = parser.parse_args(argv)
+    deadline = time.monotonic() + args.deadline_s
+    import torch  # pylint: disable=import-outside-toplevel
+
+    gpus = (
+        [int(g) for g in args.gpus.split(",")]
+        if args.gpus
+        else list(range(torch.cuda.device_count()))
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "run_lines.log", "a", encoding="utf-8") as log:
+        _say(log, f"GPUs {gpus}; deadline {args.deadline_s:.0f}s")
+        for spec in args.release:  # bases first: several releases share one base tree
+            base = spec.partition("=")[0].partition(":")[2]
+            if base not in ("", "none"):
+                stage(base, None, args.work)
+        jobs: List[Job] = []
+        for spec in args.dist:
+            jobs.append(dist_job(spec, args.out, args.work, sys.executable, args.deadline_s / 2))
+        for spec in args.release:
+            jobs += release_jobs(spec, args.out, args.work, sys.executable)
+        _say(
+            log,
+            f"staged; {len(jobs)} jobs, {sum(j.estimate * j.gpus for j in jobs):.0f} GPU-s estimated",
+        )
+        schedule(jobs, gpus, deadline, log)
+        summary = {
+            spec.partition(":")[0]: sorted(done_units(args.out, spec.partition(":")[0]))
+            for spec in args.release
+        }
+        (args.out / "run_lines.json").write_text(
+            json.dumps(summary, indent=1) + "\n", encoding="utf-8"
+        )
+        _say(log, "units done per release: " + json.dumps({k: len(v) for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
