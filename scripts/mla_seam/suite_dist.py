@@ -148,7 +148,7 @@ class Case:
     sweep: Tuple[int, ...] = ()
     reps: int = 5
     golden: Optional[str] = None
-    known_issue: Optional[Dict[str, str]] = None
+    known_issue: Optional[Dict[str, Any]] = None
     needs: Tuple[str, ...] = ("cuda", "te")
     budget_s: int = 60
     deterministic: bool = True
@@ -614,6 +614,8 @@ def summarize(cases: Sequence[Case], records: Sequence[Dict[str, Any]]) -> List[
             }
         if case.known_issue:
             row["known_issue"] = case.known_issue["ref"]
+            if "sides" in case.known_issue:
+                row["known_issue_sides"] = list(case.known_issue["sides"])
         rows.append(row)
     return rows
 
@@ -697,10 +699,13 @@ def render_markdown(results: Dict[str, Any]) -> str:
         p, v = row.get("patched") or {}, row.get("vanilla") or {}
         rel = p.get("max_rel") or {}
         verdict = p.get("outcome", "-") + ("" if p.get("ok") is None else f" ({fmt(p['ok'])})")
+        known = row.get("known_issue", "-")
+        if row.get("known_issue_sides"):
+            known += f" ({', '.join(row['known_issue_sides'])} only)"
         lines.append(
             f"| {row['name']} | {verdict} | {v.get('outcome', '-')} | {fmt(rel.get('out'))} | "
             f"{fmt(rel.get('grads'))} | {fmt(rel.get('loss'))} | "
-            f"{', '.join(p.get('failed_checks') or []) or '-'} | {row.get('known_issue', '-')} |"
+            f"{', '.join(p.get('failed_checks') or []) or '-'} | {known} |"
         )
     lines += ["", "## Golden values", ""]
     for layout, info in sorted(results["golden"].items()):
