@@ -91,9 +91,9 @@ def test_broken_contract_is_reported(megatron_checkout, tmp_path: Path):
     assert any("te.dpa_init_params absent" in p for p in problems), problems  # TE file missing
 
 
-def test_middle_stage_guard_probe_sees_the_guard(megatron_checkout, tmp_path: Path):
+def test_middle_stage_guard_makes_h7_obsolete(megatron_checkout, tmp_path: Path):
     """Once the virtual-stage branch guards its division by the middle stage count, the probe
-    sees it."""
+    sees it and every line's H7 header says the patch is obsolete there."""
     src = megatron_checkout("0.19.2")
     text = (src / contracts.TL).read_text()
     division = "                            // middle_pipeline_stages\n                        )\n"
@@ -109,6 +109,12 @@ def test_middle_stage_guard_probe_sees_the_guard(megatron_checkout, tmp_path: Pa
     values = contracts.probe_dir(tmp_path)
     assert values["tl.layer_offset_middle_stages_guarded"] is True
     assert contracts.probe_dir(src)["tl.layer_offset_middle_stages_guarded"] is False
+    root = Path(__file__).resolve().parents[1] / "patches"
+    headers = sorted(root.glob("*/*-H7-*.patch"))
+    assert [h.parent.name for h in headers] == [f"core_v0.1{n}" for n in range(3, 10)]
+    for header in headers:
+        held = contracts.obsolete_if(header.read_text(), values)
+        assert held == "tl.layer_offset_middle_stages_guarded=true", header
 
 
 def test_obsolete_if_trailers():
