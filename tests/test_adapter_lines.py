@@ -2,11 +2,14 @@
 
 Each line gets a fresh checkout built from its PyPI sdist, the product's own ``mla-seam apply``,
 and a separate pytest process over ``tests/adapter`` with that tree on ``sys.path`` (one Megatron
-per interpreter). A failure shows the inner run's output.
+per interpreter). A failure shows the inner run's output. The vanilla checkout of each line runs
+upstream's pipeline offsets (``tests/adapter/pipeline_offsets.py``) to show what H7 absorbs.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from packaging.version import Version
 from mla_seam import cli, series
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFSETS_SCRIPT = ROOT / "tests" / "adapter" / "pipeline_offsets.py"
 #: The newest release of every line that has a series.
 RELEASES = [
     max(series.load_series(folder).releases, key=Version)
@@ -59,3 +63,38 @@ def test_adapter_suite_in_patched_release(release, fresh_checkout, tmp_path):
     assert result.returncode == 0, f"adapter tests failed on {release}:\n{tail}"
     assert " passed" in result.stdout, tail
     sys.stdout.write(f"\n[{release}] {result.stdout.splitlines()[-1]}\n")
+
+
+def _offsets_module():
+    spec = importlib.util.spec_from_file_location("pipeline_offsets", OFFSETS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_vanilla_release_divides_by_zero_without_a_middle_stage(release, megatron_checkout):
+    """Upstream's own offsets (no series): PP=2 + VPP=2 with first 4 and last 2 layers raises
+    ZeroDivisionError on pipeline rank 1 for every model, which H7 answers for MLA models;
+    PP=4 with middle stages is right; 0.13.x miscounts a split with only the last stage set."""
+    expected = _offsets_module().EXPECTED
+    tree = megatron_checkout(release)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(OFFSETS_SCRIPT), str(tree)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout.splitlines()[-1])
+    for model in ("mla", "gpt"):
+        zero_middle = doc[f"pp2-vpp2-first4-last2/{model}"]
+        assert {k: zero_middle[k] for k in ("0,0", "0,1")} == {"0,0": 0, "0,1": 3}
+        assert zero_middle["1,0"].startswith("ZeroDivisionError"), zero_middle
+        assert zero_middle["1,1"].startswith("ZeroDivisionError"), zero_middle
+        for name in ("pp4-vpp2-first2-last2", "pp4-vpp2-last2"):
+            want = {f"{r},{s}": offset for (r, s), offset in expected[name].items()}
+            miscounts = name == "pp4-vpp2-last2" and release.startswith("0.13.")
+            assert (doc[f"{name}/{model}"] == want) != miscounts, (name, doc[f"{name}/{model}"])

@@ -48,6 +48,7 @@ def test_probes_see_the_measured_facts(release: str, megatron_checkout: Callable
     for probe, expected in FACTS[release].items():
         assert values[probe] == expected, (release, probe)
     assert values["dpa.local_accepts_k_channels"] is False, "local DPA takes no k_channels (#1589)"
+    assert values["tl.layer_offset_middle_stages_guarded"] is False, "H7: divides by zero"
     assert contracts.adapter_problems(values) == [], release
     assert values["lm.set_attention_backend"] is True
     assert {"flash", "fused", "unfused", "local", "auto"} <= set(values["enums.attn_backend"])
@@ -88,6 +89,32 @@ def test_broken_contract_is_reported(megatron_checkout, tmp_path: Path):
     problems = contracts.adapter_problems(contracts.probe_dir(tmp_path))
     assert any("mla.core_attention_kwargs lacks k_channels" in p for p in problems), problems
     assert any("te.dpa_init_params absent" in p for p in problems), problems  # TE file missing
+
+
+def test_middle_stage_guard_makes_h7_obsolete(megatron_checkout, tmp_path: Path):
+    """Once the virtual-stage branch guards its division by the middle stage count, the probe
+    sees it and every line's H7 header says the patch is obsolete there."""
+    src = megatron_checkout("0.19.2")
+    text = (src / contracts.TL).read_text()
+    division = "                            // middle_pipeline_stages\n                        )\n"
+    assert text.count(division) == 1
+    guarded = (
+        "                            // middle_pipeline_stages\n"
+        "                            if middle_pipeline_stages > 0\n"
+        "                            else 0\n"
+        "                        )\n"
+    )
+    (tmp_path / contracts.TL).parent.mkdir(parents=True)
+    (tmp_path / contracts.TL).write_text(text.replace(division, guarded))
+    values = contracts.probe_dir(tmp_path)
+    assert values["tl.layer_offset_middle_stages_guarded"] is True
+    assert contracts.probe_dir(src)["tl.layer_offset_middle_stages_guarded"] is False
+    root = Path(__file__).resolve().parents[1] / "patches"
+    headers = sorted(root.glob("*/*-H7-*.patch"))
+    assert [h.parent.name for h in headers] == [f"core_v0.1{n}" for n in range(3, 10)]
+    for header in headers:
+        held = contracts.obsolete_if(header.read_text(), values)
+        assert held == "tl.layer_offset_middle_stages_guarded=true", header
 
 
 def test_obsolete_if_trailers():

@@ -54,7 +54,7 @@ def test_report_validates_and_renders(combo, bundle, tmp_path, capsys):
     assert doc["since_previous"] is None and doc["summary"]["gpu_verdicts"] == 0
     entry = doc["tags"][1]
     assert {p["hook"]: p["class"] for p in entry["baseline"]["patches"]}["H6"] == "obsolete"
-    assert {p["hook"] for p in entry["patches"]} == {"H1", "H2", "H3", "H4", "H5", "H8", "H9"}
+    assert {p["hook"] for p in entry["patches"]} == {"H1", "H2", "H3", "H4", "H5", "H7", "H8", "H9"}
     assert any(c["probe"] == "mla.qk_norm_resolver" for c in entry["contract_changes"])
     assert doc["lines"]["0.19"]["obsolete"] == ["H6"] and doc["lines"]["0.19"]["line_only"] == [
         "H5",

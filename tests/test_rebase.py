@@ -141,6 +141,7 @@ def line_patch(line: str, hook: str) -> Path:
                 "H3": "offset",
                 "H4": "offset",
                 "H6": "obsolete",
+                "H7": "offset",
                 "H8": "offset",
             },
         ),
@@ -152,6 +153,7 @@ def line_patch(line: str, hook: str) -> Path:
                 "H3": "offset",
                 "H4": "offset",
                 "H6": "obsolete",
+                "H7": "offset",
                 "H8": "offset",
             },
         ),
@@ -163,6 +165,7 @@ def line_patch(line: str, hook: str) -> Path:
                 "H3": "offset",
                 "H4": "offset",
                 "H6": "obsolete",
+                "H7": "offset",
                 "H8": "offset",
             },
         ),
@@ -183,7 +186,7 @@ def test_rebase_016_onto_newer_lines_writes_series_that_apply(
     assert "tl.cp_comm_type_index" in changes  # the reason H6 became obsolete
     line = upstream.line_of(onto.removeprefix("core_v"))
     written = load_series(bundle / "patches" / f"core_v{line}")
-    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H4", "H8"]
+    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H4", "H7", "H8"]
     assert written.upstream["tag"] == onto
     assert set(written.releases) == {v for v in upstream.RELEASES if upstream.line_of(v) == line}
     tree = fresh_checkout(onto, tmp_path / "tree")
@@ -197,8 +200,10 @@ def test_survey_of_one_tag_leaves_checkout_and_patches_alone(combo, capsys):
         capsys, "rebase", "--megatron", str(combo), "--onto", "core_v0.13.1", "--from", "0.19"
     )
     assert code == 16  # H9's anchor (0.19's QK-norm resolver) does not exist on 0.13: a conflict
-    assert "H9  0007-" in out and "conflict" in out
+    assert "H9  0008-" in out and "conflict" in out
     assert "megatron/core/transformer/multi_latent_attention.py @@" in out
+    # H7's anchor (pp_rank, 0.15+) is 0.13's pipeline_rank after its decoder-start block
+    assert "H7  0006-" in out and "megatron/core/transformer/transformer_layer.py @@" in out
     assert "contracts core_v0.19.2 -> core_v0.13.1" in out and "mla.rope_cu_seqlens" in out
     assert repo_state(combo) == before and files_of(REPO / "patches") == patches
 
@@ -238,6 +243,7 @@ def test_patch_already_upstream_by_reverse_apply(synthetic, capsys, tmp_path):
         "H2": "exact",
         "H3": "exact",
         "H4": "exact",
+        "H7": "exact",
         "H8": "exact",
     }
     assert doc["history"] is True
@@ -264,6 +270,36 @@ def test_patch_already_upstream_by_patch_id(synthetic, capsys, tmp_path):
     assert h3["class"] == "upstream", h3
     assert "patch-id" in h3["detail"] and h3["upstream_commit"]["commit"] == cherry
     assert code == 0
+
+
+def test_h7_is_obsolete_once_upstream_guards_the_middle_stages(synthetic, capsys, tmp_path):
+    """Upstream guards the virtual-stage branch's division by the middle stage count (as its
+    branch without virtual stages does): H7's Obsolete-If holds and the survey drops it."""
+    edit(
+        synthetic / TL,
+        "                            // middle_pipeline_stages\n                        )\n",
+        "                            // middle_pipeline_stages\n"
+        "                            if middle_pipeline_stages > 0\n"
+        "                            else 0\n"
+        "                        )\n",
+    )
+    guarded = commit_all(synthetic, "upstream: no middle stage, no division")
+    gitlayer.create_tag(gitlayer.open_repo(synthetic), "synthetic-guard", guarded)
+    args = ("--megatron", str(synthetic), "--onto", "synthetic-guard", "--from", "0.16")
+    code, doc = survey_json(capsys, tmp_path, *args)
+    assert code == 0
+    h7 = next(p for p in doc["patches"] if p["hook"] == "H7")
+    assert h7["class"] == "obsolete", h7
+    assert "tl.layer_offset_middle_stages_guarded=true" in h7["detail"]
+    assert {k: v for k, v in classes(doc).items() if k != "H7"} == {
+        "H1": "exact",
+        "H2": "exact",
+        "H3": "exact",
+        "H4": "exact",
+        "H6": "offset",  # two lines lower
+        "H8": "exact",
+    }
+    assert "tl.layer_offset_middle_stages_guarded" in {c["probe"] for c in doc["contract_changes"]}
 
 
 def test_edit_in_hunk_context_is_a_conflict_with_its_culprit(synthetic, capsys, tmp_path):
@@ -306,6 +342,7 @@ def test_edit_in_hunk_context_is_a_conflict_with_its_culprit(synthetic, capsys, 
         "H3": "exact",
         "H4": "exact",
         "H6": "exact",
+        "H7": "exact",
         "H8": "offset",
     }
     assert repo_state(synthetic) == before
@@ -399,7 +436,8 @@ def test_hand_written_hook_workflow(synthetic, bundle, capsys, tmp_path):
     assert "written by hand" in out
     assert "mla-seam H1: build MLA core attention through the adapter: as surveyed" in out
     written = load_series(bundle / "patches" / "core_v0.16")
-    assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H6", "H8", "H4"]
+    hooks = [p.name.split("-")[3] for p in written.patches]
+    assert hooks == ["H1", "H2", "H3", "H6", "H7", "H8", "H4"]
     assert cli.main(["apply", str(synthetic)]) == 0
 
 

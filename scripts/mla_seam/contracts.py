@@ -356,6 +356,41 @@ def _assigns_middle_rank(func: ast.FunctionDef, target: ast.AST) -> bool:
     return False
 
 
+def probe_tl_layer_offset_middle_stages_guarded(src: Source) -> Value:
+    """Whether every division by the middle stage count is guarded by a test of it (H7).
+
+    ``get_transformer_layer_offset`` divides by ``middle_pipeline_stages``, zero on PP=2 with
+    both first and last stage sizes set: the branch without virtual stages tests it first
+    (``if middle_pipeline_stages > 0``), the virtual-stage branch does not (0.13 - 0.19).
+    ``false`` also when no such division is found, so H7 stays until the guard is seen.
+    """
+    func = _layer_offset_function(src)
+    if func is None:
+        return None
+    parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
+    divisions = [
+        node
+        for node in ast.walk(func)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, (ast.FloorDiv, ast.Div))
+        and isinstance(node.right, ast.Name)
+        and node.right.id == "middle_pipeline_stages"
+    ]
+    return bool(divisions) and all(_guarded_by_middle_test(d, parents) for d in divisions)
+
+
+def _guarded_by_middle_test(node: ast.AST, parents: Mapping[ast.AST, ast.AST]) -> bool:
+    """Whether ``node`` sits in a branch of an ``if`` that tests ``middle_pipeline_stages``."""
+    child, parent = node, parents.get(node)
+    while parent is not None:
+        if isinstance(parent, (ast.If, ast.IfExp)) and child is not parent.test:
+            names = {sub.id for sub in ast.walk(parent.test) if isinstance(sub, ast.Name)}
+            if "middle_pipeline_stages" in names:
+                return True
+        child, parent = parent, parents.get(parent)
+    return False
+
+
 def probe_tl_offset_call(src: Source) -> Value:
     """How ``TransformerLayer.__init__`` computes its global layer number (a moving anchor)."""
     init = _function(_class(src.module(TL), "TransformerLayer"), "__init__")
@@ -566,7 +601,14 @@ PROBES: Tuple[Probe, ...] = (
         TL,
         probe_tl_layer_offset_vpp_middle_rank,
         _one_of("rank-1", "middle_pipeline_rank"),
-        "H7 (Obsolete-If: tl.layer_offset_vpp_middle_rank=middle_pipeline_rank)",
+        "H7 on rank-1 lines (0.13.x): the adapter answers the uneven split with virtual stages",
+    ),
+    Probe(
+        "tl.layer_offset_middle_stages_guarded",
+        TL,
+        probe_tl_layer_offset_middle_stages_guarded,
+        _one_of(True, False),
+        "H7 (Obsolete-If: tl.layer_offset_middle_stages_guarded=true)",
     ),
     Probe("tl.offset_call", TL, probe_tl_offset_call, None, "moving anchor (TL offset call)"),
     Probe(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
+import logging
 
 import pytest
 from megatron.core.transformer import mla_adapter
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from mla_configs import SMALL, make_config
+from pipeline_offsets import EXPECTED, LAYOUTS, chunk_sizes, make, offsets, upstream_offset
 
 
 def _grid():
@@ -34,25 +34,12 @@ def _grid():
     return cases
 
 
-def _upstream_offset(monkeypatch, config, vp_stage, rank):
-    """Upstream's offset for ``rank``; releases without ``pp_rank`` (0.13, 0.14) read it from
-    parallel_state, which is pointed at that rank for the call."""
-    if "pp_rank" in inspect.signature(get_transformer_layer_offset).parameters:
-        return get_transformer_layer_offset(config, vp_stage, rank)
-    from megatron.core import parallel_state as ps
-
-    def first_stage(ignore_virtual=True, vp_stage=None):
-        return rank == 0 and (ignore_virtual or not vp_stage)
-
-    monkeypatch.setattr(ps, "get_pipeline_model_parallel_rank", lambda *a, **k: rank)
-    monkeypatch.setattr(ps, "is_pipeline_first_stage", first_stage)
-    for name, value in (
-        ("is_inside_encoder", False),
-        ("get_pipeline_model_parallel_decoder_start", None),
-    ):
-        if hasattr(ps, name):
-            monkeypatch.setattr(ps, name, lambda *a, _v=value, **k: _v)
-    return get_transformer_layer_offset(config, vp_stage)
+def _own_offset(monkeypatch, config, vp_stage, rank):
+    """Upstream's own count: its function with H7's question answered ``None`` (the adapter
+    out of the way), on pipeline rank ``rank``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        return upstream_offset(config, vp_stage, rank)
 
 
 def _pipeline_config(layers, pp, vp, first, last, emb=False, loss=False):
@@ -70,21 +57,32 @@ def _pipeline_config(layers, pp, vp, first, last, emb=False, loss=False):
 
 
 @pytest.mark.parametrize("layers,pp,vp,first,last,emb,loss", _grid())
-def test_layer_offset_equals_upstream(layers, pp, vp, first, last, emb, loss, monkeypatch):
+def test_layer_offset_equals_upstream(
+    layers, pp, vp, first, last, emb, loss, monkeypatch, parallel_state
+):
+    """In the patched tree upstream's function gives the adapter's offsets on every layout, and
+    the adapter answers (H7) exactly the layouts upstream's own count gets wrong."""
     config = _pipeline_config(layers, pp, vp, first, last, emb, loss)
+    upstream_wrong = answered = False
     for rank in range(pp):
         for stage in range(vp or 1):
             vp_stage = stage if vp else None
             ours = mla_adapter.layer_offset(config, vp_stage, rank)
+            assert upstream_offset(config, vp_stage, rank) == ours, (rank, vp_stage)
+            answer = mla_adapter.pipeline_layer_offset(config, vp_stage, rank)
+            answered |= answer is not None
             try:
-                theirs = _upstream_offset(monkeypatch, config, vp_stage, rank)
+                own = _own_offset(monkeypatch, config, vp_stage, rank)
             except ZeroDivisionError:
                 # Upstream divides by the number of middle stages, zero when first and last
-                # stage are both set on pp=2 with interleaving; ours still places every layer.
+                # stage are both set on pp=2 with interleaving.
                 assert first is not None and last is not None and pp == 2 and vp
-                assert ours == stage * (first + last) // vp + (rank and first // vp)
+                assert answer == ours == stage * (first + last) // vp + (rank and first // vp)
+                upstream_wrong = True
                 continue
-            assert ours == theirs, (rank, vp_stage)
+            upstream_wrong |= own != ours
+            assert answer in (None, ours)
+    assert answered == upstream_wrong
 
 
 def test_offsets_cover_every_layer_once():
@@ -122,30 +120,71 @@ def test_per_layer_value_names_a_short_list(layer):
 @pytest.mark.parametrize(
     "layers,pp,vp,first,last", [(8, 4, 2, None, 2), (14, 4, 2, None, 2), (12, 3, 2, None, 4)]
 )
-def test_upstream_offsets_tile_the_layers_with_uneven_vpp(layers, pp, vp, first, last, monkeypatch):
+def test_upstream_offsets_tile_the_layers_with_uneven_vpp(
+    layers, pp, vp, first, last, parallel_state
+):
     """Uneven PP + VPP: every layer is held by exactly one chunk (0.13.x miscounts: hook H7)."""
     config = _pipeline_config(layers, pp, vp, first, last)
     counts = mla_adapter._stage_layer_counts(config)
     held = []
     for stage in range(vp):
         for rank in range(pp):
-            start = _upstream_offset(monkeypatch, config, stage, rank)
+            start = upstream_offset(config, stage, rank)
             held += range(start, start + counts[rank])
     assert sorted(held) == list(range(layers))
 
 
-def test_pipeline_offset_hook_leaves_other_models_alone():
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=8,
-        hidden_size=64,
-        num_attention_heads=4,
-        pipeline_model_parallel_size=4,
-        virtual_pipeline_model_parallel_size=2,
-        num_layers_in_last_pipeline_stage=2,
-        pipeline_dtype=__import__("torch").float32,
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_patched_offsets_place_every_layer_once(name, parallel_state):
+    """Upstream's function in the patched tree, every (pp_rank, vp_stage) of an MLA model:
+    PP=2 without a middle stage (upstream divides by zero) and PP=4 with middle stages."""
+    table = offsets(make(name))
+    assert table == EXPECTED[name]
+    sizes = chunk_sizes(name)
+    held = sorted(
+        layer for key, start in table.items() for layer in range(start, start + sizes[key])
     )
-    assert mla_adapter.pipeline_layer_offset(config, 1, 2, 99) == 99
-    mla = _pipeline_config(8, 4, 2, None, 2)
-    assert mla_adapter.pipeline_layer_offset(mla, 1, 2, 99) == mla_adapter.layer_offset(mla, 1, 2)
+    assert held == list(range(LAYOUTS[name][0]))
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_other_models_keep_upstreams_count(name, monkeypatch, parallel_state):
+    """A non-MLA model gets upstream's own count, ZeroDivisionError and 0.13's count included."""
+    gpt = make(name, mla=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        own = offsets(gpt)
+    assert offsets(gpt) == own
+    if name == "pp2-vpp2-first4-last2":
+        assert own[(0, 0)] == 0 and own[(0, 1)] == 3
+        assert own[(1, 0)].startswith("ZeroDivisionError") and own[(1, 1)] == own[(1, 0)]
+    assert mla_adapter.pipeline_layer_offset(gpt, 1, 1) is None
+
+
+def test_pipeline_offset_hook_answers_only_where_upstream_fails(monkeypatch, parallel_state):
+    zero_middle = make("pp2-vpp2-first4-last2")
+    assert mla_adapter.pipeline_layer_offset(zero_middle, 1, 1) == 5
+    assert mla_adapter.pipeline_layer_offset(zero_middle, 0, 0) == 0
+    assert mla_adapter.pipeline_layer_offset(make("pp4-vpp2-first2-last2"), 1, 2) is None
+    not_interleaved = _pipeline_config(6, 2, None, 4, 2)
+    assert mla_adapter.pipeline_layer_offset(not_interleaved, None, 1) is None
+    monkeypatch.setattr(
+        mla_adapter.parallel_state,
+        "get_pipeline_model_parallel_decoder_start",
+        lambda: 1,
+        raising=False,
+    )
+    assert mla_adapter.pipeline_layer_offset(zero_middle, 1, 1) is None  # encoder-decoder split
+
+
+def test_pipeline_offset_answer_is_logged_once_per_config(caplog, parallel_state):
+    config = make("pp2-vpp2-first4-last2")
+    with caplog.at_level(logging.WARNING, logger=mla_adapter.__name__):
+        for stage in range(2):
+            for rank in range(2):
+                upstream_offset(config, stage, rank)
+    lines = [r.getMessage() for r in caplog.records if "layer offsets" in r.getMessage()]
+    assert lines == [
+        "mla-seam: layer offsets from the adapter (upstream divides by zero middle stages); "
+        "pipeline rank 0, virtual stage 0 starts at layer 0"
+    ]

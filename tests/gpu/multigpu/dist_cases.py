@@ -600,9 +600,18 @@ def _pipeline_step(case, chunks, config, dev, step: int) -> Optional[float]:
 def pipeline(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
     """Tiny MLA GPT over PP (virtual stages, uneven first/last) against PP=1, per step."""
     lay, m = case["layout"], case["model"]
+    stages = list(range(lay.get("vp") or 1))
+    # The offset table first: it exists even where a tree cannot build the model at all (the
+    # vanilla tree's local spec, #1589), so upstream's own offset errors are always recorded.
+    with env.parallel(dev, tp=lay["tp"], pp=lay["pp"], vp=lay.get("vp")) as ps:
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        offsets = _offset_table(make_config(case, parallel=True), stages, pp_rank, lay)
     with env.parallel(dev):
         config = make_config(case, parallel=False)
-        ref = build_gpt(case, config, dev)
+        try:
+            ref = build_gpt(case, config, dev)
+        except BuildError as exc:
+            raise BuildError(str(exc), {"offsets": offsets}) from exc
         env.broadcast_module(ref)
         full = env.full_params(ref)
         ref_metrics = {"lm loss": [], "grad norm": []}
@@ -619,9 +628,6 @@ def pipeline(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
             optimizer.step()
     with env.parallel(dev, tp=lay["tp"], pp=lay["pp"], vp=lay.get("vp")) as ps:
         config = make_config(case, parallel=True)
-        pp_rank = ps.get_pipeline_model_parallel_rank()
-        stages = list(range(lay.get("vp") or 1))
-        offsets = _offset_table(config, stages, pp_rank, lay)
 
         def build_chunks():
             return [
@@ -683,7 +689,7 @@ def pipeline(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
 def _offset_table(config, stages, pp_rank, lay) -> Dict[str, Any]:
     """Offsets of every (rank, virtual stage): the adapter's, upstream's and counted (collective).
 
-    Computed before any chunk is built, so the table exists when upstream cannot build.
+    Computed before any model is built, so the table exists when upstream cannot build.
     """
     adapter = None
     if have_adapter():
@@ -977,13 +983,35 @@ def blocker(case: Dict[str, Any], dev: str) -> str:
     return ""
 
 
-def judge(case: Dict[str, Any], outcome: str, message: str, rel: Dict[str, Any]):
+def for_side(case: Dict[str, Any], side: str) -> Dict[str, Any]:
+    """``case`` as the tree ``side`` (patched or vanilla) runs it.
+
+    A known issue may hold on some trees only (``known_issue["sides"]``, default every tree):
+    one the adapter absorbs is expected on the vanilla tree, and the patched tree runs the case
+    and is judged like any other.
+    """
+    known = case.get("known_issue") or {}
+    if known and side not in known.get("sides", (side,)):
+        return dict(case, known_issue=None)
+    return case
+
+
+def judge(
+    case: Dict[str, Any],
+    outcome: str,
+    message: str,
+    rel: Dict[str, Any],
+    offsets: Optional[Dict[str, Any]] = None,
+):
     """Checks of the compared metrics against the case's tolerance and its known issue.
 
     A case may name a known upstream issue (``known_issue``): ``expect: "grads"`` means
     upstream's gradients are wrong in this layout (outputs must still match, and the gradient
     mismatch must be there: if upstream fixes it, the check says so); ``expect:
-    "build_error"`` means upstream cannot build it (the error must name ``match``).
+    "build_error"`` means upstream cannot build it (the error must name ``match``);
+    ``expect: "offset_error"`` means upstream's ``get_transformer_layer_offset`` raises for
+    some (rank, virtual stage) of the layout (the pipeline offset table's error must name
+    ``match``), whatever else stops the build.
     """
     known = case.get("known_issue") or {}
     tol = case["tolerance"]
@@ -991,6 +1019,9 @@ def judge(case: Dict[str, Any], outcome: str, message: str, rel: Dict[str, Any])
         return {
             "known_issue_reproduced": outcome == "build_error" and known.get("match", "") in message
         }
+    if known.get("expect") == "offset_error":
+        errors = [row.get("upstream_error") or "" for row in (offsets or {}).get("table", [])]
+        return {"known_issue_reproduced": any(known.get("match", "") in e for e in errors)}
     if outcome != "ran":
         return {}
     if known.get("expect") != "grads":
@@ -1037,11 +1068,11 @@ def run_case(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
         result = {k: v for k, v in result.items() if k in ("adapter", "offsets")}
     checks = dict(result.pop("checks", {}) or {})
     checks.update((result.get("offsets") or {}).get("checks", {}))
-    checks.update(judge(case, outcome, message, result.get("max_rel") or {}))
+    checks.update(judge(case, outcome, message, result.get("max_rel") or {}, result.get("offsets")))
     adapter = result.get("adapter") or {}
     checks.update(adapter.get("checks", {}))
     ok = outcome == "ran" and all(checks.values())
-    if (case.get("known_issue") or {}).get("expect") == "build_error":
+    if (case.get("known_issue") or {}).get("expect") in ("build_error", "offset_error"):
         ok = all(checks.values())
     return {
         "outcome": outcome,
@@ -1053,4 +1084,4 @@ def run_case(case: Dict[str, Any], dev: str) -> Dict[str, Any]:
     }
 
 
-__all__ = ["KINDS", "run_case", "blocker", "cp_indices", "expected_layer_numbers"]
+__all__ = ["KINDS", "run_case", "for_side", "blocker", "cp_indices", "expected_layer_numbers"]

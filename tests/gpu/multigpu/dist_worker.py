@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     side = os.environ.get("MLA_SEAM_SIDE", "patched")
     shims = dist_env.cpu_shims() if dev == "cpu" else contextlib.nullcontext()
     with shims:
-        for case in cases:
+        for case in (dist_cases.for_side(c, side) for c in cases):
             if dist_env.rank() == 0:
                 _append(args.records, {"event": "start", "name": case["name"], "side": side})
             try:

@@ -20,8 +20,9 @@ This module answers four boundary questions and nothing else:
 3. Backend (:func:`resolve_attention_backend`): is ``--attention-backend`` a supported MLA path
    on this Transformer Engine / GPU? Decided at model build, with a reason, or an
    :class:`MLACompatibilityError` that names the restriction and the flag.
-4. Pipeline offsets (:func:`layer_offset`, :func:`per_layer_value`): layer numbering and
-   per-layer lists normalized before pipeline and recompute accounting.
+4. Pipeline offsets (:func:`layer_offset`, :func:`pipeline_layer_offset`,
+   :func:`per_layer_value`): layer numbering and per-layer lists normalized before pipeline and
+   recompute accounting.
 
 Megatron calls in through one-line hooks (the mla-seam patch series):
 
@@ -31,7 +32,7 @@ Megatron calls in through one-line hooks (the mla-seam patch series):
 * H4 ``MLATransformerConfig.__post_init__``: ``check_config(self)``
 * H5 (release lines that pad V themselves) ``upstream_value_pad(...)``
 * H6 (release lines that index per-layer lists off by one) ``per_layer_value(...)``
-* H7 (release lines whose uneven-PP + VPP layer offset miscounts) ``pipeline_layer_offset(...)``
+* H7 ``get_transformer_layer_offset`` (on entry): ``pipeline_layer_offset(config, vp_stage, ...)``
 * H8 ``MLASelfAttention.get_query_key_value_tensors``: ``rotary_pos_emb_fn(self, ...)``
 * H9 (release lines with the QK-norm resolver) ``resolve_qk_norms(self, ...)``
 
@@ -47,6 +48,7 @@ attributes), never by version.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import functools
@@ -55,6 +57,7 @@ import inspect
 import logging
 import math
 import os
+import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -114,7 +117,8 @@ class MLASeamState:
         backend: The backend decision (question 3), once made.
         query_norm: ``"deepseek"`` or ``"upstream"`` once :func:`resolve_qk_norms` ran, else
             ``None`` (the release builds the query path without a resolver).
-        offset_logged: Whether a corrected pipeline offset was logged for this config.
+        offset_logged: Whether a pipeline offset answered by the adapter (H7) was logged for
+            this config.
     """
 
     backend: Optional["BackendDecision"] = None
@@ -1159,43 +1163,101 @@ def layer_offset(config: TransformerConfig, vp_stage: Optional[int], pp_rank: in
 
 
 def pipeline_layer_offset(
-    config: TransformerConfig, vp_stage: Optional[int], pp_rank: int, upstream_offset: int
-) -> int:
-    """Hook H7: the layer offset of a pipeline stage, where upstream's own count is wrong.
+    config: TransformerConfig, vp_stage: Optional[int], pp_rank: int
+) -> Optional[int]:
+    """Hook H7: the layer offset of a pipeline stage where upstream's own count fails.
 
-    Upstream's ``get_transformer_layer_offset`` returns through this hook on release lines
-    whose uneven-PP + VPP branch counts the middle stages from rank 1 even when the first
-    stage is not customized (0.13.x): layers overlap or go missing, and with them the
-    checkpoint's layer numbering. For MLA models without a pipeline layout the offset is
-    :func:`layer_offset`'s; every other model keeps upstream's value. Encoder-decoder
-    pipelines (a decoder start rank) are left to upstream.
+    Upstream's ``get_transformer_layer_offset`` asks here first, as soon as it knows its
+    pipeline rank, and returns the answer when there is one. The adapter answers only for MLA
+    models whose uneven split (first or last stage size set) with virtual stages upstream gets
+    wrong (:func:`_upstream_offset_failure`): no middle stage (upstream divides by zero), or
+    the middle stages counted from rank 1 (0.13.x). The answer is :func:`layer_offset`'s.
 
     Args:
         config: The model config.
         vp_stage: Virtual pipeline stage (``None`` without interleaving).
-        pp_rank: The pipeline rank upstream computed the offset for.
-        upstream_offset: Upstream's offset.
+        pp_rank: The pipeline rank upstream computes the offset for.
 
     Returns:
-        The offset to add to a 1-based local layer number.
+        The offset to add to a 1-based local layer number, or ``None``: upstream's own code
+        computes it (every other model, a pipeline layout, an encoder-decoder split and every
+        case upstream counts right).
     """
     if not getattr(config, "multi_latent_attention", False):
-        return upstream_offset
-    if getattr(config, "pipeline_model_parallel_layout", None) or _decoder_start() is not None:
-        return upstream_offset
+        return None
+    if config.pipeline_model_parallel_size <= 1:
+        return None
+    if getattr(config, "pipeline_model_parallel_layout", None):
+        return None
+    failure = _upstream_offset_failure(config)
+    if failure is None or _decoder_start() is not None:
+        return None
     ours = layer_offset(config, vp_stage, pp_rank)
-    if ours != upstream_offset and not state(config).offset_logged:
+    if not state(config).offset_logged:
         state(config).offset_logged = True
-        # Every pipeline rank has its own offset: logged where it was corrected, not on rank 0.
+        # Every pipeline rank has its own offsets: logged on each rank, not on rank 0 only.
         logger.warning(
-            "mla-seam: layer offset of pipeline rank %d, virtual stage %s is %d (upstream "
-            "computed %d: uneven pipeline split with virtual stages miscounted)",
+            "mla-seam: layer offsets from the adapter (upstream %s); pipeline rank %d, virtual "
+            "stage %s starts at layer %d",
+            failure,
             pp_rank,
             vp_stage,
             ours,
-            upstream_offset,
         )
     return ours
+
+
+def _upstream_offset_failure(config: TransformerConfig) -> Optional[str]:
+    """How upstream's uneven-split + virtual-stage offset fails for ``config`` (``None``: right).
+
+    Upstream's branch for ``num_layers_in_first/last_pipeline_stage`` with virtual stages
+    divides the middle layers by the number of middle stages without checking it (zero on PP=2
+    with both stage sizes set: ZeroDivisionError on the last pipeline rank, every release up to
+    0.19.x; the branch without virtual stages checks), and on 0.13.x counts the middle stages
+    from rank 1 when the first stage is not customized.
+    """
+    if config.virtual_pipeline_model_parallel_size is None:
+        return None
+    first = config.num_layers_in_first_pipeline_stage
+    last = config.num_layers_in_last_pipeline_stage
+    if first is None and last is None:
+        return None
+    middle_ranks = config.pipeline_model_parallel_size - (first is not None) - (last is not None)
+    if middle_ranks == 0:
+        return "divides by zero middle stages"
+    if first is None and _upstream_counts_middle_from_rank_one():
+        return "counts the middle stages from rank 1"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _upstream_counts_middle_from_rank_one() -> bool:
+    """Whether upstream's virtual-stage offset counts middle stages from rank 1 (0.13.x).
+
+    Read from the source of ``get_transformer_layer_offset``: a ``rank - 1`` outside the
+    ``middle_pipeline_rank`` assignment (which subtracts one only when the first stage is
+    customized). ``False`` where the source cannot be read.
+    """
+    from megatron.core.transformer import transformer_layer  # pylint: disable=C0415
+
+    try:
+        source = inspect.getsource(transformer_layer.get_transformer_layer_offset)
+        tree = ast.parse(textwrap.dedent(source))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    counted = set()
+    for node in ast.walk(tree):
+        targets = getattr(node, "targets", [])
+        if any(getattr(target, "id", None) == "middle_pipeline_rank" for target in targets):
+            counted.update(id(sub) for sub in ast.walk(node.value))
+    return any(
+        isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Sub)
+        and getattr(node.left, "id", None) in ("pipeline_rank", "pp_rank")
+        and getattr(node.right, "value", None) == 1
+        and id(node) not in counted
+        for node in ast.walk(tree)
+    )
 
 
 def _decoder_start() -> Optional[int]:
