@@ -270,3 +270,40 @@ def test_timings_compare_their_fastest_sample():
     assert attribution.fastest_ms({"ms_all": [7.1, 6.2, 9.0], "ms_median": 7.1}) == 6.2
     assert attribution.fastest_ms({"ms_median": 7.1}) == 7.1  # records before ms_all
     assert attribution.fastest_ms({"ms_all": [], "ms_median": None}) is None
+
+
+def test_failure_messages_reach_the_cause(tmp_path):
+    """Why a test failed travels with the finding: from JUnit, or a stored run's summary lines."""
+    from mla_seam.suite import phases  # pylint: disable=import-outside-toplevel
+
+    junit = tmp_path / "j.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="tests.gpu.bench_issue8" '
+        'name="test_thd_sweep[fusion-on-1]"><failure message="megatron.core.utils.'
+        'ExperimentalNotEnabledError: Flag config.ENABLE_EXPERIMENTAL not enabled.&#10;more">'
+        "tb</failure></testcase><testcase classname=\"tests.gpu.bench_issue8\" "
+        'name="test_thd_sweep[fusion-off-1]"/></testsuite></testsuites>'
+    )
+    failures = phases.parse_junit_failures(junit)
+    key = "tests.gpu.bench_issue8::test_thd_sweep[fusion-on-1]"
+    assert failures == {
+        key: "megatron.core.utils.ExperimentalNotEnabledError: Flag config.ENABLE_EXPERIMENTAL"
+        " not enabled."
+    }
+    stored = {  # a run recorded before "failures" existed: pytest's summary line, cut short
+        "tests": {key: "failed"},
+        "output_tail": "FAILED bench_issue8.py::test_thd_sweep[fusion-on-1] - megatron.core.utils.Exp...",
+    }
+    assert phases.failure_messages(stored) == {key: "megatron.core.utils.Exp..."}
+    runs = [
+        {"name": "thd-sweep", "role": "patched", "tests": {key: "failed"}, "failures": failures},
+        {"name": "thd-sweep@vanilla", "phase": "thd-sweep", "role": "vanilla",
+         "tests": {key: "failed"}, "failures": failures},
+        {"name": "thd-sweep@base", "phase": "thd-sweep", "role": "base", "tests": {key: "passed"}},
+    ]  # fmt: skip
+    (found,) = attribution.test_findings(runs)
+    assert found.attribution == "upstream changed"
+    assert found.cause.endswith(
+        "(vanilla, patched: megatron.core.utils.ExperimentalNotEnabledError: Flag "
+        "config.ENABLE_EXPERIMENTAL not enabled.)"
+    )

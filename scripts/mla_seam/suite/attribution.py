@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from mla_seam.suite.benchmarks import KERNEL_KEY, THD_SWEEP_KEY, role_of
 from mla_seam.suite.goldens import compare_golden_cross
+from mla_seam.suite.phases import failure_messages
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "gpu_verdict.schema.json"
@@ -198,21 +199,38 @@ _GOOD_OUTCOMES = {"passed": True, "failed": False, "errors": False}
 
 
 def test_findings(phases: Iterable[Mapping[str, Any]]) -> List[Finding]:
-    """Per test id, its outcome on each role (skips and xfails are not comparison points)."""
+    """Per test id, its outcome on each role (skips and xfails are not comparison points).
+
+    A failing test's cause carries its failure message per role (the cause of the change).
+    """
     outcomes: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    messages: Dict[Tuple[str, str], Dict[str, str]] = {}
     for phase in phases:
+        name, role = phase.get("phase") or phase["name"], phase.get("role", "patched")
+        failed = failure_messages(phase)
         for test, outcome in (phase.get("tests") or {}).items():
             state = _GOOD_OUTCOMES.get(outcome)
             if state is not None:
-                outcomes.setdefault((phase.get("phase") or phase["name"], test), {})[
-                    phase.get("role", "patched")
-                ] = state
+                outcomes.setdefault((name, test), {})[role] = state
+            if failed.get(test):
+                messages.setdefault((name, test), {})[role] = failed[test]
     findings = []
-    for (phase, test), values in sorted(outcomes.items()):
+    for key, values in sorted(outcomes.items()):
+        phase, test = key
         found = _finding("correctness", f"{phase}: {test}", "passed", values, good_or_bad, _failed)
         if found.attribution != "unchanged" or found.regressed:
+            found.cause += _messages(messages.get(key, {}))
             findings.append(found)
     return findings
+
+
+def _messages(by_role: Mapping[str, str]) -> str:
+    """`` (vanilla, patched: message)``: failure messages, roles sharing one message joined."""
+    grouped: Dict[str, List[str]] = {}
+    for role in _ORDER:
+        if by_role.get(role):
+            grouped.setdefault(by_role[role], []).append(role)
+    return "".join(f" ({', '.join(roles)}: {message})" for message, roles in grouped.items())
 
 
 def _failed(value: Any) -> bool:

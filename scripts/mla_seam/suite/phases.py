@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -152,6 +153,7 @@ class PhaseResult:
     phase: str = ""
     tests: Dict[str, str] = dataclasses.field(default_factory=dict)
     skipped_reason: Optional[str] = None
+    failures: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.phase = self.phase or self.name.split("@")[0]
@@ -179,24 +181,70 @@ class PhaseResult:
 OUTCOMES = ("passed", "failed", "errors", "skipped", "xfailed")
 
 
-def _junit_outcomes(path: os.PathLike) -> List[Tuple[str, str]]:
-    """``(file::name, outcome)`` per JUnit ``testcase`` (xfail told apart from skip)."""
+#: Characters of a failure message kept per test (its first line).
+MESSAGE_CHARS = 240
+
+
+def _junit_outcomes(path: os.PathLike) -> List[Tuple[str, str, str]]:
+    """``(file::name, outcome, message)`` per JUnit ``testcase`` (xfail told apart from skip).
+
+    ``message`` is the first line of a failure's or error's message (``""`` otherwise).
+    """
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return []
     rows = []
     for case in root.iter("testcase"):
-        if case.find("failure") is not None:
-            outcome = "failed"
-        elif case.find("error") is not None:
-            outcome = "errors"
+        message = ""
+        if (failure := case.find("failure")) is not None:
+            outcome, message = "failed", failure.get("message", "")
+        elif (error := case.find("error")) is not None:
+            outcome, message = "errors", error.get("message", "")
         elif (skipped := case.find("skipped")) is not None:
             outcome = "xfailed" if "xfail" in skipped.get("type", "") else "skipped"
         else:
             outcome = "passed"
-        rows.append((f"{case.get('classname', '')}::{case.get('name', '')}", outcome))
+        first = (message.strip().splitlines() or [""])[0][:MESSAGE_CHARS]
+        rows.append((f"{case.get('classname', '')}::{case.get('name', '')}", outcome, first))
     return rows
+
+
+def parse_junit_failures(path: os.PathLike) -> Dict[str, str]:
+    """Per failed or erroring test (``file::name``): the first line of its message."""
+    failures: Dict[str, str] = {}
+    for name, outcome, message in _junit_outcomes(path):
+        if outcome in ("failed", "errors") and name not in failures:
+            failures[name] = message
+    return failures
+
+
+_SUMMARY_LINE = re.compile(
+    r"^(?:FAILED|ERROR) (?P<file>[^\s:]+)::(?P<name>\S+)(?: - (?P<msg>.*))?$"
+)
+
+
+def failure_messages(phase: Mapping[str, Any]) -> Dict[str, str]:
+    """A stored unit's failure messages: its ``failures``, else its output's summary lines.
+
+    Runs recorded before ``failures`` existed keep pytest's short summary in ``output_tail``
+    (``FAILED file.py::test[id] - message``, cut to the terminal's width); those lines are
+    matched to the unit's test ids.
+    """
+    if phase.get("failures"):
+        return dict(phase["failures"])
+    tests = phase.get("tests") or {}
+    found: Dict[str, str] = {}
+    for line in str(phase.get("output_tail") or "").splitlines():
+        match = _SUMMARY_LINE.match(line.strip())
+        if not match:
+            continue
+        stem = Path(match["file"]).stem
+        for test in tests:
+            module, _, name = test.partition("::")
+            if name == match["name"] and module.split(".")[-1] == stem:
+                found[test] = (match["msg"] or "").strip()
+    return found
 
 
 def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
@@ -205,7 +253,7 @@ def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
     A test reported twice (a teardown error after a failure) keeps its first non-pass outcome.
     """
     cases: Dict[str, str] = {}
-    for name, outcome in _junit_outcomes(path):
+    for name, outcome, _ in _junit_outcomes(path):
         if cases.get(name, "passed") == "passed":
             cases[name] = outcome
     return cases
@@ -214,7 +262,7 @@ def parse_junit_cases(path: os.PathLike) -> Dict[str, str]:
 def parse_junit(path: os.PathLike) -> Dict[str, int]:
     """Test counts from a pytest JUnit XML file (xfail/xpass told apart from skips)."""
     counts = {k: 0 for k in OUTCOMES}
-    for _, outcome in _junit_outcomes(path):
+    for _, outcome, _ in _junit_outcomes(path):
         counts[outcome] += 1
     return counts
 
@@ -269,6 +317,7 @@ def run_phase(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
+        COLUMNS="240",  # pytest's short summary keeps more of each failure message
         PYTHONPATH=package_parent + os.pathsep + env.get("PYTHONPATH", ""),
     )
     env.update(phase.env)
@@ -318,6 +367,7 @@ def run_phase(
         role=unit.role,
         phase=phase.name,
         tests=parse_junit_cases(junit),
+        failures=parse_junit_failures(junit),
     )
     records = read_records(results, phase.name, unit.role)
     log.info(
