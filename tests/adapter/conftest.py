@@ -37,15 +37,10 @@ def megatron_version() -> tuple:
 @pytest.fixture(scope="session")
 def parallel_state():
     """A one-process gloo group and Megatron's parallel state (TP=PP=CP=1) on the CPU."""
-    import torch
     from megatron.core import parallel_state as ps
+    from pipeline_offsets import init_parallel_state
 
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 200))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
+    init_parallel_state()
     yield ps
 
 
