@@ -203,3 +203,23 @@ def test_nightly_script_runs_the_module(tmp_path):
         capture_output=True, text=True, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2 and "--no-such-option" in done.stderr
+
+
+def test_gpu_step_stages_every_tree_then_runs_one_suite_per_device(tmp_path):
+    """Staging is serial (releases share the base tree); suites then run side by side.
+
+    No GPU here: each suite process exits 18, and the job says so per target instead of a
+    verdict. Branch targets are not staged by the suite.
+    """
+    results, work = tmp_path / "results", tmp_path / "trees"
+    verdicts = nightly.run_gpu(
+        ["core_v0.16.1", "core_v0.17.1", "upstream-main"], results, work, None, devices=[0, 1]
+    )
+    assert sorted(p.name for p in work.iterdir() if p.name != "logs") == [
+        "patched-0.16.1", "patched-0.17.1", "vanilla-0.16.1", "vanilla-0.17.1"
+    ]  # fmt: skip
+    assert verdicts["upstream-main"].startswith("skipped: the suite stages releases")
+    for tag in ("core_v0.16.1", "core_v0.17.1"):
+        assert verdicts[tag].startswith("no verdict (suite exit 18)"), verdicts[tag]
+        assert "CUDA" in verdicts[tag] or "GPU" in verdicts[tag]
+    assert len(list((work / "logs").glob("*.log"))) == 2

@@ -19,9 +19,9 @@ The same job runs in GitHub Actions (``ci/nightly.yml``) and on a workstation
    ``mla-seam rebase --write`` in a copy of the bundle: the new line folder and a pull-request
    description (the drift report) under ``<out>/proposals/<line>/``; three_way or conflict
    instead goes into the tracking issue (``<out>/tracking-issue.md``) with the culprit commits;
-5. **gpu**: the three-tree suite (``mla-seam suite --release``) for each new or changed release,
-   when a CUDA device is visible (else skipped, said so); the verdicts are attached to the
-   report.
+5. **gpu**: the three-tree suite (``mla-seam suite``, one process per visible GPU at a time) for
+   each new or changed release, when a CUDA device is visible (else skipped, said so); the
+   verdicts are attached to the report.
 
 Exit status (:data:`EXIT_CODES`): 0 nothing to do; 17 upstream drift found (a tag needs work:
 rebase, new behaviour); 25 the overlay broke (a release the series claims fails its patches or
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -301,14 +302,24 @@ def tracking_issue(report: Mapping[str, Any], entries: Sequence[Mapping[str, Any
 # --- 5. GPU ---------------------------------------------------------------------------------------
 
 
-def gpu_available() -> Optional[str]:
-    """``None`` when a CUDA device is visible, else why not (the note in the summary)."""
+@functools.lru_cache(maxsize=1)
+def _probe() -> Any:
     from mla_seam.suite import device  # pylint: disable=import-outside-toplevel
 
-    info = device.probe_device(sys.executable)
+    return device.probe_device(sys.executable)
+
+
+def gpu_available() -> Optional[str]:
+    """``None`` when a CUDA device is visible, else why not (the note in the summary)."""
+    info = _probe()
     if info.cuda:
         return None
     return info.error or f"torch {info.torch} sees no CUDA device"
+
+
+def gpu_count() -> int:
+    """CUDA devices this job spreads the suite over (0: none visible)."""
+    return _probe().device_count
 
 
 def gpu_targets(report: Mapping[str, Any], new_or_changed: Sequence[str]) -> List[str]:
@@ -330,28 +341,51 @@ def gpu_targets(report: Mapping[str, Any], new_or_changed: Sequence[str]) -> Lis
     return [str(e["tag"]) for e in newest.values()] + extra
 
 
-def run_gpu(targets: Sequence[str], results: Path, work: Path, base_from: Optional[Path]) -> Dict:
-    """``mla-seam suite --release`` per release target; ``{tag: verdict or why not}``."""
-    verdicts = {}
+def run_gpu(
+    targets: Sequence[str],
+    results: Path,
+    work: Path,
+    base_from: Optional[Path],
+    devices: Sequence[int] = (0,),
+) -> Dict[str, str]:
+    """The three-tree suite of each release target, spread over ``devices``.
+
+    Trees are staged one after the other first (releases share the base tree), then one
+    ``mla-seam suite`` process per target runs on each free device (:mod:`mla_seam.suite.fleet`).
+
+    Returns:
+        ``{tag: verdict or why there is none}``.
+    """
+    from mla_seam.suite import fleet, trees  # pylint: disable=import-outside-toplevel
+
+    verdicts: Dict[str, str] = {}
+    jobs = []
     for tag in targets:
         if not tag.startswith(releases.TAG_PREFIX):
             verdicts[tag] = "skipped: the suite stages releases; stage a branch by hand"
             continue
-        cmd = [sys.executable, "-m", "mla_seam", "suite", "--release", tag, "--work", str(work),
-               "--out", str(results)]  # fmt: skip
-        if base_from is not None and base_from.is_file():
-            cmd += ["--base-from", str(base_from)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        try:
+            base = trees.choose_base(
+                tag, base_from=base_from if base_from and base_from.is_file() else None
+            )
+            staged = trees.stage(tag, base, work)
+        except SeamError as err:
+            verdicts[tag] = f"no verdict (staging failed: {err})"
+            continue
+        argv = [sys.executable, "-m", "mla_seam", "suite", "--out", str(results)]
+        for role, flag in (("patched", "--megatron"), ("vanilla", "--vanilla-megatron"),
+                           ("base", "--base-megatron")):  # fmt: skip
+            if role in staged:
+                argv += [flag, str(staged[role])]
+        jobs.append(fleet.Job(tag, argv))
+    for job in fleet.run_jobs(jobs, devices, work / "logs"):
         found = sorted(
-            results.glob(f"{releases.tag_of(releases.version_of_tag(tag))}/*/verdict.json")
+            results.glob(f"{releases.tag_of(releases.version_of_tag(job.name))}/*/verdict.json")
         )
         if found:
-            verdicts[tag] = json.loads(found[-1].read_text(encoding="utf-8"))["verdict"]
+            verdicts[job.name] = json.loads(found[-1].read_text(encoding="utf-8"))["verdict"]
         else:
-            verdicts[tag] = (
-                f"no verdict (suite exit {proc.returncode}): "
-                + ((proc.stderr or "").strip().splitlines()[-1:] or [""])[0]
-            )
+            verdicts[job.name] = f"no verdict (suite exit {job.rc}): {job.tail(2)}"
     return verdicts
 
 
@@ -538,7 +572,8 @@ def _gpu(job: Job, args: argparse.Namespace) -> None:
             return
         results = Path(args.results) if args.results else job.out / "results"
         base_from = Path(args.base_from) if args.base_from else None
-        job.gpu_verdicts = run_gpu(targets, results, job.out / "trees", base_from)
+        devices = list(range(gpu_count() or 1))
+        job.gpu_verdicts = run_gpu(targets, results, job.out / "trees", base_from, devices)
         drift_gpu.attach(job.report, results)
         broke = [t for t, v in job.gpu_verdicts.items() if v == "overlay_broke"]
         job.overlay_broke = sorted(set(job.overlay_broke) | set(broke))

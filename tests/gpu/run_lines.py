@@ -3,8 +3,9 @@
 Device glue for committing results (issue 9): a lent machine gives at most 10 minutes a call, a
 three-tree run of one release takes 10-12 minutes on one H200, and a host has 2-8 GPUs. This
 script stages every tree first, then runs the suite's units in chunks (one ``mla-seam suite
---only ...`` process per chunk, merged into ``OUT/<tag>/<card>/results.json``), one chunk per GPU
-at a time and one chunk per release at a time (a release's results file has one writer). A chunk
+--only ...`` process per chunk, merged into ``OUT/<tag>/<card>/results.json``), spread over the
+GPUs by :mod:`mla_seam.suite.fleet`: one chunk per GPU at a time and one chunk per release at a
+time (a release's results file has one writer). A chunk
 starts only when its estimate fits before the deadline; units already in a results file are not
 run again, so a second call with the same OUT (carried back) finishes what the first left.
 
@@ -14,16 +15,14 @@ run again, so a second call with the same OUT (carried back) finishes what the f
 
 ``--release V:BASE[=UNITS]`` (BASE ``none``: two trees; UNITS: phase or unit names, run again
 even when done; default: what is not done yet of the whole suite but ``local-vs-te``). ``--dist V:N`` also runs the multi-GPU cases of V on N GPUs
-(``mla-seam suite --nproc N``). Writes ``OUT/run_lines.log`` and ``OUT/run_lines.json``.
+(``mla-seam suite --nproc N``). Writes ``OUT/run_lines.log``, ``OUT/run_lines.json`` and each
+process's output under ``OUT/logs/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 # pylint: disable=wrong-import-position
 from mla_seam import releases  # noqa: E402
+from mla_seam.suite import fleet  # noqa: E402
 from mla_seam.suite.trees import stage  # noqa: E402
 
 #: Units run together in one suite process (one merge each), in the order they are started.
@@ -56,22 +56,6 @@ START_S = 12
 DIST_S = 200
 
 
-@dataclasses.dataclass
-class Job:
-    """One process: a chunk of one release, or the multi-GPU cases of one release."""
-
-    name: str
-    key: str
-    argv: List[str]
-    gpus: int
-    estimate: float
-    proc: Optional[subprocess.Popen] = None
-    devices: Sequence[int] = ()
-    started: float = 0.0
-    rc: Optional[int] = None
-    seconds: float = 0.0
-
-
 def _say(log, text: str) -> None:
     line = f"{time.strftime('%H:%M:%S')} {text}"
     print(line, flush=True)
@@ -88,7 +72,7 @@ def done_units(out: Path, version: str) -> set:
     return done
 
 
-def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[Job]:
+def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[fleet.Job]:
     """The chunks still to run for ``V:BASE[=UNITS]``."""
     head, _, units = spec.partition("=")
     version, _, base = head.partition(":")
@@ -117,65 +101,18 @@ def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[Job]:
             argv += ["--base-megatron", str(trees["base"])]
         argv += ["--only", ",".join(pick)]
         estimate = START_S + sum(ESTIMATE.get(u, 40) for u in pick)
-        jobs.append(Job(f"{version}:{'+'.join(pick)}", version, argv, 1, estimate))
+        jobs.append(fleet.Job(f"{version}:{'+'.join(pick)}", argv, key=version, estimate=estimate))
     return jobs
 
 
-def dist_job(spec: str, out: Path, work: Path, python: str, budget: float) -> Job:
+def dist_job(spec: str, out: Path, work: Path, python: str, budget: float) -> fleet.Job:
     """``V:N``: the multi-GPU cases of V on N GPUs, patched and vanilla."""
     version, _, nproc = spec.partition(":")
     trees = stage(version, None, work)
     argv = [python, "-m", "mla_seam", "suite", "--nproc", nproc or "2"]
     argv += ["--megatron", str(trees["patched"]), "--vanilla-megatron", str(trees["vanilla"])]
     argv += ["--out", str(out), "--time-budget-s", str(int(budget))]
-    return Job(f"dist {version} x{nproc}", f"dist-{version}", argv, int(nproc or 2), DIST_S)
-
-
-def schedule(jobs: List[Job], gpus: List[int], deadline: float, log) -> None:
-    """Run ``jobs`` in order over ``gpus``: a job starts when it fits, its key free, GPUs idle."""
-    pending, running, finished = list(jobs), [], []
-    free = list(gpus)
-    while pending or running:
-        for job in list(running):
-            rc = job.proc.poll()
-            late = time.monotonic() > deadline
-            if rc is None and not late:
-                continue
-            if rc is None:
-                job.proc.kill()
-                rc = job.proc.wait()
-                _say(log, f"killed at the deadline: {job.name}")
-            job.rc, job.seconds = rc, time.monotonic() - job.started
-            _say(log, f"done rc={rc} {job.seconds:.0f}s (est {job.estimate:.0f}) {job.name}")
-            running.remove(job)
-            finished.append(job)
-            free.extend(job.devices)
-        busy = {j.key for j in running}
-        left = deadline - time.monotonic()
-        for job in list(pending):
-            if job.estimate > left:
-                pending.remove(job)
-                _say(
-                    log,
-                    f"left for a later call (est {job.estimate:.0f}s > {left:.0f}s): {job.name}",
-                )
-                continue
-            if job.key in busy or len(free) < job.gpus:
-                continue
-            job.devices, free = free[: job.gpus], free[job.gpus :]
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
-            # Processes side by side: each gets its share of the cores, not all of them.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(gpus))))
-            job.started = time.monotonic()
-            with open(log.name + f".{len(finished) + len(running)}.out", "w") as sink:
-                job.proc = subprocess.Popen(
-                    job.argv, env=env, stdout=sink, stderr=subprocess.STDOUT
-                )
-            running.append(job)
-            busy.add(job.key)
-            pending.remove(job)
-            _say(log, f"start on GPU {job.devices} (est {job.estimate:.0f}s): {job.name}")
-        time.sleep(1)
+    return fleet.Job(f"dist {version} x{nproc}", argv, gpus=int(nproc or 2), estimate=DIST_S)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -202,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             base = spec.partition("=")[0].partition(":")[2]
             if base not in ("", "none"):
                 stage(base, None, args.work)
-        jobs: List[Job] = []
+        jobs: List[fleet.Job] = []
         for spec in args.dist:
             jobs.append(dist_job(spec, args.out, args.work, sys.executable, args.deadline_s / 2))
         for spec in args.release:
@@ -211,7 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log,
             f"staged; {len(jobs)} jobs, {sum(j.estimate * j.gpus for j in jobs):.0f} GPU-s estimated",
         )
-        schedule(jobs, gpus, deadline, log)
+        left = deadline - time.monotonic()
+        for job in fleet.run_jobs(jobs, gpus, args.out / "logs", deadline_s=left):
+            done = f"rc={job.rc} {job.seconds:.0f}s" if job.outcome == "ran" else job.outcome
+            _say(log, f"{done} (est {job.estimate:.0f}s) {job.name}")
         summary = {
             spec.partition(":")[0]: sorted(done_units(args.out, spec.partition(":")[0]))
             for spec in args.release

@@ -33,11 +33,10 @@ only the standard library and the tests' own imports; ``--release`` staging need
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.suite import device
@@ -72,6 +71,7 @@ from mla_seam.suite.trees import (
     ROLES,
     TreeInfo,
     base_from_report,
+    choose_base,
     inspect_tree,
     stage,
 )
@@ -94,6 +94,7 @@ __all__ = [
     "TreeInfo",
     "Unit",
     "base_from_report",
+    "choose_base",
     "build_results",
     "build_verdict",
     "card_slug",
@@ -124,23 +125,7 @@ __all__ = [
 
 def _base_release(args: argparse.Namespace, release: str) -> Optional[str]:
     """``--base``, else the last good release of ``--base-from`` (a drift.json), else the default."""
-    if args.base:
-        return None if args.base == "none" else args.base
-    if args.base_from:
-        try:
-            report: Dict[str, Any] = json.loads(Path(args.base_from).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            from mla_seam.errors import UsageError  # pylint: disable=import-outside-toplevel
-
-            raise UsageError(
-                f"--base-from {args.base_from}: not a readable drift.json ({exc})",
-                "pass the drift report (results/drift/drift.json) or name --base VERSION",
-            ) from None
-        found = base_from_report(report, release)
-        if found:
-            return found
-        log.info("mla-seam suite: %s marks no release good; base %s", args.base_from, DEFAULT_BASE)
-    return DEFAULT_BASE
+    return choose_base(release, args.base, args.base_from)
 
 
 def run(args: argparse.Namespace) -> int:

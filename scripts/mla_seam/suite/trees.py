@@ -15,6 +15,7 @@ interpreter: staging needs GitPython, running the phases does not.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from mla_seam import releases
-from mla_seam.errors import NotMegatronTreeError, TreeNotFoundError, UpstreamError
+from mla_seam.errors import NotMegatronTreeError, TreeNotFoundError, UpstreamError, UsageError
 from mla_seam.paths import ADAPTER_RELPATH
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,34 @@ def base_from_report(report: Optional[Dict[str, Any]], release: str) -> Optional
             continue
         ranked.append((bool(gpu), releases.version_key(version), version))
     return max(ranked)[2] if ranked else None
+
+
+def choose_base(
+    release: str, base: Optional[str] = None, base_from: Optional[os.PathLike] = None
+) -> Optional[str]:
+    """The base release of a three-tree run of ``release``.
+
+    ``base`` when given (``"none"``: no base tree), else the last release the drift report
+    ``base_from`` marked good (:func:`base_from_report`), else :data:`DEFAULT_BASE`.
+
+    Raises:
+        UsageError: ``base_from`` is not a readable JSON file.
+    """
+    if base:
+        return None if base == "none" else base
+    if base_from:
+        try:
+            report: Dict[str, Any] = json.loads(Path(base_from).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"--base-from {base_from}: not a readable drift.json ({exc})",
+                "pass the drift report (results/drift/drift.json) or name --base VERSION",
+            ) from None
+        found = base_from_report(report, release)
+        if found:
+            return found
+        log.info("mla-seam suite: %s marks no release good; base %s", base_from, DEFAULT_BASE)
+    return DEFAULT_BASE
 
 
 def _seam(*args: str, timeout: int = 900) -> str:
