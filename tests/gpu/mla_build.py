@@ -47,6 +47,14 @@ def have_adapter() -> bool:
         return False
 
 
+def flash_build_installed() -> bool:
+    """Whether a FlashAttention build the adapter counts (``flash_attn``, ``flash_attn_interface``)
+    is importable: then ``--attention-backend flash`` is a supported MLA path."""
+    return any(
+        importlib.util.find_spec(m) is not None for m in ("flash_attn", "flash_attn_interface")
+    )
+
+
 def have_te() -> bool:
     """Whether Transformer Engine imports in this process."""
     try:

@@ -27,13 +27,19 @@ overrides the dtype.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from mla_build import NO_CUDA, NO_TE, build_attention, have_adapter, have_te
+from mla_build import (
+    NO_CUDA,
+    NO_TE,
+    build_attention,
+    flash_build_installed,
+    have_adapter,
+    have_te,
+)
 from oracles import DIMS, ROPES, make_input, max_rel, reference_mla, reference_packed, tolerance
 
 LENGTHS = [1, 37, 512, 1500]
@@ -73,12 +79,6 @@ def _dtype(dev: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _flash_build_installed() -> bool:
-    return any(
-        importlib.util.find_spec(m) is not None for m in ("flash_attn", "flash_attn_interface")
-    )
-
-
 def expected_outcome(spec: str, backend: str) -> str:
     """``"run"`` or ``"build_error"``, from the brief's rules (not from the adapter).
 
@@ -89,7 +89,7 @@ def expected_outcome(spec: str, backend: str) -> str:
     """
     if spec == "te" and backend == "local":
         return "build_error"
-    if backend == "flash" and not _flash_build_installed() and (spec == "te" or have_te()):
+    if backend == "flash" and not flash_build_installed() and (spec == "te" or have_te()):
         return "build_error"
     return "run"
 

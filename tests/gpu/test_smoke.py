@@ -23,6 +23,7 @@ import types
 from pathlib import Path
 
 import pytest
+from mla_build import flash_build_installed, have_adapter
 
 TREE = os.environ.get("MLA_SEAM_MEGATRON_TREE")
 if TREE:
@@ -44,17 +45,8 @@ except Exception:  # pylint: disable=broad-except
 needs_te = pytest.mark.skipif(not HAVE_TE, reason="needs Transformer Engine")
 
 
-def _have_adapter() -> bool:
-    """Whether the tree carries the adapter (a vanilla tree runs the same cases as upstream)."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
-    try:
-        return importlib.util.find_spec("megatron.core.transformer.mla_adapter") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-HAVE_ADAPTER = bool(TREE) and _have_adapter()
+# Whether the tree carries the adapter (a vanilla tree runs the same cases as upstream).
+HAVE_ADAPTER = bool(TREE) and have_adapter()
 
 
 def _decision(config):
@@ -266,14 +258,6 @@ def test_forward_backward_and_thd_equals_bshd(spec, backend, layout):
     assert worst_out < 2e-2 and worst_grad < 5e-2
 
 
-def _flash_installed() -> bool:
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
-    return any(
-        importlib.util.find_spec(m) for m in ("flash_attn_interface", "flash_attn_3", "flash_attn")
-    )
-
-
 @needs_te
 def test_flash_fails_at_build_with_the_adapter_error():
     """A flash request MLA cannot run fails at build, naming the flag, not at the first step.
@@ -281,7 +265,7 @@ def test_flash_fails_at_build_with_the_adapter_error():
     Behaviour, not API: a vanilla tree runs the same steps and fails this where it accepts the
     request and TE stops at the first step instead.
     """
-    if _flash_installed():
+    if flash_build_installed():
         pytest.skip("a FlashAttention build is installed here: flash is a supported MLA path")
     config = _config("flash")
     try:
