@@ -1,4 +1,4 @@
-"""The issue-8 performance tables, from GPU suite records (stdlib only, pure functions).
+"""The issue-8 performance tables, from GPU suite records (no third-party imports, pure functions).
 
 Records are the JSON lines the GPU tests append to ``$MLA_SEAM_RESULTS`` (``tests/gpu``), from
 any number of trees and runs; every record names its tree's ``version`` and ``side``
@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from mla_seam.suite.render import markdown_table
 
 SEQUENCE_COUNTS = (1, 4, 16, 64, 256)
 FLAT_GOAL = 1.15  # patched at 256 sequences / patched at 16
@@ -280,9 +282,7 @@ def _fmt(value: Any) -> str:
 
 
 def _md(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return lines
+    return markdown_table(headers, rows, _fmt)
 
 
 def render_markdown(doc: Mapping[str, Any], card: str = "") -> str:

@@ -123,11 +123,6 @@ __all__ = [
 ]
 
 
-def _base_release(args: argparse.Namespace, release: str) -> Optional[str]:
-    """``--base``, else the last good release of ``--base-from`` (a drift.json), else the default."""
-    return choose_base(release, args.base, args.base_from)
-
-
 def run(args: argparse.Namespace) -> int:
     """The ``suite`` verb; exit 0 when the patched tree passed and the overlay broke nothing."""
     from mla_seam.errors import UsageError  # pylint: disable=import-outside-toplevel
@@ -161,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         probed = device.probe_device(args.python or sys.executable)
         require_gpu(probed)  # before staging three trees for nothing
         work = Path(args.work or Path.cwd() / "mla-seam-trees")
-        trees = stage(args.release, _base_release(args, args.release), work)
+        trees = stage(args.release, choose_base(args.release, args.base, args.base_from), work)
         megatron, vanilla, base = trees["patched"], trees["vanilla"], trees.get("base")
     results, out_dir = run_suite(
         megatron=megatron,

@@ -3,7 +3,7 @@ benchmarks and the per-role performance tables)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
 
 from mla_seam.suite.trees import ROLES
 
@@ -22,9 +22,12 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "/").replace("\n", " ")
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
+def markdown_table(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = _fmt
+) -> List[str]:
+    """A markdown table, each cell through ``fmt`` (default: this module's number format)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return lines
 
 
@@ -53,7 +56,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if role in trees
     ]
     world = (results.get("parallel") or {}).get("world_size", 1)
-    lines += _table(
+    lines += markdown_table(
         ["what", "version"],
         tree_rows
         + [
@@ -81,12 +84,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         moved = [f for f in verdict["findings"] if f["attribution"] != "unchanged"]
         if moved:
             lines += ["", "### Findings that moved", ""]
-            lines += _table(
+            lines += markdown_table(
                 ["category", "attribution", "regressed", "what"],
                 [[f["category"], f["attribution"], f["regressed"], f["cause"]] for f in moved[:60]],
             )
     lines += ["", "## Phases", ""]
-    lines += _table(
+    lines += markdown_table(
         ["phase", "role", "tree", "ok", "passed", "failed", "errors", "skipped", "xfailed", "s"],
         [
             [
@@ -113,7 +116,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     oracle = [r for r in records if r.get("case") in ("oracle_megatron", "oracle_thd")]
     if oracle:
         lines += ["", "## Oracles (max |diff| / max |ref|, float64 oracles)", ""]
-        lines += _table(
+        lines += markdown_table(
             [
                 "case",
                 "spec",
@@ -143,7 +146,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     matrix = [r for r in records if r.get("case") == "matrix"]
     if matrix:
         lines += ["", "## Matrix", ""]
-        lines += _table(
+        lines += markdown_table(
             [
                 "spec",
                 "backend",
@@ -201,7 +204,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             rows = bench.get(name) or []
             if rows:
                 lines += ["", f"### {title}", ""]
-                lines += _table(
+                lines += markdown_table(
                     [
                         "spec",
                         "backend",
@@ -228,7 +231,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 )
         if bench.get("backend_table"):
             lines += ["", "### Backends (patched tree)", ""]
-            lines += _table(
+            lines += markdown_table(
                 ["spec", "backend", "layout", "dims", "decided", "ms", "TFLOP/s", "of matmul"],
                 [
                     [
@@ -246,7 +249,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             )
         if bench.get("local_vs_te_unfused"):
             lines += ["", "### Local spec / TE unfused (goal <= 1.2)", ""]
-            lines += _table(
+            lines += markdown_table(
                 ["layout", "local ms", "TE unfused ms", "ratio", "met"],
                 [
                     [r["layout"], r["local_ms"], r["te_unfused_ms"], r["ratio"], r["met"]]
@@ -268,7 +271,7 @@ def _perf_tables(bench: Mapping[str, Any]) -> List[str]:
     sweep = bench.get("thd_sweep") or []
     if sweep:
         lines += ["", "### THD sequence-count sweep (ms per step, per tree)", ""]
-        lines += _table(
+        lines += markdown_table(
             [
                 "backend",
                 "rope fusion",
@@ -300,7 +303,7 @@ def _perf_tables(bench: Mapping[str, Any]) -> List[str]:
     kernels = bench.get("kernels") or []
     if kernels:
         lines += ["", "### Kernel launches and host-device syncs per step", ""]
-        lines += _table(
+        lines += markdown_table(
             [
                 "layout",
                 "backend",
@@ -326,7 +329,7 @@ def _perf_tables(bench: Mapping[str, Any]) -> List[str]:
     local = bench.get("local_vs_te") or []
     if local:
         lines += ["", "### Local spec against TE (patched tree, ms)", ""]
-        lines += _table(
+        lines += markdown_table(
             ["layout", "local", "TE unfused", "TE fused", "local/unfused", "local/fused"],
             [
                 [
