@@ -41,14 +41,14 @@ CHUNKS = (
     ("oracles",),
     ("thd-sweep", "thd-sweep@vanilla", "thd-sweep@base"),
     ("smoke", "smoke@vanilla", "golden", "golden@vanilla", "golden@base"),
-    ("parity", "parity@vanilla", "kernels", "kernels@vanilla"),
+    ("parity", "parity@vanilla", "parity@base", "kernels", "kernels@vanilla"),
     ("bench", "bench@vanilla", "bench@base", "local-vs-te"),
 )
 #: Seconds per unit on one H200 (core_v0.19.2, 2026-11-29; older lines are faster).
 ESTIMATE = {
     "smoke": 33, "smoke@vanilla": 24, "oracles": 90, "matrix": 108, "golden": 23,
     "golden@vanilla": 19, "golden@base": 21, "thd-sweep": 45, "thd-sweep@vanilla": 40,
-    "thd-sweep@base": 37, "parity": 36, "parity@vanilla": 33, "kernels": 25,
+    "thd-sweep@base": 37, "parity": 36, "parity@vanilla": 33, "parity@base": 33, "kernels": 25,
     "kernels@vanilla": 41, "bench": 30, "bench@vanilla": 30, "bench@base": 30, "local-vs-te": 30,
 }  # fmt: skip
 #: The suite process's own start (device probe, tree inspection, merge).
@@ -87,6 +87,8 @@ def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[fleet.Jo
             phase = unit.split("@")[0]
             role = unit.split("@")[1] if "@" in unit else "patched"
             if role not in trees or (unit in done and wanted is None):
+                continue
+            if role == "base" and trees["base"] == trees["patched"]:  # its own base: measured once
                 continue
             if wanted is None and phase == "local-vs-te":
                 continue

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from mla_seam.suite.benchmarks import KERNEL_KEY, THD_SWEEP_KEY, role_of
 from mla_seam.suite.goldens import compare_golden_cross
-from mla_seam.suite.phases import failure_messages
+from mla_seam.suite.phases import failure_messages, unit_name
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "gpu_verdict.schema.json"
@@ -341,8 +341,37 @@ def golden_findings(golden: Mapping[str, Mapping[str, Any]]) -> List[Finding]:
 # --- the verdict document ---------------------------------------------------------------------
 
 
+def base_is_patched(results: Mapping[str, Any]) -> bool:
+    """Whether the run's release is its own base (its base tree is its patched tree)."""
+    trees = results.get("trees") or {}
+    base, patched = trees.get("base") or {}, trees.get("patched") or {}
+    return bool(base.get("path")) and base.get("path") == patched.get("path")
+
+
+def _as_base(results: Mapping[str, Any]) -> Dict[str, Any]:
+    """``results`` with the patched tree's measurements also read as the base's.
+
+    The base release's run measures its patched tree once; that tree is the base, so a failure
+    vanilla shares with it is a standing one and vanilla moving off it is upstream's.
+    """
+    phases = [p for p in results.get("phases") or [] if p.get("role") != "base"]
+    copied = [
+        dict(p, role="base", name=unit_name(p.get("phase") or p["name"], "base"))
+        for p in phases
+        if p.get("role", "patched") == "patched"
+    ]
+    records = [r for r in results.get("records") or [] if role_of(r) != "base"]
+    copied_records = [dict(r, role="base") for r in records if role_of(r) == "patched"]
+    golden = {k: v for k, v in (results.get("golden") or {}).items() if k != "base"}
+    if "patched" in golden:
+        golden["base"] = golden["patched"]
+    return dict(results, phases=phases + copied, records=records + copied_records, golden=golden)
+
+
 def findings_of(results: Mapping[str, Any]) -> List[Finding]:
     """Every finding of a results document (schema 2)."""
+    if base_is_patched(results):
+        results = _as_base(results)
     return (
         test_findings(results.get("phases") or [])
         + golden_findings(results.get("golden") or {})
@@ -362,7 +391,7 @@ def verdict_of(findings: Sequence[Finding], results: Mapping[str, Any]) -> Tuple
     # the tag undecided rather than blamed on either side.
     reasons = [f"unattributed: {f.cause}" for f in regressed]
     for phase in results.get("phases") or []:
-        if phase.get("role") == "patched" and not phase.get("ok"):
+        if phase.get("role") == "patched" and broke_down(phase):
             why = "timed out" if phase.get("timed_out") else f"exit {phase.get('exit_code')}"
             reasons.append(f"phase {phase['name']} of the patched tree broke down ({why})")
     ran = {p.get("role") for p in results.get("phases") or [] if p.get("skipped_reason") is None}
@@ -371,6 +400,17 @@ def verdict_of(findings: Sequence[Finding], results: Mapping[str, Any]) -> Tuple
     if "patched" not in ran:
         reasons.append("the patched tree did not run")
     return ("incomplete", reasons) if reasons else ("pass", [])
+
+
+def broke_down(phase: Mapping[str, Any]) -> bool:
+    """A unit that did not measure what it should: timed out, or pytest ended other than by
+    its tests failing (exit 1 with failed tests on record is a test outcome, judged per test).
+    """
+    if phase.get("ok") or phase.get("skipped_reason") is not None:
+        return False
+    if phase.get("timed_out") or phase.get("exit_code") != 1:
+        return True
+    return not any(o in ("failed", "errors") for o in (phase.get("tests") or {}).values())
 
 
 def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:

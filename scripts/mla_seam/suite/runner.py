@@ -85,6 +85,12 @@ def _trees(
         trees["vanilla"] = van
     if base:
         bas = inspect_tree(base, "--base-megatron")
+        if bas.path == tree.path:
+            # The release is its own base (the base release itself): its patched tree is the
+            # reference, measured once; attribution reads the patched units as the base's.
+            log.info("mla-seam suite: %s is its own base; the patched tree serves as base", tree.tag)
+            trees["base"] = tree
+            return trees
         if not bas.patched:
             raise UsageError(
                 f"--base-megatron {bas.path} is not patched",
@@ -121,7 +127,8 @@ def run_suite(
     python = python or sys.executable
     trees = _trees(megatron, vanilla, base)
     tree = trees["patched"]
-    units, unknown = select(only, list(trees))
+    roles = [r for r in trees if not (r == "base" and trees[r] is tree)]
+    units, unknown = select(only, roles)
     if unknown:
         choices = ", ".join(PHASE_NAMES)
         raise UsageError(

@@ -171,8 +171,8 @@ def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
 
     Args:
         release: Version, tag or line of the release under test (a line means its newest).
-        base: Version of the base release; ``None`` or the release itself: no base tree (the
-            patched tree is the reference).
+        base: Version of the base release; ``None``: no base tree. The release itself: the
+            patched tree is also the base (measured once; see the suite's runner).
         work: Folder for ``<role>-<version>`` checkouts.
 
     Returns:
@@ -194,4 +194,6 @@ def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
         if patched and not (dest / ADAPTER_RELPATH).is_file():
             _seam("apply", str(dest))
         trees[role] = dest
+    if base and "base" not in plan:
+        trees["base"] = trees["patched"]
     return trees
