@@ -308,3 +308,84 @@ def test_failure_messages_reach_the_cause(tmp_path):
         "(vanilla, patched: megatron.core.utils.ExperimentalNotEnabledError: Flag "
         "config.ENABLE_EXPERIMENTAL not enabled.)"
     )
+
+
+def _results(phases: List[Dict[str, Any]], records=(), golden=None, base_path="/t/p-0.16.1"):
+    trees = {
+        "patched": {"path": "/t/p-0.16.1", "version": "0.16.1", "patched": True},
+        "vanilla": {"path": "/t/v-0.16.1", "version": "0.16.1", "patched": False},
+        "base": {"path": base_path, "version": "0.16.1", "patched": True},
+    }
+    return {"trees": trees, "phases": phases, "records": list(records), "golden": golden or {}}
+
+
+def test_a_release_that_is_its_own_base_reads_its_patched_tree_as_the_base():
+    """The base release: a failure vanilla shares is standing; vanilla failing alone absorbed."""
+    test = "tests.gpu.test_parity::test_hf_parity[te-none-3.0]"
+    other = "tests.gpu.test_smoke::test_local_builds"
+    phases = [
+        {"name": "parity", "role": "patched", "ok": False, "exit_code": 1,
+         "tests": {test: "failed", other: "passed"}},
+        {"name": "parity@vanilla", "phase": "parity", "role": "vanilla", "ok": False,
+         "exit_code": 1, "tests": {test: "failed", other: "failed"}},
+    ]  # fmt: skip
+    records = [
+        {"case": "parity_hf", "spec": "te", "dtype": "fp32", "q_lora_rank": None,
+         "input_rms": 3.0, "passed": False, "rel_err": 1.41e-3, "role": role}
+        for role in ("patched", "vanilla")
+    ]  # fmt: skip
+    itself = _results(phases, records)
+    assert attribution.base_is_patched(itself)
+    found = {f.subject: f for f in attribution.findings_of(itself)}
+    assert found[f"parity: {other}"].attribution == "absorbed"
+    assert f"parity: {test}" not in found  # unchanged and not regressed: not listed
+    parity = next(f for s, f in found.items() if s.startswith("parity_hf"))
+    assert (parity.attribution, parity.regressed) == ("unchanged", False)
+    # A unit whose tests failed measured what it should: not a breakdown of the phase.
+    assert attribution.verdict_of(list(found.values()), itself) == ("pass", [])
+    # Without the base the same failure is unattributed, and the verdict is left open.
+    two = _results(phases, records, base_path="")
+    del two["trees"]["base"]
+    assert not attribution.base_is_patched(two)
+    assert attribution.verdict_of(attribution.findings_of(two), two)[0] == "incomplete"
+
+
+def test_a_phase_breaks_down_only_when_it_did_not_measure():
+    failed = {"ok": False, "exit_code": 1, "tests": {"t": "failed"}}
+    assert not attribution.broke_down(failed)
+    assert attribution.broke_down({"ok": False, "exit_code": 1, "tests": {"t": "passed"}})
+    assert attribution.broke_down({"ok": False, "exit_code": 2, "tests": {}})
+    assert attribution.broke_down(dict(failed, timed_out=True))
+    assert not attribution.broke_down({"ok": False, "skipped_reason": "needs 2 GPUs"})
+
+
+def _golden(curve):
+    return {"observed": {"lm loss": {"values": {str(i + 1): v for i, v in enumerate(curve)}}}}
+
+
+@pytest.mark.parametrize(
+    "fixed_patched,expected",
+    [
+        # 0.13.1 on H200: native curve off the base's (its spec forks the model-parallel RNG
+        # for the down projections), the fixed-weights curve identical: initialization only.
+        ([6.33, 5.2, 4.1], ("upstream changed", False)),
+        # The fixed-weights curve moved too: what the model computes changed; nobody measured
+        # vanilla, so it stays unattributed.
+        ([6.33, 5.2, 4.2], ("unattributed", True)),
+    ],
+)
+def test_golden_moves_from_initialization_only_are_upstream_and_not_regressions(
+    fixed_patched, expected
+):
+    golden = {"patched": _golden([6.29, 1.9, 1.2]), "base": _golden([6.33, 2.1, 0.9])}
+    records = [
+        {"case": "golden_fixed", "spec": "te", "backend": "unfused", "role": role,
+         "values": {"lm loss": curve, "grad norm": [1.0, 2.0, 3.0]}}
+        for role, curve in (("patched", fixed_patched), ("base", [6.33, 5.2, 4.1]))
+    ]  # fmt: skip
+    results = _results([], records, golden, base_path="/t/p-0.16.1-base")
+    found = {f.subject: f for f in attribution.findings_of(results)}
+    native = found["golden values"]
+    assert (native.attribution, native.regressed) == expected
+    if not expected[1]:
+        assert "initializes the model differently" in native.cause

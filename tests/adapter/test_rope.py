@@ -190,3 +190,59 @@ def test_gradients_flow_like_upstream(parallel_state):
     )
     (theirs,) = torch.autograd.grad(_upstream(t, freqs, config, cu, CPGroup(1, 0), 1.0), t, grad)
     _assert_same(ours, theirs)
+
+
+class CutTable(torch.nn.Module):
+    """A RoPE module shaped like 0.13's YaRN: with a CP group it keeps this rank's bshd chunks
+    of its table (chunks ``r`` and ``2 * cp - 1 - r`` of ``2 * cp``, as upstream's
+    ``get_pos_emb_on_this_cp_rank``) for every batch, packed or not, and takes no
+    ``packed_seq`` argument. 0.13's real module, and that function, need a GPU."""
+
+    def __init__(self, cp_group) -> None:
+        super().__init__()
+        self.cp_group = cp_group
+
+    def forward(self, max_seq_len: int, offset: int = 0):
+        emb = _freqs(max_seq_len + offset)[offset:]
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            size, rank = self.cp_group.size(), self.cp_group.rank()
+            chunks = emb.chunk(2 * size)
+            emb = torch.cat((chunks[rank], chunks[2 * size - 1 - rank]))
+        return emb, 1.0
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, parallel_state):
+    """0.13.1 on 2 x H200: THD at CP 2 ran on the patched tree but 43% off CP 1 (the table
+    MLA indexed per sequence held only the rank's bshd chunks). The adapter rotates with the
+    whole table: equal to upstream's per-sequence path on the whole table, on every rank."""
+    lengths = _lengths(12, seed=7, multiple=2 * cp_size)
+    cu = _offsets(lengths)
+    longest = max(lengths)
+    config = make_config(SMALL, context_parallel_size=cp_size)
+    whole = _freqs(longest)
+    for rank in range(cp_size):
+        group = CPGroup(cp_size, rank)
+        tokens = int(cu[-1]) // cp_size
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params.max_seqlen_q = params.max_seqlen_kv = longest
+        layer = types.SimpleNamespace(config=config, rotary_pos_emb=CutTable(group))
+        mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))
+        assert mla_adapter._slices_packed_tables(layer)  # pylint: disable=protected-access
+        cut, _ = layer.rotary_pos_emb(longest)
+        assert cut.size(0) == longest // cp_size
+        t = torch.randn(tokens, 4, 16)
+        apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+        ours = apply(t, cut, config, cu_seqlens=cu, cp_group=group)
+        _assert_same(ours, _upstream(t, whole, config, cu, group, 1.0))
+        assert layer.rotary_pos_emb.cp_group is group  # put back
+        # RoPE fusion would rotate at the cut table's positions: refused, with the way out.
+        fused = types.SimpleNamespace(
+            config=make_config(SMALL, context_parallel_size=cp_size, apply_rope_fusion=True),
+            rotary_pos_emb=CutTable(group),
+        )
+        with pytest.raises(mla_adapter.MLACompatibilityError, match="--no-rope-fusion"):
+            mla_adapter.rotary_pos_emb_fn(fused, params)
+    # Without CP, or on a module that knows packed batches, nothing is rebuilt.
+    plain = types.SimpleNamespace(config=config, rotary_pos_emb=CutTable(CPGroup(1, 0)))
+    assert not mla_adapter._slices_packed_tables(plain)  # pylint: disable=protected-access

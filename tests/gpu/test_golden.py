@@ -7,7 +7,9 @@ uses the TE spec with the unfused backend (as Megatron's own golden-value runs: 
 mode, unfused attention), with ``NVTE_ALLOW_NONDETERMINISTIC_ALGO=0`` and cuBLAS's deterministic
 workspace; without TE, or on a CPU (Megatron 0.19+), the local spec.
 
-The test trains twice in one process and requires identical numbers (determinism), then:
+The test trains twice in one process and requires identical numbers (determinism), then once
+more from weights that depend only on each parameter's name (record ``golden_fixed``: across
+tags, it tells a change of what the model computes from a change of its initialization), then:
 ``MLA_SEAM_GOLDEN_OUT`` set -> writes the golden-values file there (Megatron's schema, via
 :func:`mla_seam.suite.golden_document`); ``MLA_SEAM_GOLDEN_REF`` naming an existing file ->
 the run must equal it exactly (same tag, TE and card). ``MLA_SEAM_GOLDEN_STEPS`` sets N (20).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from typing import Dict, List
 
 import pytest
@@ -93,9 +96,33 @@ def _model(spec: str, backend: str, dev: str):
     return model.to(dev)
 
 
-def train(spec: str, backend: str, steps: int, dev: str) -> Dict[str, List[float]]:
-    """Train the tiny model ``steps`` steps; loss and global grad norm per step."""
+def set_fixed_weights(model: torch.nn.Module) -> None:
+    """Overwrite the model's weights with values that depend on nothing but each name and shape.
+
+    Matrices: N(0, 0.02) from a generator seeded by the parameter's name; vectors (the norms'
+    weights): ones. The curve trained from them tells a change of what the model computes from a
+    change of how a release initializes it (the draw order of its RNG, which module forks the
+    model-parallel RNG), which moves the native curve alone.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+                continue
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def train(
+    spec: str, backend: str, steps: int, dev: str, fixed_weights: bool = False
+) -> Dict[str, List[float]]:
+    """Train the tiny model ``steps`` steps; loss and global grad norm per step.
+
+    ``fixed_weights``: from :func:`set_fixed_weights` instead of the release's own init.
+    """
     model = _model(spec, backend, dev)
+    if fixed_weights:
+        set_fixed_weights(model)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
@@ -158,6 +185,9 @@ def test_golden_values(buildable, record):
     head, tail = first["lm loss"][:5], first["lm loss"][-5:]
     assert sum(tail) < sum(head), f"the tiny model does not learn: {first['lm loss']}"
     assert not deterministic, f"two identical runs differ: {deterministic[:5]}"
+    fixed = train(spec, backend, steps, dev, fixed_weights=True)
+    record(case="golden_fixed", spec=spec, backend=backend, device=dev, steps=steps, values=fixed)
+    assert all(math.isfinite(v) for v in fixed["lm loss"] + fixed["grad norm"])
     out = os.environ.get("MLA_SEAM_GOLDEN_OUT")
     if out:
         write_golden(out, doc)

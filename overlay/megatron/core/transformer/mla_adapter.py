@@ -377,7 +377,8 @@ class PackedBatch:
         padded_q: The padded q offsets (``cu_seqlens_q`` where there are none) on the host.
         padded_kv: The padded kv offsets on the host.
         positions: RoPE position of every local token, per (offsets tensor, tokens, CP size,
-            CP rank): ``(offsets, positions)``.
+            CP rank): ``(offsets, positions)``; and the whole RoPE table of a module that cuts
+            it per CP rank, per ``("table", module, length, 0)``: ``(module, table)``.
     """
 
     rope_params: Any
@@ -385,7 +386,7 @@ class PackedBatch:
     offsets_kv: List[int]
     padded_q: List[int]
     padded_kv: List[int]
-    positions: Dict[Tuple[int, int, int, int], Tuple[torch.Tensor, torch.Tensor]] = (
+    positions: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor]] = (
         dataclasses.field(default_factory=dict)
     )
 
@@ -639,14 +640,58 @@ def rotary_pos_emb_fn(
 
     upstream = multi_latent_attention.apply_rotary_pos_emb
     batch = packed_batch(packed_seq_params)
-    if batch is None or attention.config.apply_rope_fusion:
+    if batch is None:
         return upstream
-    return functools.partial(_packed_rotary_pos_emb, batch, upstream)
+    sliced = _slices_packed_tables(attention)
+    if attention.config.apply_rope_fusion:
+        if sliced:
+            raise MLACompatibilityError(
+                "MLA RoPE fusion with packed (THD) sequences and context parallelism: this "
+                "release cuts YaRN's cos/sin table per context-parallel rank as for bshd and "
+                "does not pass the rank to the fused kernels, so every packed token would be "
+                "rotated at a wrong position. Turn RoPE fusion off (--no-rope-fusion, "
+                "apply_rope_fusion=False): the adapter then rotates THD batches itself."
+            )
+        return upstream
+    rotary = attention.rotary_pos_emb if sliced else None
+    return functools.partial(_packed_rotary_pos_emb, batch, upstream, rotary)
+
+
+def _slices_packed_tables(attention: MultiLatentAttention) -> bool:
+    """Whether the layer's RoPE module cuts its table per CP rank for packed batches too.
+
+    Under context parallelism a bshd rank holds two chunks of the sequence, so a rotary module
+    keeps only those chunks of its table. A THD rank holds two chunks of every packed sequence,
+    which need the whole table. Releases that know this take a ``packed_seq`` argument; a
+    module with a CP group and no such argument (0.13's YaRN) cuts the table regardless.
+    """
+    rotary = getattr(attention, "rotary_pos_emb", None)
+    group = getattr(rotary, "cp_group", None)
+    if group is None or group.size() < 2:
+        return False
+    return "packed_seq" not in inspect.signature(rotary.forward).parameters
+
+
+def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> torch.Tensor:
+    """``rotary``'s table of ``length`` positions, not cut per CP rank (once per batch)."""
+    key = ("table", id(rotary), length, 0)
+    cached = batch.positions.get(key)
+    if cached is None or cached[0] is not rotary:
+        group = rotary.cp_group
+        rotary.cp_group = None  # the module cuts the table only when it has a CP group
+        try:
+            table = rotary(length)
+        finally:
+            rotary.cp_group = group
+        cached = (rotary, table[0] if isinstance(table, tuple) else table)
+        batch.positions[key] = cached
+    return cached[1]
 
 
 def _packed_rotary_pos_emb(
     batch: PackedBatch,
     upstream: Callable[..., torch.Tensor],
+    rotary: Optional[torch.nn.Module],
     t: torch.Tensor,
     freqs: torch.Tensor,
     config: TransformerConfig,
@@ -666,6 +711,8 @@ def _packed_rotary_pos_emb(
         cp_group = parallel_state.get_context_parallel_group()
     if mla_rotary_interleaved is None:
         mla_rotary_interleaved = config.multi_latent_attention
+    if rotary is not None:  # the table MLA computed is this rank's bshd chunks only
+        freqs = _whole_table(batch, rotary, freqs.size(0) * cp_group.size())
     positions = _packed_positions(batch, cu_seqlens, t.size(0), cp_group.size(), cp_group.rank())
     return apply_rotary_packed(
         t,
