@@ -244,6 +244,18 @@ def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
         golden = {"lm loss": {"start_step": 1, "end_step": 2, "step_interval": 1,
                               "values": {"1": 4.0, "2": 3.5}}}  # fmt: skip
         (folder / "golden_values_h200_te2.20.2.json").write_text(json.dumps(golden))
+    # 0.18.2 also ran on 2 GPUs: one case fails on the patched tree (and alike on vanilla).
+    multigpu = results / "core_v0.18.2" / "h200" / "multigpu"
+    multigpu.mkdir()
+    (multigpu / "results.json").write_text(json.dumps({
+        "started": "2026-11-30T02:00:00+00:00", "parallel": {"world_size": 2},
+        "cases": [
+            {"name": "pp2-vpp2-first2/gpt/te", "patched": {"ok": True, "outcome": "ran"},
+             "vanilla": {"ok": True, "outcome": "ran"}},
+            {"name": "tp2-sp/layer/te",
+             "patched": {"ok": False, "outcome": "ran", "failed_checks": ["grads<=0.005"]},
+             "vanilla": {"ok": False, "outcome": "ran", "failed_checks": ["grads<=0.005"]}},
+        ]}))  # fmt: skip
     history_file = tmp_path / "history.jsonl"
     args = ["--megatron", str(combo), "--tags", "0.18.2..0.19.2", "--history", str(history_file)]
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
@@ -260,7 +272,13 @@ def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
     drift.validate(doc)
     by_tag = {e["tag"]: e for e in doc["tags"]}
     assert by_tag["core_v0.18.2"]["gpu"]["verdict"] == "pass"
-    assert by_tag["core_v0.18.2"]["verdict"] == "supported"
+    # ... but a multi-GPU case fails on its patched tree: the tag needs work, and says which.
+    assert by_tag["core_v0.18.2"]["gpu"]["multigpu"]["cases"] == 2
+    assert by_tag["core_v0.18.2"]["verdict"] == "needs_work"
+    assert by_tag["core_v0.18.2"]["reasons"][-1] == (
+        "GPU (h200, 2 GPUs): tp2-sp/layer/te fails on the patched tree (grads<=0.005); "
+        "vanilla: fails alike (grads<=0.005)"
+    )
     assert by_tag["core_v0.19.0"]["gpu"] is None
     hit = by_tag["core_v0.19.2"]
     assert (
@@ -276,6 +294,7 @@ def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
     md = (out / "drift.md").read_text()
     assert md.index("## Since the previous run") < md.index("## Matrix")
     assert "upstream_changed (h200)" in md and "## Trend (history file)" in md
+    assert "| pass (h200); 2 GPUs 1/2 |" in md
     assert len(history_file.read_text().splitlines()) == 2
     pytest.importorskip("matplotlib")
     for name in ("drift.png", "drift-perf.png", "drift-golden.png"):

@@ -187,6 +187,32 @@ def test_three_tree_run_attributes_and_validates(tmp_path):
     assert "## Verdict: **upstream_changed**" in md and "THD sequence-count sweep" in md
 
 
+def test_the_base_release_is_run_once_and_read_as_its_own_base(tmp_path):
+    """``--base-megatron`` the patched tree itself (the base release): no base units run;
+    the verdict compares vanilla with the patched tree as the base."""
+    patched = _tree(tmp_path / "patched", version=(0, 16, 1))
+    vanilla = _tree(tmp_path / "vanilla", version=(0, 16, 1), patched=False)
+    tests = tmp_path / "gpu-tests"
+    tests.mkdir()
+    runner = ThreeTrees(tests)
+    results, _ = suite.run_suite(
+        megatron=patched, vanilla=vanilla, base=patched, out=tmp_path / "results",
+        only=["smoke", "thd-sweep"], device=GPU, runner=runner, tests_dir=tests,
+    )  # fmt: skip
+    assert runner.calls == ["smoke", "smoke@vanilla", "thd-sweep", "thd-sweep@vanilla"]
+    assert results["trees"]["base"]["path"] == results["trees"]["patched"]["path"]
+    assert results["verdict"]["trees"]["base"]["ran"]  # its patched tree is its base
+    by_subject = {(f["subject"], f["metric"]): f for f in results["verdict"]["findings"]}
+    local = by_subject[("smoke: test_smoke::test_local_builds", "passed")]
+    assert local["values"] == {"vanilla": False, "patched": True, "base": True}
+    assert local["attribution"] == "absorbed"
+    off = by_subject[
+        ("bench_thd_sweep backend=auto rope_fusion=False n_seqs=256 tokens=8192", "ms_fastest")
+    ]
+    # Vanilla 229 ms against the base (= patched) 240 ms: both measured, nothing regressed.
+    assert off["values"]["base"] == off["values"]["patched"] and not off["regressed"]
+
+
 def test_verdict_schema_rejects_unknown_attribution(tmp_path):
     patched = _tree(tmp_path / "p")
     tests = tmp_path / "gpu-tests"

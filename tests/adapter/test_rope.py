@@ -11,6 +11,7 @@ table differently from a sliced one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import types
@@ -202,6 +203,7 @@ class CutTable(torch.nn.Module):
         super().__init__()
         self.cp_group = cp_group
 
+    @functools.lru_cache(maxsize=32)  # as 0.13's YaRN: a second call returns the cut table
     def forward(self, max_seq_len: int, offset: int = 0):
         emb = _freqs(max_seq_len + offset)[offset:]
         if self.cp_group is not None and self.cp_group.size() > 1:
@@ -215,7 +217,9 @@ class CutTable(torch.nn.Module):
 def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, parallel_state):
     """0.13.1 on 2 x H200: THD at CP 2 ran on the patched tree but 43% off CP 1 (the table
     MLA indexed per sequence held only the rank's bshd chunks). The adapter rotates with the
-    whole table: equal to upstream's per-sequence path on the whole table, on every rank."""
+    whole table: equal to upstream's per-sequence path on the whole table, on every rank.
+    The module memoizes per length, as 0.13's YaRN does (a first fix that called the module
+    again got the cut table back, and changed nothing on the GPU)."""
     lengths = _lengths(12, seed=7, multiple=2 * cp_size)
     cu = _offsets(lengths)
     longest = max(lengths)

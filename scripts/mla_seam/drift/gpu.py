@@ -10,6 +10,11 @@ trees, the attribution counts, the reasons, every finding that moved, the perfor
 A GPU verdict of ``overlay_broke`` or ``upstream_changed`` makes the tag ``needs_work`` with a
 ``GPU:`` reason: drift is behaviour too. ``pass`` and ``incomplete`` leave the verdict alone
 (``incomplete`` says why in the slot).
+
+The multi-GPU run of the same folder (``multigpu/results.json``, ``mla-seam suite --nproc N``)
+is summarized in the slot's ``multigpu``; a case that fails on the patched tree (outside the
+known upstream issues the case declares) makes the tag ``needs_work`` as well, with the case,
+its failed checks and what the vanilla tree did.
 """
 
 from __future__ import annotations
@@ -71,6 +76,51 @@ def _golden_curves(folder: Path) -> Dict[str, Dict[str, List[float]]]:
     return curves
 
 
+def multigpu_summary(folder: Path) -> Optional[Dict[str, Any]]:
+    """The multi-GPU run of a results folder: world size, when, cases run and the failing ones."""
+    path = folder / "multigpu" / "results.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cases = doc.get("cases") or []
+    failed = []
+    for case in cases:
+        patched, vanilla = case.get("patched") or {}, case.get("vanilla") or {}
+        if patched.get("ok", True):
+            continue
+        failed.append(
+            {
+                "case": str(case.get("name")),
+                "checks": list(patched.get("failed_checks") or []),
+                "message": str(patched.get("message") or ""),
+                "vanilla": _vanilla_outcome(vanilla),
+            }
+        )
+    return {
+        "world_size": (doc.get("parallel") or {}).get("world_size"),
+        "timestamp": doc.get("started"),
+        "cases": len(cases),
+        "failed": failed,
+    }
+
+
+def _vanilla_outcome(vanilla: Dict[str, Any]) -> str:
+    if vanilla.get("ok"):
+        return "passes"
+    if vanilla.get("outcome") == "ran":
+        return "fails alike (" + (", ".join(vanilla.get("failed_checks") or ()) or "ran") + ")"
+    return str(vanilla.get("outcome") or "not run")
+
+
+def _multigpu_reason(slug: Any, summary: Dict[str, Any], failed: Dict[str, Any]) -> str:
+    why = ", ".join(failed["checks"]) or failed["message"] or "failed"
+    return (
+        f"GPU ({slug}, {summary.get('world_size')} GPUs): {failed['case']} fails on the patched "
+        f"tree ({why}); vanilla: {failed['vanilla']}"
+    )
+
+
 def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
     """The ``gpu`` slot of a tag from its verdict document."""
     path: Path = doc["_path"]
@@ -80,7 +130,7 @@ def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
         rel = str(path.parent.relative_to(root))
     except ValueError:
         rel = str(path.parent)
-    return {
+    found = {
         "verdict": doc["verdict"],
         "card": doc.get("card"),
         "card_slug": doc.get("card_slug"),
@@ -99,6 +149,10 @@ def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
         "golden": _golden_curves(path.parent),
         "results": rel,
     }
+    multigpu = multigpu_summary(path.parent)
+    if multigpu is not None:
+        found["multigpu"] = multigpu
+    return found
 
 
 def attach(report: Dict[str, Any], results_dir: Path) -> int:
@@ -122,6 +176,12 @@ def attach(report: Dict[str, Any], results_dir: Path) -> int:
             reasons = doc.get("reasons") or [doc["verdict"]]
             entry["reasons"] = list(entry["reasons"]) + [
                 f"GPU ({doc.get('card_slug')}, {doc['verdict']}): {r}" for r in reasons[:5]
+            ]
+        multigpu = entry["gpu"].get("multigpu")
+        if multigpu and multigpu["failed"]:
+            entry["verdict"] = NEEDS_WORK
+            entry["reasons"] = list(entry["reasons"]) + [
+                _multigpu_reason(doc.get("card_slug"), multigpu, f) for f in multigpu["failed"]
             ]
     report["run"]["cards"] = sorted(c for c in cards if c)
     report["run"]["versions"] = versions

@@ -63,7 +63,14 @@ def _since(doc: Mapping[str, Any]) -> List[str]:
 
 def _gpu_cell(entry: Mapping[str, Any]) -> str:
     gpu = entry.get("gpu")
-    return f"{gpu['verdict']} ({gpu.get('card_slug')})" if gpu else "-"
+    if not gpu:
+        return "-"
+    cell = f"{gpu['verdict']} ({gpu.get('card_slug')})"
+    multigpu = gpu.get("multigpu")
+    if multigpu:
+        ok = multigpu["cases"] - len(multigpu["failed"])
+        cell += f"; {multigpu.get('world_size')} GPUs {ok}/{multigpu['cases']}"
+    return cell
 
 
 def markdown(doc: Dict[str, object], trend: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
@@ -261,6 +268,16 @@ def _gpu_sections(entries: Sequence[Mapping[str, Any]]) -> List[str]:
             + f" | {trees} |"
         )
     out.append("")
+    for e in with_gpu:
+        multigpu = e["gpu"].get("multigpu") or {}
+        for failed in multigpu.get("failed") or ():
+            why = ", ".join(failed["checks"]) or failed["message"] or "failed"
+            out.append(
+                f"- {e['tag']}, {multigpu.get('world_size')} GPUs ({multigpu.get('timestamp')}): "
+                f"{failed['case']} fails on the patched tree ({why}); vanilla: {failed['vanilla']}"
+            )
+    if any((e["gpu"].get("multigpu") or {}).get("failed") for e in with_gpu):
+        out.append("")
     for e in with_gpu:
         gpu = e["gpu"]
         if not gpu.get("moved"):

@@ -298,6 +298,8 @@ def record_findings(records: Sequence[Mapping[str, Any]]) -> List[Finding]:
         found = _finding("golden", _subject("golden_fixed", ("spec", "backend"), key),
                          "curves from fixed weights", curves, identical)  # fmt: skip
         found.values = {role: list(c[-1:]) for role, c in curves.items()}
+        found.cause = _cause(found.subject, "last value of the curves from fixed weights",
+                             found.values)  # fmt: skip
         findings.append(found)
     parity_key = ("spec", "dtype", "q_lora_rank", "input_rms")
     for key, roles in sorted(_group(records, "parity_hf", parity_key).items(), key=str):
@@ -332,7 +334,8 @@ def explain_golden(findings: List[Finding]) -> None:
     """
     fixed = [f for f in findings if f.subject.startswith("golden_fixed")]
     same = bool(fixed) and all(
-        "patched" in f.values and "base" in f.values and f.attribution in ("unchanged", "absorbed") for f in fixed
+        "patched" in f.values and "base" in f.values and f.attribution in ("unchanged", "absorbed")
+        for f in fixed
     )
     if not same:
         return
@@ -459,10 +462,11 @@ def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
     for f in findings:
         counts[f.attribution] += 1
     trees = {}
+    measured = _as_base(results) if base_is_patched(results) else results
     for role, tree in (results.get("trees") or {}).items():
         ran = any(
             p.get("role") == role and p.get("skipped_reason") is None
-            for p in results.get("phases") or []
+            for p in measured.get("phases") or []
         )
         trees[role] = {"tag": tree["tag"], "version": tree["version"], "ran": ran}
     return {

@@ -88,7 +88,9 @@ def _trees(
         if bas.path == tree.path:
             # The release is its own base (the base release itself): its patched tree is the
             # reference, measured once; attribution reads the patched units as the base's.
-            log.info("mla-seam suite: %s is its own base; the patched tree serves as base", tree.tag)
+            log.info(
+                "mla-seam suite: %s is its own base; its patched tree serves as base", tree.tag
+            )
             trees["base"] = tree
             return trees
         if not bas.patched:
@@ -127,7 +129,7 @@ def run_suite(
     python = python or sys.executable
     trees = _trees(megatron, vanilla, base)
     tree = trees["patched"]
-    roles = [r for r in trees if not (r == "base" and trees[r] is tree)]
+    roles = [r for r, t in trees.items() if not (r == "base" and t is tree)]
     units, unknown = select(only, roles)
     if unknown:
         choices = ", ".join(PHASE_NAMES)

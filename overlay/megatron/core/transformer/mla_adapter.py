@@ -386,8 +386,8 @@ class PackedBatch:
     offsets_kv: List[int]
     padded_q: List[int]
     padded_kv: List[int]
-    positions: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor]] = (
-        dataclasses.field(default_factory=dict)
+    positions: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor]] = dataclasses.field(
+        default_factory=dict
     )
 
 
@@ -625,8 +625,10 @@ def rotary_pos_emb_fn(
     offsets), the returned function builds every token's position once per batch on the device
     (CP-aware, padded offsets) and rotates the packed tensor in one pass: the same arithmetic
     as upstream's per-sequence path, with MLA's de-interleaving and ``rotary_interleaved``
-    respected. Positions restart at every sequence, as for per-sequence bshd. Anything else
-    gets upstream's ``apply_rotary_pos_emb`` (the one MLA's module imported).
+    respected. Positions restart at every sequence, as for per-sequence bshd. Where the
+    layer's RoPE module cuts its table to the rank's bshd chunks under context parallelism even
+    for packed batches (0.13's YaRN), the rotation uses the whole table. Anything else gets
+    upstream's ``apply_rotary_pos_emb`` (the one MLA's module imported).
 
     Args:
         attention: The MLA module.
@@ -634,6 +636,11 @@ def rotary_pos_emb_fn(
 
     Returns:
         A function with upstream's ``apply_rotary_pos_emb`` signature.
+
+    Raises:
+        MLACompatibilityError: RoPE fusion on a THD batch under context parallelism where the
+            release cuts the table per rank (the fused kernels would rotate at wrong
+            positions).
     """
     # pylint: disable=import-outside-toplevel
     from megatron.core.transformer import multi_latent_attention
@@ -677,10 +684,13 @@ def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> to
     key = ("table", id(rotary), length, 0)
     cached = batch.positions.get(key)
     if cached is None or cached[0] is not rotary:
+        # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which
+        # would hand back the cut table: call the function under the cache.
+        forward = inspect.unwrap(type(rotary).forward)
         group = rotary.cp_group
         rotary.cp_group = None  # the module cuts the table only when it has a CP group
         try:
-            table = rotary(length)
+            table = forward(rotary, length)
         finally:
             rotary.cp_group = group
         cached = (rotary, table[0] if isinstance(table, tuple) else table)
