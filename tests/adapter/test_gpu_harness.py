@@ -43,3 +43,23 @@ def test_megatron_config_builds_with_yarn_context(harness, q_lora):
     assert context == hyper.rope.original_max_position_embeddings
     assert config.rotary_scaling_factor == hyper.rope.factor
     assert config.q_lora_rank == q_lora
+
+
+def test_column_parallel_down_projections_are_told_by_inspection():
+    """0.13's TE spec builds MLA's down projections column-parallel (its TP2+SP gradients are
+    upstream's #1699 there, 2 x H200 2026-11-29); 0.14 on, ``TELinear``. The multi-GPU worker
+    selects that known issue by this check, in the tree it runs."""
+    multigpu = str(GPU_TESTS / "multigpu")
+    sys.path[:0] = [multigpu, str(GPU_TESTS)]
+    try:
+        import dist_cases  # pylint: disable=import-outside-toplevel
+        from megatron.core import package_info  # pylint: disable=import-outside-toplevel
+
+        line = tuple(int(x) for x in package_info.__version__.split(".")[:2])
+        assert dist_cases.te_down_projections_column_parallel() == (line == (0, 13))
+        case = {"known_issue": {"ref": "#1699", "when": "te_down_projections_column_parallel"}}
+        judged = dist_cases.for_side(case, "patched")["known_issue"]
+        assert (judged is not None) == (line == (0, 13))
+    finally:
+        sys.path.remove(multigpu)
+        sys.path.remove(str(GPU_TESTS))

@@ -87,6 +87,8 @@ def summarize(cases: Sequence[Case], records: Sequence[Dict[str, Any]]) -> List[
             row["known_issue"] = case.known_issue["ref"]
             if "sides" in case.known_issue:
                 row["known_issue_sides"] = list(case.known_issue["sides"])
+            if "when" in case.known_issue:
+                row["known_issue_when"] = case.known_issue["when"]
         rows.append(row)
     return rows
 
@@ -173,6 +175,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
         known = row.get("known_issue", "-")
         if row.get("known_issue_sides"):
             known += f" ({', '.join(row['known_issue_sides'])} only)"
+        if row.get("known_issue_when"):
+            known += f" (where {row['known_issue_when']})"
         lines.append(
             f"| {row['name']} | {verdict} | {v.get('outcome', '-')} | {fmt(rel.get('out'))} | "
             f"{fmt(rel.get('grads'))} | {fmt(rel.get('loss'))} | "
