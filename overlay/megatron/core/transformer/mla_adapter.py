@@ -676,7 +676,13 @@ def _slices_packed_tables(attention: MultiLatentAttention) -> bool:
     group = getattr(rotary, "cp_group", None)
     if group is None or group.size() < 2:
         return False
-    return "packed_seq" not in inspect.signature(rotary.forward).parameters
+    return not _forward_takes_packed_seq(type(rotary))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_packed_seq(cls: type) -> bool:
+    """Whether ``cls.forward`` has a ``packed_seq`` parameter (read once per class)."""
+    return "packed_seq" in inspect.signature(cls.forward).parameters
 
 
 def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> torch.Tensor:
