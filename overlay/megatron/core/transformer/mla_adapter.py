@@ -377,8 +377,9 @@ class PackedBatch:
         padded_q: The padded q offsets (``cu_seqlens_q`` where there are none) on the host.
         padded_kv: The padded kv offsets on the host.
         positions: RoPE position of every local token, per (offsets tensor, tokens, CP size,
-            CP rank): ``(offsets, positions)``; and the whole RoPE table of a module that cuts
-            it per CP rank, per ``("table", module, length, 0)``: ``(module, table)``.
+            CP rank): ``(offsets, positions)``.
+        tables: The whole RoPE table of a module that cuts it per CP rank, per (module,
+            length): ``(module, table)``.
     """
 
     rope_params: Any
@@ -386,7 +387,10 @@ class PackedBatch:
     offsets_kv: List[int]
     padded_q: List[int]
     padded_kv: List[int]
-    positions: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor]] = dataclasses.field(
+    positions: Dict[Tuple[int, int, int, int], Tuple[torch.Tensor, torch.Tensor]] = (
+        dataclasses.field(default_factory=dict)
+    )
+    tables: Dict[Tuple[int, int], Tuple[torch.nn.Module, torch.Tensor]] = dataclasses.field(
         default_factory=dict
     )
 
@@ -687,8 +691,8 @@ def _forward_takes_packed_seq(cls: type) -> bool:
 
 def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> torch.Tensor:
     """``rotary``'s table of ``length`` positions, not cut per CP rank (once per batch)."""
-    key = ("table", id(rotary), length, 0)
-    cached = batch.positions.get(key)
+    key = (id(rotary), length)
+    cached = batch.tables.get(key)
     if cached is None or cached[0] is not rotary:
         # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which
         # would hand back the cut table: call the function under the cache.
@@ -700,7 +704,7 @@ def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> to
         finally:
             rotary.cp_group = group
         cached = (rotary, table[0] if isinstance(table, tuple) else table)
-        batch.positions[key] = cached
+        batch.tables[key] = cached
     return cached[1]
 
 
