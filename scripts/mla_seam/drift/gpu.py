@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from mla_seam.drift.sweep import NEEDS_WORK, refresh
 
@@ -113,12 +113,10 @@ def _vanilla_outcome(vanilla: Dict[str, Any]) -> str:
     return str(vanilla.get("outcome") or "not run")
 
 
-def _multigpu_reason(slug: Any, summary: Dict[str, Any], failed: Dict[str, Any]) -> str:
+def multigpu_failure(failed: Mapping[str, Any]) -> str:
+    """One failing multi-GPU case of :func:`multigpu_summary`, in words (reasons and drift.md)."""
     why = ", ".join(failed["checks"]) or failed["message"] or "failed"
-    return (
-        f"GPU ({slug}, {summary.get('world_size')} GPUs): {failed['case']} fails on the patched "
-        f"tree ({why}); vanilla: {failed['vanilla']}"
-    )
+    return f"{failed['case']} fails on the patched tree ({why}); vanilla: {failed['vanilla']}"
 
 
 def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
@@ -181,7 +179,9 @@ def attach(report: Dict[str, Any], results_dir: Path) -> int:
         if multigpu and multigpu["failed"]:
             entry["verdict"] = NEEDS_WORK
             entry["reasons"] = list(entry["reasons"]) + [
-                _multigpu_reason(doc.get("card_slug"), multigpu, f) for f in multigpu["failed"]
+                f"GPU ({doc.get('card_slug')}, {multigpu.get('world_size')} GPUs): "
+                + multigpu_failure(f)
+                for f in multigpu["failed"]
             ]
     report["run"]["cards"] = sorted(c for c in cards if c)
     report["run"]["versions"] = versions

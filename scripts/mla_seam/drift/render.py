@@ -6,6 +6,7 @@ import html
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mla_seam import contracts
+from mla_seam.drift.gpu import multigpu_failure
 from mla_seam.drift.sweep import SUPPORTED
 
 _SHORT = {
@@ -268,16 +269,16 @@ def _gpu_sections(entries: Sequence[Mapping[str, Any]]) -> List[str]:
             + f" | {trees} |"
         )
     out.append("")
+    failing = []
     for e in with_gpu:
         multigpu = e["gpu"].get("multigpu") or {}
-        for failed in multigpu.get("failed") or ():
-            why = ", ".join(failed["checks"]) or failed["message"] or "failed"
-            out.append(
-                f"- {e['tag']}, {multigpu.get('world_size')} GPUs ({multigpu.get('timestamp')}): "
-                f"{failed['case']} fails on the patched tree ({why}); vanilla: {failed['vanilla']}"
-            )
-    if any((e["gpu"].get("multigpu") or {}).get("failed") for e in with_gpu):
-        out.append("")
+        failing += [
+            f"- {e['tag']}, {multigpu.get('world_size')} GPUs ({multigpu.get('timestamp')}): "
+            + multigpu_failure(failed)
+            for failed in multigpu.get("failed") or ()
+        ]
+    if failing:
+        out += failing + [""]
     for e in with_gpu:
         gpu = e["gpu"]
         if not gpu.get("moved"):
