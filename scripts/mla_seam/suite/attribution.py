@@ -386,12 +386,15 @@ def base_is_patched(results: Mapping[str, Any]) -> bool:
     return bool(base.get("path")) and base.get("path") == patched.get("path")
 
 
-def _as_base(results: Mapping[str, Any]) -> Dict[str, Any]:
-    """``results`` with the patched tree's measurements also read as the base's.
+def _measured(results: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``results`` as attribution reads them: for a release that is its own base, with the
+    patched tree's measurements also read as the base's.
 
     The base release's run measures its patched tree once; that tree is the base, so a failure
     vanilla shares with it is a standing one and vanilla moving off it is upstream's.
     """
+    if not base_is_patched(results):
+        return results
     phases = [p for p in results.get("phases") or [] if p.get("role") != "base"]
     copied = [
         dict(p, role="base", phase=p.get("phase") or p["name"], name=f"{p['name']}@base")
@@ -408,8 +411,10 @@ def _as_base(results: Mapping[str, Any]) -> Dict[str, Any]:
 
 def findings_of(results: Mapping[str, Any]) -> List[Finding]:
     """Every finding of a results document (schema 2)."""
-    if base_is_patched(results):
-        results = _as_base(results)
+    return _findings(_measured(results))
+
+
+def _findings(results: Mapping[str, Any]) -> List[Finding]:
     findings = (
         test_findings(results.get("phases") or [])
         + golden_findings(results.get("golden") or {})
@@ -455,14 +460,14 @@ def broke_down(phase: Mapping[str, Any]) -> bool:
 
 def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
     """The GPU verdict document of one suite run (``verdict.json``)."""
-    findings = findings_of(results)
+    measured = _measured(results)
+    findings = _findings(measured)
     verdict, reasons = verdict_of(findings, results)
     env = results.get("environment") or {}
     counts = {a: 0 for a in ATTRIBUTIONS}
     for f in findings:
         counts[f.attribution] += 1
     trees = {}
-    measured = _as_base(results) if base_is_patched(results) else results
     for role, tree in (results.get("trees") or {}).items():
         ran = any(
             p.get("role") == role and p.get("skipped_reason") is None
