@@ -358,12 +358,8 @@ class PackedBatch:
     offsets_kv: List[int]
     padded_q: List[int]
     padded_kv: List[int]
-    positions: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
-        default_factory=dict
-    )
-    tables: Dict[tuple, Tuple[torch.nn.Module, torch.Tensor]] = dataclasses.field(
-        default_factory=dict
-    )
+    positions: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
+    tables: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def prepare(
@@ -377,7 +373,8 @@ class PackedBatch:
         A missing kv side mirrors the q side; the offsets come to the host once per tensor (the
         batch's only device-to-host copies), are checked and fill missing ``max_seqlen_*``; the
         batch is checked against the config; the work is recorded on ``params`` (and its RoPE
-        view). Later layers find it there (:func:`packed_batch`).
+        view), where later layers find it (:func:`packed_batch`). Whatever a batch needs beyond
+        this (another context-parallel layout, checks without host copies) belongs here.
 
         Returns:
             The batch's work.
@@ -408,13 +405,8 @@ class PackedBatch:
         padded_kv = host["cu_seqlens_kv_padded"] or host["cu_seqlens_kv"]
         _check_thd_shape(config, params, padded_q, padded_kv, hidden_states)
         _check_thd_backend(config, params)
-        batch = cls(
-            _rope_view(params) or params,
-            host["cu_seqlens_q"],
-            host["cu_seqlens_kv"],
-            padded_q,
-            padded_kv,
-        )
+        rope_params = _rope_view(params) or params
+        batch = cls(rope_params, host["cu_seqlens_q"], host["cu_seqlens_kv"], padded_q, padded_kv)
         setattr(params, STATE_ATTR, batch)
         if batch.rope_params is not params:
             setattr(batch.rope_params, STATE_ATTR, batch)
@@ -1300,7 +1292,7 @@ def core_attention_spec(attention: MultiLatentAttention, spec: Any) -> Any:
         kind = "te" if HAVE_TE and issubclass(module, TEDotProductAttention) else "other"
     resolve_attention_backend(config, kind)
     _log_once(logging.INFO, describe(config))
-    adapted = adapted_class(module) if isinstance(module, type) else module
+    adapted = adapted_class(module)
     if adapted is module:
         return spec
     return adapted if isinstance(spec, type) else dataclasses.replace(spec, module=adapted)
