@@ -38,8 +38,25 @@ def _own_offset(monkeypatch, config, vp_stage, rank):
     """Upstream's own count: its function with H7's question answered ``None`` (the adapter
     out of the way), on pipeline rank ``rank``."""
     with monkeypatch.context() as patch:
-        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args, **kwargs: None)
         return upstream_offset(config, vp_stage, rank)
+
+
+def _hook_answer(monkeypatch, config, vp_stage, rank):
+    """The adapter's answer to H7 as this tree's hook asks it (with the arguments its line's
+    patch passes: 0.13's says ``rank_minus_one=True``), on pipeline rank ``rank``."""
+    answers = []
+
+    def ask(*args, **kwargs):
+        answers.append(real(*args, **kwargs))
+        return answers[-1]
+
+    real = mla_adapter.pipeline_layer_offset
+    with monkeypatch.context() as patch:
+        patch.setattr(mla_adapter, "pipeline_layer_offset", ask)
+        upstream_offset(config, vp_stage, rank)
+    assert len(answers) == 1, answers  # the hook asks once, on entry
+    return answers[0]
 
 
 def _pipeline_config(layers, pp, vp, first, last, emb=False, loss=False):
@@ -69,7 +86,7 @@ def test_layer_offset_equals_upstream(
             vp_stage = stage if vp else None
             ours = mla_adapter.layer_offset(config, vp_stage, rank)
             assert upstream_offset(config, vp_stage, rank) == ours, (rank, vp_stage)
-            answer = mla_adapter.pipeline_layer_offset(config, vp_stage, rank)
+            answer = _hook_answer(monkeypatch, config, vp_stage, rank)
             answered |= answer is not None
             try:
                 own = _own_offset(monkeypatch, config, vp_stage, rank)
@@ -152,7 +169,7 @@ def test_other_models_keep_upstreams_count(name, monkeypatch, parallel_state):
     """A non-MLA model gets upstream's own count, ZeroDivisionError and 0.13's count included."""
     gpt = make(name, mla=False)
     with monkeypatch.context() as patch:
-        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args, **kwargs: None)
         own = offsets(gpt)
     assert offsets(gpt) == own
     if name == "pp2-vpp2-first4-last2":
