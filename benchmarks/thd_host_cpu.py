@@ -3,23 +3,26 @@
     python benchmarks/thd_host_cpu.py PATCHED_TREE [--tokens 1024] [--counts 1,4,16,64,256]
         [--steps 20] [--json OUT]
 
-One real MLA layer of ``PATCHED_TREE`` (a Megatron checkout patched by ``mla-seam apply``),
-built with the local spec on the CPU (the small dims of ``tests/adapter/mla_configs.py``,
-YaRN, float32), forward + backward per step, every step a new ``PackedSeqParams`` over the same
+Real MLA layers of ``PATCHED_TREE`` (a Megatron checkout patched by ``mla-seam apply``), built
+with the local spec on the CPU (the small dims of ``tests/adapter/mla_configs.py``, YaRN,
+float32), forward + backward per step, every step a new ``PackedSeqParams`` over the same
 offsets (as every training step has its own batch) with ``max_seqlen`` given (Megatron's data
-path) or not. Per layout and sequence count it prints, per adapter entry point and per step:
+path) or not. Per layout and sequence count it prints, per adapter entry point, per step:
 
-* ops: aten ops dispatched, forward and backward (backward ops charged to the entry point whose
-  forward op made their autograd node), and the non-view ones (about one kernel launch each on
-  a GPU); host reads (``tolist``/``item``/``equal``/...: each a device sync on a GPU);
-* time: ``time.perf_counter`` around each entry point (no profiler), and cProfile's cumulative
-  time of each entry point with its share of the step, and the adapter's own Python (time in
-  functions of ``mla_adapter.py`` itself, torch calls excluded).
+* ops (``tests/adapter/host_counts.py``): aten ops dispatched, forward and backward (backward
+  ops charged to the entry point whose forward op made their autograd node), the non-view ones
+  (about one kernel launch each on a GPU), for one layer and for a second layer of the same
+  batch; host reads (``tolist``/``item``/``equal``/...: each a device sync on a GPU);
+* time: ``time.perf_counter`` around each entry point (no profiler); torch.profiler with the
+  GPU bench's labels (``tests/gpu/host_profile.py``: host us, Python us, backward us per entry
+  point and part, shares); cProfile's time in the adapter's own Python lines;
+* H2 + H8 alone on tiny tensors (dispatch, not compute): us per batch's first layer and per
+  further layer.
 
-CPU times include the (small) compute of each op; on a GPU a launch replaces it. The local
-spec's core attention is adapter code (the whole attention of a THD batch runs in it): it is
-listed apart from the THD bookkeeping. Megatron's CUDA-only calls are pointed at the CPU as the
-adapter tests do (``tests/adapter/conftest.py``).
+CPU times include the compute of each op; on a GPU a launch replaces it. The local spec's core
+attention is adapter code (the whole attention of a THD batch runs in it): it is listed apart
+from the THD bookkeeping. Megatron's CUDA-only calls are pointed at the CPU as the adapter
+tests do (``tests/adapter/conftest.py``). Results: ``benchmarks/thd-host.md``.
 """
 
 from __future__ import annotations
@@ -98,13 +101,13 @@ def _step(layers, layout: str, tokens: int, count: int, sizes: bool) -> Callable
         grad = torch.randn(seq, batch, hidden)
         mask = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
 
-        def step() -> None:
+        def bshd_step() -> None:
             out = x
             for layer in layers:
                 out, _ = layer(out, mask)
             out.backward(grad)
 
-        return step
+        return bshd_step
     lengths = split_tokens(tokens, count)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     x = torch.randn(tokens, 1, hidden, requires_grad=True)
@@ -258,6 +261,60 @@ def _print(results: List[Dict]) -> None:
         )
 
 
+def entry_points_alone(count: int, reps: int) -> Dict[str, float]:
+    """H2 + H8 on tiny tensors (64 tokens, or 2 per sequence; dispatch, not compute): us per
+    batch's first layer (H2 prepares the batch, H8's positions) and per further layer (H8 on q
+    and k), medians."""
+    import types  # pylint: disable=import-outside-toplevel
+
+    import torch  # pylint: disable=import-outside-toplevel
+    from megatron.core import parallel_state  # pylint: disable=import-outside-toplevel
+    from megatron.core.packed_seq_params import PackedSeqParams  # noqa
+    from megatron.core.transformer import mla_adapter  # pylint: disable=import-outside-toplevel
+    from mla_configs import SMALL, make_config  # pylint: disable=import-outside-toplevel
+
+    tokens = max(64, 2 * count)
+    layer = types.SimpleNamespace(config=make_config(SMALL))
+    lengths = split_tokens(tokens, count)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    group = parallel_state.get_context_parallel_group()
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    angles = torch.outer(torch.arange(tokens + 1, dtype=torch.float32), inv)
+    freqs = torch.cat((angles, angles), dim=-1)[:, None, None, :]
+    q, k = torch.randn(tokens, 4, 16), torch.randn(tokens, 1, 16)
+    hidden = torch.zeros(tokens, 1, 128)
+    kwargs = dict(cu_seqlens=cu, mscale=0.9, cp_group=group, mla_rotary_interleaved=True)
+
+    def layer_call(params) -> None:
+        apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+        apply(q, freqs, layer.config, **kwargs)
+        apply(k, freqs, layer.config, **kwargs)
+
+    def first() -> Any:
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=max(lengths),
+            max_seqlen_kv=max(lengths),
+        )
+        params = mla_adapter.normalize_packed_seq(layer, params, hidden)
+        layer_call(params)
+        return params
+
+    params = first()
+    out = {}
+    for name, fn in (("first_layer_us", first), ("further_layer_us", lambda: layer_call(params))):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times.append((time.perf_counter() - start) / 20 * 1e6)
+        out[name] = round(statistics.median(times), 1)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tree", type=Path)
@@ -274,6 +331,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         measure(layers, case[0], args.tokens, case[1], case[2], args.steps) for case in cases
     ]
     _print(results)
+    alone = {n: entry_points_alone(int(n), args.steps) for n in args.counts.split(",")}
+    print("\nH2 + H8 alone, tiny tensors (us; first layer of a batch / each further layer):")
+    for n, row in alone.items():
+        print(f"  {n} sequences: {row['first_layer_us']} / {row['further_layer_us']}")
+    results.append({"entry_points_alone": alone})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0

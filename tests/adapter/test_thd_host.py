@@ -298,7 +298,7 @@ def test_batches_of_one_shape_rotate_at_their_own_positions(layer, dtype, interl
 # --- the local spec's THD core attention in one call -------------------------------------------
 
 
-def _core(parallel_state_fixture):
+def _core():
     config = make_config(SMALL, YARN)
     return mla_adapter.MLADotProductAttention(
         config, 1, mla_adapter.AttnMaskType.causal, "self", k_channels=40, v_channels=40
@@ -307,7 +307,7 @@ def _core(parallel_state_fixture):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
 def test_local_thd_in_one_call_equals_per_sequence(parallel_state, monkeypatch, padded):
-    core = _core(parallel_state)
+    core = _core()
     lengths = [5, 9, 0, 12, 6]
     slots = [n + 3 for n in lengths] if padded else lengths
     tokens = sum(slots)
@@ -340,7 +340,7 @@ def test_local_thd_in_one_call_equals_per_sequence(parallel_state, monkeypatch, 
 def test_local_thd_takes_one_call_in_a_capture_whatever_the_slots(
     parallel_state, monkeypatch, capturing
 ):
-    core = _core(parallel_state)
+    core = _core()
     monkeypatch.setattr(mla_adapter, "_PADDED_SLOTS", 0)
     q = torch.randn(8, 4, 40)
     assert core._thd_in_one_call(q, q, _params(_cu(3, 5), 8))  # pylint: disable=W0212

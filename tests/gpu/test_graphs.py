@@ -29,7 +29,7 @@ import inspect
 import os
 import statistics
 import traceback
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch

@@ -973,8 +973,9 @@ def rotate_packed(
     """
     rot_dim = rotation.size(-1) // 2
     x = t if t.size(-1) == rot_dim else t.narrow(-1, 0, rot_dim)
+    pairs = x.shape[:-1] + (rot_dim // 2, 2)  # views, not Python indexing: no host work
     if mla_rotary_interleaved:
-        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        even, odd = x.reshape(pairs).unbind(-1)
         parts = [even, odd]
     else:
         parts = [x]
@@ -983,10 +984,10 @@ def rotate_packed(
         both = torch.cat(parts + [second, first], dim=-1)
     else:  # (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)
         x = torch.cat(parts, dim=-1) if mla_rotary_interleaved else x
-        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        even, odd = x.reshape(pairs).unbind(-1)
         both = torch.cat((x, torch.stack((odd, even), dim=-1).flatten(-2)), dim=-1)
-    rotation = rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
-    out = torch.add(*(both * rotation).unflatten(-1, (2, rot_dim)).unbind(-2))
+    products = both * rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
+    out = torch.add(*products.view(products.shape[:-1] + (2, rot_dim)).unbind(-2))
     if t.size(-1) == rot_dim:
         return out
     return torch.cat((out, t.narrow(-1, rot_dim, t.size(-1) - rot_dim)), dim=-1)
