@@ -7,7 +7,8 @@ sequences, ``max_seqlen`` 1024 given, the offsets a static device buffer). The w
 ``torch.cuda.CUDAGraph`` after warm-up steps on a side stream (PyTorch's whole-network recipe),
 with Megatron's RNG tracker in its graph-safe form (``use_cudagraphable_rng``, as a user
 capturing graphs sets it). Every call builds a new ``PackedSeqParams`` over the buffer, as every
-training step has its own batch.
+training step has its own batch (``pad_between_seqs=False`` where the class has the field,
+as a data path that packs without padding says).
 
 * Replays equal eager runs on the same inputs: output, input gradient and every parameter
   gradient, for the split the graph was captured with and for a second split of the same tokens
@@ -25,6 +26,7 @@ MLA cannot be captured.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import statistics
@@ -94,16 +96,21 @@ class Step:
             self.cu.copy_(_offsets(SPLITS[split]))
 
     def params(self):
-        """A new batch over the static buffer, sizes given (Megatron's data path)."""
+        """A new batch over the static buffer, sizes given (Megatron's data path); where the
+        class has ``pad_between_seqs`` (0.19+) it says there is none, so TE need not compare
+        offsets to find out."""
         from megatron.core.packed_seq_params import PackedSeqParams  # pylint: disable=C0415
 
-        return PackedSeqParams(
+        kwargs = dict(
             qkv_format="thd",
             cu_seqlens_q=self.cu,
             cu_seqlens_kv=self.cu,
             max_seqlen_q=MAX_SEQLEN,
             max_seqlen_kv=MAX_SEQLEN,
         )
+        if "pad_between_seqs" in {f.name for f in dataclasses.fields(PackedSeqParams)}:
+            kwargs["pad_between_seqs"] = False
+        return PackedSeqParams(**kwargs)
 
     def __call__(self) -> torch.Tensor:
         kwargs = {} if self.cu is None else {"packed_seq_params": self.params()}
