@@ -134,7 +134,11 @@ def breakdown(events, steps: int) -> Dict[str, Dict[str, float]]:
     adapter ranges (a label inside another, e.g. a part, is counted once); ``step`` is the
     step's host time.
     """
-    rows: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: collections.Counter())
+    from torch.autograd import DeviceType  # pylint: disable=import-outside-toplevel
+
+    # Host events only: with CUDA activity a label also has a GPU-timeline twin.
+    events = [e for e in events if e.device_type == DeviceType.CPU]
+    rows: Dict[str, Dict[str, float]] = collections.defaultdict(collections.Counter)
     seq_of: Dict[int, str] = {}
     for event in events:
         name = event.name
