@@ -302,7 +302,8 @@ def test_run_suite_writes_results_golden_and_bench(tmp_path):
     assert runner.calls[-1]["tree"] == str(vanilla.resolve())
     skipped = {p["name"]: p["skipped_reason"] for p in results["phases"] if p["skipped_reason"]}
     assert set(skipped) == {"thd-sweep", "thd-sweep@vanilla", "parity", "parity@vanilla",
-                            "kernels", "kernels@vanilla", "local-vs-te"}  # fmt: skip
+                            "kernels", "kernels@vanilla", "local-vs-te", "graphs",
+                            "graphs@vanilla"}  # fmt: skip
     assert "bench_issue8.py is not in" in skipped["thd-sweep"]
     assert "MLA_SEAM_GOLDEN_REF" not in runner.calls[4]["env"]
     assert results["ok"] and results["golden"]["patched"]["status"] == "recorded"

@@ -47,11 +47,14 @@ argument its line's patch passes) or from capability checks (``hasattr``, signat
 ``is_te_min_version``), never from reading source.
 
 State: one attribute, ``_mla_seam``, on a config (:class:`MLASeamState`) and on a THD
-``PackedSeqParams`` (:class:`PackedBatch`, the batch's work shared by every layer).
+``PackedSeqParams`` (:class:`PackedBatch`, the batch's work shared by every layer); and, held
+weakly per RoPE table (it lives as long as upstream keeps the table), its cos/sin
+(:func:`rotation_table`). Nothing made during a CUDA graph capture is kept.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -65,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -133,10 +137,13 @@ class MLASeamState:
     Attributes:
         backend: The backend decision (question 3), once made.
         offset_logged: Whether an offset answered by the adapter (H7) was logged for the config.
+        thd_shapes: THD batch shapes whose offsets were checked on the host (question 2), least
+            recently seen first, at most ``_SHAPES_KEPT``.
     """
 
     backend: Optional[BackendDecision] = None
     offset_logged: bool = False
+    thd_shapes: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
 
 def _state(config: TransformerConfig) -> MLASeamState:
@@ -336,30 +343,39 @@ def _describe_query_norm(config: MLATransformerConfig) -> str:
 
 _OFFSETS = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
 
+#: Checked THD batch shapes a config remembers (:attr:`MLASeamState.thd_shapes`).
+_SHAPES_KEPT = 256
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (nothing may be read back then)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
 
 @dataclasses.dataclass
 class PackedBatch:
     """The adapter's work for one THD batch (on its ``PackedSeqParams``, as ``_mla_seam``).
 
+    A batch that carries ``max_seqlen_q/kv``, of a shape checked before, costs no host read:
+    what the layers need from its offsets is computed on the device, once per batch
+    (:meth:`memo`), or per layer call while a CUDA graph is captured. A batch is its
+    ``PackedSeqParams`` object: offsets rewritten in place belong to the next one.
+
     Attributes:
         rope_params: The parameters QKV and RoPE use: a copy whose ``cu_seqlens_*`` are the
-            padded offsets where they differ, else the batch's own parameters.
-        offsets_q: ``cu_seqlens_q`` on the host; ``offsets_kv`` likewise.
-        padded_q: The padded q offsets (``cu_seqlens_q`` where there are none) on the host;
-            ``padded_kv`` likewise.
-        positions: Per (offsets tensor id, tokens, CP size, CP rank): ``(offsets, positions)``,
-            the RoPE position of every local token.
-        tables: Per (module id, length): ``(module, table)``, the whole RoPE table of a module
-            that cuts it per CP rank.
+            padded offsets where those are other tensors, else the batch's own parameters.
+        captured: Prepared during a CUDA graph capture; nothing is kept on such a batch.
+        host: The offsets on the host per ``PackedSeqParams`` field, once read (the batch's
+            checks, or the local spec's per-sequence path), else ``None``.
+        cached: Per key: ``(sources, value)``, a device tensor made from the offsets (RoPE
+            positions, the local spec's gather indices, a whole RoPE table), reused while its
+            sources are the same objects.
     """
 
     rope_params: Any
-    offsets_q: List[int]
-    offsets_kv: List[int]
-    padded_q: List[int]
-    padded_kv: List[int]
-    positions: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
-    tables: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
+    captured: bool = False
+    host: Optional[Dict[str, Optional[List[int]]]] = None
+    cached: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def prepare(
@@ -370,11 +386,14 @@ class PackedBatch:
     ) -> PackedBatch:
         """Complete, check and record THD ``params``: the one preparation step of a batch.
 
-        A missing kv side mirrors the q side; the offsets come to the host once per tensor (the
-        batch's only device-to-host copies), are checked and fill missing ``max_seqlen_*``; the
-        batch is checked against the config; the work is recorded on ``params`` (and its RoPE
-        view), where later layers find it (:func:`packed_batch`). Whatever a batch needs beyond
-        this (another context-parallel layout, checks without host copies) belongs here.
+        A missing kv side mirrors the q side; dtype and rank of every offsets tensor are checked.
+        The checks that need the offsets' values bring them to the host (one copy per tensor:
+        a device sync) for the first batch of each shape (:func:`_batch_shape`, remembered on
+        the config) and for every batch without ``max_seqlen_q/kv``, whose sizes they fill
+        (logged once). Inside a CUDA graph capture nothing is read: the sizes must be given.
+        The work is recorded on ``params`` (and its RoPE view), where later layers find it
+        (:func:`packed_batch`). Whatever a batch needs beyond this (another context-parallel
+        layout, separate q/kv sizes) belongs here.
 
         Returns:
             The batch's work.
@@ -388,29 +407,83 @@ class PackedBatch:
             params.cu_seqlens_kv = params.cu_seqlens_q
         if getattr(params, "cu_seqlens_kv_padded", None) is None:
             params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
-        host: Dict[str, Optional[List[int]]] = {}
-        copied: Dict[int, Optional[List[int]]] = {}  # one host copy per tensor (kv is often q's)
         for name in _OFFSETS:
-            offsets = getattr(params, name, None)
-            if id(offsets) not in copied:
-                copied[id(offsets)] = _host_offsets(name, offsets)
-            host[name] = copied[id(offsets)]
-        for side in ("q", "kv"):
-            actual = host[f"cu_seqlens_{side}"]
-            padded = host[f"cu_seqlens_{side}_padded"] or actual
-            _check_padding(side, actual, padded)
-            if getattr(params, f"max_seqlen_{side}") is None:
-                setattr(params, f"max_seqlen_{side}", max(_lengths(padded), default=0))
-        padded_q = host["cu_seqlens_q_padded"] or host["cu_seqlens_q"]
-        padded_kv = host["cu_seqlens_kv_padded"] or host["cu_seqlens_kv"]
-        _check_thd_shape(config, params, padded_q, padded_kv, hidden_states)
-        _check_thd_backend(config, params)
+            _check_offsets_tensor(name, getattr(params, name, None))
+        sized = params.max_seqlen_q is not None and params.max_seqlen_kv is not None
+        capturing = _capturing()
+        shapes = _state(config).thd_shapes
+        shape = _batch_shape(params, hidden_states)
+        host = None
+        if sized and shape in shapes:
+            shapes.move_to_end(shape)
+        elif capturing and sized:
+            _log_once(
+                logging.WARNING,
+                "mla-seam: a THD batch shape first seen inside a CUDA graph capture was not "
+                "checked (a capture cannot read its offsets); run one eager step of that shape "
+                "first to have them checked.",
+            )
+        else:
+            host = _read_offsets(params, "without max_seqlen_q/max_seqlen_kv it sizes the batch")
+            if not sized:
+                _log_once(
+                    logging.WARNING,
+                    "mla-seam: THD batches without max_seqlen_q/max_seqlen_kv: the adapter "
+                    "reads cu_seqlens on the host to size them (one device sync per batch, no "
+                    "CUDA graph capture); pass both (Megatron's data path does) for none.",
+                )
+            _check_offsets(config, params, host, hidden_states)
+            if sized:
+                shapes[shape] = None
+                if len(shapes) > _SHAPES_KEPT:
+                    shapes.popitem(last=False)
         rope_params = _rope_view(params) or params
-        batch = cls(rope_params, host["cu_seqlens_q"], host["cu_seqlens_kv"], padded_q, padded_kv)
+        batch = cls(rope_params, captured=capturing, host=host)
         setattr(params, STATE_ATTR, batch)
         if batch.rope_params is not params:
             setattr(batch.rope_params, STATE_ATTR, batch)
         return batch
+
+    def memo(
+        self, key: tuple, sources: tuple, make: Callable[[], Any], local: Optional[dict] = None
+    ) -> Any:
+        """``make()``, kept on the batch per ``key`` while ``sources`` are the same objects.
+
+        During a CUDA graph capture (or on a batch prepared in one) it is kept in ``local``
+        (one layer call's dict) instead: a tensor made in a capture holds its values only on
+        replay, and one made before it would be a constant of the graph.
+
+        Args:
+            key: What the value is (kind and sizes).
+            sources: The objects it is made from (offsets tensors, a RoPE module).
+            make: Makes the value.
+            local: The dict of the current layer call, or ``None``: not kept.
+
+        Returns:
+            The value.
+        """
+        store = local if self.captured or _capturing() else self.cached
+        if store is None:
+            return make()
+        found = store.get(key)
+        if found is None or any(a is not b for a, b in zip(found[0], sources)):
+            found = (sources, make())
+            store[key] = found
+        return found[1]
+
+    def offsets_on_host(self, params: PackedSeqParams, why: str) -> Dict[str, Optional[List[int]]]:
+        """The batch's offsets on the host, read once (a device sync) where not read yet.
+
+        Args:
+            params: The batch's ``PackedSeqParams``.
+            why: What needs them, for the error inside a CUDA graph capture.
+
+        Returns:
+            Per ``PackedSeqParams`` field, its offsets (``None`` where absent).
+        """
+        if self.host is None:
+            self.host = _read_offsets(params, why)
+        return self.host
 
 
 def packed_batch(packed_seq_params: Optional[PackedSeqParams]) -> Optional[PackedBatch]:
@@ -438,7 +511,7 @@ def normalize_packed_seq(
     original. THD parameters are prepared once per batch (:meth:`PackedBatch.prepare`). Their
     tokens sit at the padded offsets, where RoPE must split them; 0.13.x hands RoPE the unpadded
     ones (fixed in core_v0.14.0), so QKV/RoPE get a copy whose ``cu_seqlens_*`` ARE the padded
-    offsets where the two differ (later lines compute the same).
+    offsets where those are given (later lines compute the same).
 
     Args:
         attention: The MLA module (for its config).
@@ -459,29 +532,86 @@ def normalize_packed_seq(
     return batch.rope_params
 
 
-def _host_offsets(name: str, offsets: Optional[torch.Tensor]) -> Optional[List[int]]:
-    """``offsets`` on the host, checked: int32, 1-D, starting at 0, never decreasing."""
+def _batch_shape(params: PackedSeqParams, hidden_states: Optional[torch.Tensor]) -> tuple:
+    """What a batch's host checks depend on besides its values: tokens, offsets sizes, sharing.
+
+    Two batches of one shape differ only in the values of their offsets and sizes; the checks
+    run on the first batch of each shape (and every batch without sizes).
+    """
+    tensors = [getattr(params, name, None) for name in _OFFSETS]
+    sizes = tuple(None if t is None else t.numel() for t in tensors)
+    shared = tuple(tensors[i] is tensors[j] for i in range(4) for j in range(i + 1, 4))
+    tokens = None if hidden_states is None else hidden_states.size(0)
+    return (tokens, sizes, shared)
+
+
+def _check_offsets_tensor(name: str, offsets: Optional[torch.Tensor]) -> None:
+    """What ``offsets`` must be without reading it: an int32 tensor, 1-D, two entries or more."""
     if offsets is None:
-        return None
+        return
     if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32:
         kind = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
         raise MLACompatibilityError(
             f"PackedSeqParams.{name} must be an int32 tensor (the attention kernels read it as "
             f"int32), got {kind}; build it with dtype=torch.int32."
         )
-    values = offsets.tolist()
-    if offsets.dim() != 1 or len(values) < 2 or values[0] != 0:
+    if offsets.dim() != 1 or offsets.numel() < 2:
         raise MLACompatibilityError(
             f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per sequence "
-            f"plus one, got {values[:8]}..."
+            f"plus one, got shape {tuple(offsets.shape)}."
         )
-    for index, (start, end) in enumerate(zip(values, values[1:])):
-        if end < start:
+
+
+def _read_offsets(params: PackedSeqParams, why: str) -> Dict[str, Optional[List[int]]]:
+    """Every offsets field of ``params`` on the host: one copy (a device sync) per tensor."""
+    if _capturing():
+        raise MLACompatibilityError(
+            "The MLA adapter needs this THD batch's cu_seqlens on the host, which a CUDA graph "
+            f"capture cannot read ({why}). Capture THD batches with max_seqlen_q/max_seqlen_kv "
+            "given, after one eager step of the same shape."
+        )
+    host: Dict[str, Optional[List[int]]] = {}
+    copied: Dict[int, Optional[List[int]]] = {}  # kv is often q's tensor, padded the actual one
+    for name in _OFFSETS:
+        offsets = getattr(params, name, None)
+        if id(offsets) not in copied:
+            copied[id(offsets)] = None if offsets is None else offsets.tolist()
+        host[name] = copied[id(offsets)]
+    return host
+
+
+def _check_offsets(
+    config: MLATransformerConfig,
+    params: PackedSeqParams,
+    host: Dict[str, Optional[List[int]]],
+    hidden_states: Optional[torch.Tensor],
+) -> None:
+    """The checks of a batch that need its offsets' values; fills missing ``max_seqlen_*``."""
+    for name in _OFFSETS:
+        values = host[name]
+        if values is None:
+            continue
+        if values[0] != 0:
             raise MLACompatibilityError(
-                f"PackedSeqParams.{name} must never decrease, but entry {index + 1} ({end}) is "
-                f"below entry {index} ({start}): {values[:8]}..."
+                f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per "
+                f"sequence plus one, got {values[:8]}..."
             )
-    return values
+        for index, (start, end) in enumerate(zip(values, values[1:])):
+            if end < start:
+                raise MLACompatibilityError(
+                    f"PackedSeqParams.{name} must never decrease, but entry {index + 1} ({end}) "
+                    f"is below entry {index} ({start}): {values[:8]}..."
+                )
+    for side in ("q", "kv"):
+        actual = host[f"cu_seqlens_{side}"]
+        padded = host[f"cu_seqlens_{side}_padded"] or actual
+        _check_padding(side, actual, padded)
+        if getattr(params, f"max_seqlen_{side}") is None:
+            setattr(params, f"max_seqlen_{side}", max(_lengths(padded), default=0))
+    padded_q = host["cu_seqlens_q_padded"] or host["cu_seqlens_q"]
+    padded_kv = host["cu_seqlens_kv_padded"] or host["cu_seqlens_kv"]
+    _check_thd_shape(config, params, padded_q, padded_kv, hidden_states)
+    _check_thd_backend(config, host)
 
 
 def _lengths(offsets: List[int]) -> List[int]:
@@ -532,15 +662,15 @@ def _check_thd_shape(
         )
 
 
-def _check_thd_backend(config: MLATransformerConfig, params: PackedSeqParams) -> None:
+def _check_thd_backend(config: MLATransformerConfig, host: Dict[str, Optional[List[int]]]) -> None:
     decision = backend_decision(config)
-    padded = getattr(params, "cu_seqlens_q_padded", None)
+    padded = host["cu_seqlens_q_padded"]
     if decision is None or decision.backend != "unfused" or padded is None:
         return
     # TE 2.16 turns UnfusedDotProductAttention off for THD with padding between sequences
     # (NVIDIA/TransformerEngine PR #2596). TE has no public query for its backend filters, so
     # its version tells (a 2.16 dev build reads as older: TE's own NoBackend error then says it).
-    if torch.equal(padded, params.cu_seqlens_q) or not (HAVE_TE and is_te_min_version("2.16.0")):
+    if padded == host["cu_seqlens_q"] or not (HAVE_TE and is_te_min_version("2.16.0")):
         return
     raise MLACompatibilityError(
         f"{_BACKEND_FLAG} unfused cannot run THD batches with padding between sequences "
@@ -551,12 +681,15 @@ def _check_thd_backend(config: MLATransformerConfig, params: PackedSeqParams) ->
 
 
 def _rope_view(params: PackedSeqParams) -> Optional[PackedSeqParams]:
-    """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*`` (``None``: same)."""
+    """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*`` (``None``: same).
+
+    Where the padded offsets are another tensor they are used, equal or not (no comparison:
+    that would read both back); the positions are the same when they are equal.
+    """
     changes = {}
     for side in ("q", "kv"):
         padded = getattr(params, f"cu_seqlens_{side}_padded", None)
-        actual = getattr(params, f"cu_seqlens_{side}")
-        if padded is not None and padded is not actual and not torch.equal(padded, actual):
+        if padded is not None and padded is not getattr(params, f"cu_seqlens_{side}"):
             changes[f"cu_seqlens_{side}"] = padded
     if not changes:
         return None
@@ -564,6 +697,77 @@ def _rope_view(params: PackedSeqParams) -> Optional[PackedSeqParams]:
     for name, value in changes.items():
         setattr(view, name, value)
     return view
+
+
+def thd_tokens(
+    cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of a rank's THD tokens sits, on the offsets' device, no host read.
+
+    Args:
+        cu_seqlens: Global (padded) offsets, ``[sequences + 1]`` int32.
+        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
+        cp_size: Context-parallel size (a rank holds ``1 / cp_size`` of every sequence).
+
+    Returns:
+        ``(sequence, local, offsets)``: per token its sequence (int64) and its index among the
+        rank's tokens of that sequence (``[tokens]``, the offsets' dtype), and the rank's
+        offsets (``cu_seqlens / cp_size``).
+    """
+    offsets = cu_seqlens
+    if cp_size > 1:
+        offsets = torch.div(cu_seqlens, cp_size, rounding_mode="floor")
+    sequences = offsets.numel() - 1
+    index = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
+    sequence = torch.searchsorted(offsets.narrow(0, 1, sequences), index, right=True)
+    sequence = sequence.clamp_(max=sequences - 1)  # tokens past the last offset: the last one
+    return sequence, index - offsets.index_select(0, sequence), offsets
+
+
+def _zigzag_positions(
+    local: torch.Tensor, length: torch.Tensor, cp_size: int, cp_rank: int
+) -> torch.Tensor:
+    """Megatron's load-balanced THD split: a rank holds chunks ``cp_rank`` and
+    ``2 * cp_size - 1 - cp_rank`` of every (padded) sequence; ``length`` is the rank's share."""
+    half = length // 2
+    return torch.where(
+        local < half, cp_rank * half + local, cp_size * length - (cp_rank + 2) * half + local
+    )
+
+
+#: Context-parallel THD layouts: name -> the global positions of a rank's local tokens, from
+#: ``(local index, the rank's share of the sequence, cp_size, cp_rank)``.
+CP_LAYOUTS: Dict[str, Callable[..., torch.Tensor]] = {"zigzag": _zigzag_positions}
+
+
+def thd_positions(
+    cu_seqlens: torch.Tensor,
+    tokens: int,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    cp_layout: str = "zigzag",
+) -> torch.Tensor:
+    """The RoPE position of every local token of a THD batch, on the offsets' device, no host read.
+
+    Positions restart at 0 at every sequence. Under context parallelism a rank's tokens get
+    their global positions by ``cp_layout`` (:data:`CP_LAYOUTS`; Megatron's load-balanced split
+    is ``zigzag``).
+
+    Args:
+        cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
+        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
+        cp_size: Context-parallel size.
+        cp_rank: This rank in the context-parallel group.
+        cp_layout: How sequences are split over the context-parallel ranks.
+
+    Returns:
+        ``[tokens]`` positions (the offsets' dtype).
+    """
+    sequence, local, offsets = thd_tokens(cu_seqlens, tokens, cp_size)
+    if cp_size == 1:
+        return local
+    share = torch.diff(offsets).index_select(0, sequence)
+    return CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
 
 
 # >>> until upstream: THD RoPE one sequence at a time (H8) -----------------------------------
@@ -581,9 +785,11 @@ def rotary_pos_emb_fn(
     Up to 0.19 ``rope_utils`` rotates a THD batch one sequence at a time in Python, so a layer's
     cost grows with the number of sequences. For a prepared THD batch with RoPE fusion off (the
     fused kernels take the offsets themselves) the returned function rotates the whole batch in
-    one pass, at positions built once per batch on the device (:func:`thd_positions`), with
-    upstream's arithmetic; where the RoPE module cuts its table per CP rank even for packed
-    batches (0.13's YaRN), with the whole table. Otherwise: upstream's ``apply_rotary_pos_emb``.
+    one pass with upstream's arithmetic: positions made on the device once per batch
+    (:func:`thd_positions`), the cos/sin of the table (:func:`rotation_table`, once per table)
+    gathered at them once for the layer's q and k; where the RoPE module cuts its table per CP
+    rank even for packed batches (0.13's YaRN), with the whole table. Otherwise: upstream's
+    ``apply_rotary_pos_emb``.
 
     Args:
         attention: The MLA module.
@@ -615,7 +821,9 @@ def rotary_pos_emb_fn(
             )
         return upstream
     rotary = attention.rotary_pos_emb if sliced else None
-    return functools.partial(_packed_rotary_pos_emb, batch, upstream, rotary)
+    # The dict is this layer call's: its q and k share what it keeps (a capture keeps nothing
+    # on the batch, see PackedBatch.memo).
+    return functools.partial(_packed_rotary_pos_emb, batch, upstream, rotary, {})
 
 
 def _slices_packed_tables(attention: MultiLatentAttention) -> bool:
@@ -636,29 +844,25 @@ def _forward_takes_packed_seq(cls: type) -> bool:
     return "packed_seq" in inspect.signature(cls.forward).parameters
 
 
-def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> torch.Tensor:
-    """``rotary``'s table of ``length`` positions, not cut per CP rank (once per batch)."""
-    key = (id(rotary), length)
-    cached = batch.tables.get(key)
-    if cached is None or cached[0] is not rotary:
-        # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which
-        # would hand back the cut table: call the function under the cache.
-        forward = inspect.unwrap(type(rotary).forward)
-        group = rotary.cp_group
-        rotary.cp_group = None  # the module cuts the table only when it has a CP group
-        try:
-            table = forward(rotary, length)
-        finally:
-            rotary.cp_group = group
-        cached = (rotary, table[0] if isinstance(table, tuple) else table)
-        batch.tables[key] = cached
-    return cached[1]
+def _whole_table(rotary: torch.nn.Module, length: int) -> torch.Tensor:
+    """``rotary``'s table of ``length`` positions, not cut per CP rank."""
+    # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which would
+    # hand back the cut table: call the function under the cache.
+    forward = inspect.unwrap(type(rotary).forward)
+    group = rotary.cp_group
+    rotary.cp_group = None  # the module cuts the table only when it has a CP group
+    try:
+        table = forward(rotary, length)
+    finally:
+        rotary.cp_group = group
+    return table[0] if isinstance(table, tuple) else table
 
 
 def _packed_rotary_pos_emb(
     batch: PackedBatch,
     upstream: Callable[..., torch.Tensor],
     rotary: Optional[torch.nn.Module],
+    layer_call: dict,
     t: torch.Tensor,
     freqs: torch.Tensor,
     config: TransformerConfig,
@@ -678,50 +882,115 @@ def _packed_rotary_pos_emb(
         cp_group = parallel_state.get_context_parallel_group()
     if mla_rotary_interleaved is None:
         mla_rotary_interleaved = config.multi_latent_attention
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
     if rotary is not None:  # the table MLA computed is this rank's bshd chunks only
-        freqs = _whole_table(batch, rotary, freqs.size(0) * cp_group.size())
-    key = (id(cu_seqlens), t.size(0), cp_group.size(), cp_group.rank())
-    cached = batch.positions.get(key)
-    if cached is None or cached[0] is not cu_seqlens:
-        cached = (cu_seqlens, thd_positions(cu_seqlens, *key[1:]))
-        batch.positions[key] = cached
-    return apply_rotary_packed(
-        t, freqs, cached[1], config.rotary_interleaved, mla_rotary_interleaved, mscale
-    )
+        length = freqs.size(0) * cp_size
+        key = ("table", id(rotary), length)
+        freqs = batch.memo(key, (rotary,), lambda: _whole_table(rotary, length), layer_call)
+    table_len, tokens = freqs.size(0), t.size(0)
+
+    def _positions() -> torch.Tensor:  # padding tokens past the table take its last row
+        return thd_positions(cu_seqlens, tokens, cp_size, cp_rank).clamp_(max=table_len - 1)
+
+    key = ("positions", tokens, cp_size, cp_rank, table_len)
+    at = batch.memo(key, (cu_seqlens,), _positions, layer_call)
+    key = ("rotation", t.dtype, mscale, config.rotary_interleaved)
+    rotation = layer_call.get(key)
+    if rotation is None or rotation[0] is not freqs or rotation[1] is not at:
+        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved)
+        rotation = layer_call[key] = (freqs, at, table.index_select(0, at))
+    return rotate_packed(t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved)
 
 
-def thd_positions(
-    cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1, cp_rank: int = 0
+#: Per RoPE table (upstream's memoized ``freqs``, or the tensor a slice of it views): per view
+#: and arithmetic, its :func:`rotation_table`. An entry lives as long as its table.
+_ROTATIONS = WeakIdKeyDictionary()
+
+
+def rotation_table(
+    freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0, rotary_interleaved: bool = False
 ) -> torch.Tensor:
-    """The RoPE position of every local token of a THD batch, on the offsets' device, no host sync.
+    """cos and sin of every position of ``freqs``, as :func:`rotate_packed` takes them.
 
-    Positions restart at 0 at every sequence. Under context parallelism a rank holds chunks
-    ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of every (padded) sequence (Megatron's
-    load-balanced THD split) and gets their global positions.
+    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``), side by side:
+    ``[cos, sin]`` with sin negated where the rotation negates ``x`` (exactly: negation rounds
+    nowhere), so a rotation is one product and one sum. Kept per table while it lives (made
+    outside CUDA graph capture only; its values depend on the table alone).
 
     Args:
-        cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
-        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
-        cp_size: Context-parallel size.
-        cp_rank: This rank in the context-parallel group.
+        freqs: ``[max_len, 1, 1, rot_dim]`` frequencies.
+        dtype: The dtype of the tensors it rotates.
+        mscale: YaRN's cos/sin scale.
+        rotary_interleaved: Rotate interleaved pairs instead of halves.
 
     Returns:
-        ``[tokens]`` int64 positions.
+        ``[max_len, 2 * rot_dim]`` in ``dtype``.
     """
-    offsets = cu_seqlens.to(torch.int64)
-    lengths = (offsets[1:] - offsets[:-1]) // cp_size
-    local_ends = torch.cumsum(lengths, 0)
-    index = torch.arange(tokens, device=cu_seqlens.device, dtype=torch.int64)
-    sequence = torch.searchsorted(local_ends, index, right=True)
-    sequence = sequence.clamp_(max=lengths.numel() - 1)
-    local = index - (local_ends - lengths)[sequence]
-    if cp_size == 1:
-        return local
-    length = lengths[sequence]
-    half = length // 2
-    return torch.where(
-        local < half, cp_rank * half + local, cp_size * length - (cp_rank + 2) * half + local
-    )
+    base = freqs if freqs._base is None else freqs._base  # pylint: disable=protected-access
+    view = (freqs.storage_offset(), tuple(freqs.shape), freqs.stride())
+    key = (view, dtype, mscale, rotary_interleaved)
+    kept = _ROTATIONS.get(base)
+    found = None if kept is None else kept.get(key)
+    if found is not None and found[0] == base._version:
+        return found[1]
+    rot_dim = freqs.size(-1)
+    angles = freqs.reshape(freqs.size(0), rot_dim)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if mscale != 1.0:  # x * 1.0 == x: upstream's product by 1 changes no bit
+        cos, sin = cos * mscale, sin * mscale
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    if rotary_interleaved:  # x -> (-x1, x0, -x3, x2, ...)
+        even, odd = sin.unflatten(-1, (-1, 2)).unbind(-1)
+        table = torch.cat((cos, torch.stack((-even, odd), dim=-1).flatten(-2)), dim=-1)
+    else:  # x -> (-x2, x1)
+        first, second = sin.chunk(2, dim=-1)
+        table = torch.cat((cos, -first, second), dim=-1)
+    if not _capturing():
+        _ROTATIONS.setdefault(base, {})[key] = (base._version, table)
+    return table
+
+
+def rotate_packed(
+    t: torch.Tensor,
+    rotation: torch.Tensor,
+    rotary_interleaved: bool = False,
+    mla_rotary_interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate a packed ``[tokens, heads, dim]`` tensor by :func:`rotation_table`'s rows.
+
+    ``x * cos + rotate(x) * sin`` as upstream computes it, each product rounded to ``t``'s
+    dtype before the sum: the products of ``[x, swap(x)]`` with ``[cos, +-sin]``, added.
+
+    Args:
+        t: ``[tokens, heads, dim]`` (or ``[tokens, 1, dim]``); the first ``rot_dim`` channels
+            rotate, the rest pass.
+        rotation: ``[tokens, 2 * rot_dim]``: each token's row of :func:`rotation_table`.
+        rotary_interleaved: Rotate interleaved pairs instead of halves.
+        mla_rotary_interleaved: MLA's layout: de-interleave the rotary channels first.
+
+    Returns:
+        The rotated tensor, same shape and dtype.
+    """
+    rot_dim = rotation.size(-1) // 2
+    x = t if t.size(-1) == rot_dim else t.narrow(-1, 0, rot_dim)
+    pairs = x.shape[:-1] + (rot_dim // 2, 2)  # views, not Python indexing: no host work
+    if mla_rotary_interleaved:
+        even, odd = x.reshape(pairs).unbind(-1)
+        parts = [even, odd]
+    else:
+        parts = [x]
+    if not rotary_interleaved:  # (x1, x2) -> (x2, x1)
+        first, second = (even, odd) if mla_rotary_interleaved else x.chunk(2, dim=-1)
+        both = torch.cat(parts + [second, first], dim=-1)
+    else:  # (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)
+        x = torch.cat(parts, dim=-1) if mla_rotary_interleaved else x
+        even, odd = x.reshape(pairs).unbind(-1)
+        both = torch.cat((x, torch.stack((odd, even), dim=-1).flatten(-2)), dim=-1)
+    products = both * rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
+    out = torch.add(*products.view(products.shape[:-1] + (2, rot_dim)).unbind(-2))
+    if t.size(-1) == rot_dim:
+        return out
+    return torch.cat((out, t.narrow(-1, rot_dim, t.size(-1) - rot_dim)), dim=-1)
 
 
 def apply_rotary_packed(
@@ -735,7 +1004,8 @@ def apply_rotary_packed(
     """Rotate a packed ``[tokens, heads, dim]`` tensor, each token at its own position.
 
     Upstream's arithmetic (cos/sin of ``freqs`` scaled by ``mscale``, rounded to ``t``'s dtype,
-    ``t * cos + rotate_half(t) * sin``) for every token in one pass.
+    ``t * cos + rotate_half(t) * sin``) for every token in one pass: :func:`rotation_table` at
+    the positions, then :func:`rotate_packed`.
 
     Args:
         t: ``[tokens, heads, dim]`` (or ``[tokens, 1, dim]``).
@@ -748,22 +1018,11 @@ def apply_rotary_packed(
     Returns:
         The rotated tensor, same shape and dtype.
     """
-    rot_dim = freqs.size(-1)
     positions = positions.clamp(max=freqs.size(0) - 1)  # padding tokens past the table
-    angles = freqs.reshape(freqs.size(0), rot_dim).index_select(0, positions)
-    angles = angles.view(t.size(0), *([1] * (t.dim() - 2)), rot_dim)
-    x, passed = t[..., :rot_dim], t[..., rot_dim:]
-    if mla_rotary_interleaved:
-        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-    cos = (torch.cos(angles) * mscale).to(t.dtype)
-    sin = (torch.sin(angles) * mscale).to(t.dtype)
-    if rotary_interleaved:
-        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    else:
-        first, second = torch.chunk(x, 2, dim=-1)
-        rotated = torch.cat((-second, first), dim=-1)
-    out = x * cos + rotated * sin
-    return torch.cat((out, passed), dim=-1) if passed.size(-1) else out
+    table = rotation_table(freqs, t.dtype, mscale, rotary_interleaved)
+    return rotate_packed(
+        t, table.index_select(0, positions), rotary_interleaved, mla_rotary_interleaved
+    )
 
 
 # <<< THD RoPE one sequence at a time (H8) ---------------------------------------------------
@@ -1102,14 +1361,50 @@ def _sdpa_takes_scale() -> bool:
         return True  # a builtin without a Python signature: torch >= 2.1 has ``scale``
 
 
+#: The local spec runs a THD batch as one padded SDPA batch while that holds at most this many
+#: slots per token (``sequences * max_seqlen <= 2 * tokens``); beyond, one call per sequence.
+_PADDED_SLOTS = 2
+
+
+def _padded_layout(
+    cu_seqlens: torch.Tensor, padded: Optional[torch.Tensor], tokens: int, longest: int
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Indices between a THD batch and its ``[longest, sequences]`` padded form, on the device.
+
+    Args:
+        cu_seqlens: Offsets of the sequences.
+        padded: Padded offsets (where the sequences start), or ``None``.
+        tokens: Tokens of the THD tensors.
+        longest: Slots per sequence (``max_seqlen_q``).
+
+    Returns:
+        ``(gather, scatter, kept)``: per slot (row-major ``[longest, sequences]``) the token it
+        takes (padding slots: token 0); per token its slot; per token whether it is a
+        sequence's own (``[tokens, 1]`` bool; ``None`` without padded offsets: every token).
+    """
+    starts = cu_seqlens if padded is None else padded
+    sequences = cu_seqlens.numel() - 1
+    lengths = torch.diff(cu_seqlens)
+    slot = torch.arange(longest, device=cu_seqlens.device, dtype=cu_seqlens.dtype).unsqueeze(1)
+    gather = starts.narrow(0, 0, sequences).unsqueeze(0) + slot
+    gather = torch.where(slot < lengths.unsqueeze(0), gather, 0).view(-1).clamp_(max=tokens - 1)
+    sequence, local, _ = thd_tokens(starts, tokens)
+    scatter = local.clamp(max=longest - 1) * sequences + sequence
+    if padded is None:
+        return gather, scatter, None
+    return gather, scatter, (local < lengths.index_select(0, sequence)).unsqueeze(1)
+
+
 class MLADotProductAttention(DotProductAttention):
     """Megatron's local ``DotProductAttention`` for MLA.
 
     Takes ``k_channels``/``v_channels`` (passed on where upstream accepts them) and sizes the
     output from ``v_channels``. Causal self-attention runs through ``scaled_dot_product_attention``
     (the same function: the adapter's scale, causal mask, dropout); other masks, windows, softmax
-    variants and grouped queries keep Megatron's path. THD batches (question 2) run sequence by
-    sequence at the padded offsets, padding slots zero.
+    variants and grouped queries keep Megatron's path. THD batches (question 2) with their sizes
+    run as one right-padded SDPA batch, indices made on the device (no host read, capturable);
+    others, and batches whose padded form would exceed ``_PADDED_SLOTS`` x their tokens, run
+    sequence by sequence at the padded offsets (offsets read once per batch). Padding slots: 0.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -1159,16 +1454,19 @@ class MLADotProductAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
 
     def _forward_thd(self, query, key, value, packed: PackedSeqParams) -> torch.Tensor:
+        """A THD batch: all sequences in one SDPA call where it fits, else one by one."""
         batch = packed_batch(packed)
+        if self._thd_in_one_call(query, key, packed):
+            return self._forward_thd_padded(query, key, value, packed, batch)
+        why = "the local spec runs this THD batch one sequence at a time"
         if batch is not None:
-            cu_q, cu_kv = batch.offsets_q, batch.offsets_kv
-            pad_q, pad_kv = batch.padded_q, batch.padded_kv
+            host = batch.offsets_on_host(packed, why)
         else:  # parameters that did not pass H2 (a caller outside MLA's forward)
-            offsets = [packed.cu_seqlens_q, packed.cu_seqlens_kv]
-            for side, actual in (("q", offsets[0]), ("kv", offsets[1])):
-                padded = getattr(packed, f"cu_seqlens_{side}_padded", None)
-                offsets.append(actual if padded is None else padded)
-            cu_q, cu_kv, pad_q, pad_kv = (tensor.tolist() for tensor in offsets)
+            host = _read_offsets(packed, why)
+        cu_q = host["cu_seqlens_q"]
+        cu_kv = host["cu_seqlens_kv"] or cu_q
+        pad_q = host["cu_seqlens_q_padded"] or cu_q
+        pad_kv = host["cu_seqlens_kv_padded"] or cu_kv
         width = self.hidden_size_per_partition
         pieces = []
         for i in range(len(cu_q) - 1):
@@ -1187,6 +1485,54 @@ class MLADotProductAttention(DotProductAttention):
             if gap:
                 pieces.append(out.new_zeros(gap, width))
         return torch.cat(pieces, dim=0)
+
+    def _thd_in_one_call(self, query, key, packed: PackedSeqParams) -> bool:
+        """Whether the batch runs as one padded SDPA batch (:meth:`_forward_thd_padded`).
+
+        Causal self-attention over the same (q = kv) offsets with ``max_seqlen_q`` known, when
+        the padded batch holds at most ``_PADDED_SLOTS`` times the tokens (always inside a CUDA
+        graph capture, which cannot run sequence by sequence). All host-known sizes: no read.
+        """
+        longest = packed.max_seqlen_q
+        if (
+            longest is None
+            or packed.cu_seqlens_kv is not packed.cu_seqlens_q
+            or getattr(packed, "cu_seqlens_kv_padded", None)
+            is not getattr(packed, "cu_seqlens_q_padded", None)
+            or not self._sdpa_computes_this(query, key)
+        ):
+            return False
+        slots = (packed.cu_seqlens_q.numel() - 1) * longest
+        return slots <= _PADDED_SLOTS * query.size(0) or _capturing()
+
+    def _forward_thd_padded(
+        self, query, key, value, packed: PackedSeqParams, batch: Optional[PackedBatch]
+    ) -> torch.Tensor:
+        """All sequences of a THD batch as one ``[max_seqlen, sequences]`` causal SDPA batch.
+
+        Each sequence is gathered into its column, right-padded; a causal row of a sequence
+        sees only its own earlier tokens, so the padding (rows past a sequence, and the slots
+        between padded offsets) changes no row that is kept. Padding rows are dropped on the
+        way back (zeros where the offsets leave gaps) and get no gradient.
+        """
+        sequences = packed.cu_seqlens_q.numel() - 1
+        longest, tokens = packed.max_seqlen_q, query.size(0)
+        padded = getattr(packed, "cu_seqlens_q_padded", None)
+
+        def _layout():
+            return _padded_layout(packed.cu_seqlens_q, padded, tokens, longest)
+
+        what = ("padded-layout", tokens, longest)
+        gather, scatter, kept = (
+            _layout() if batch is None else batch.memo(what, (packed.cu_seqlens_q, padded), _layout)
+        )
+        q, k, v = (
+            x.index_select(0, gather).view(longest, sequences, *x.shape[1:])
+            for x in (query, key, value)
+        )
+        out = self._sdpa(q, k, v).view(longest * sequences, self.hidden_size_per_partition)
+        out = out.index_select(0, scatter)
+        return out if kept is None else torch.where(kept, out, 0.0)
 
     def _sequence_mask(self, n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
         """Megatron's boolean mask (True = masked) for one sequence of a THD batch."""
