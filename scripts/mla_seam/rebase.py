@@ -52,7 +52,6 @@ from mla_seam.survey import (
     load_lines,
     series_for,
     survey,
-    version_at,
 )
 from mla_seam.survey.engine import series_range_diff
 from mla_seam.tree import MegatronTree, crash_point
@@ -71,7 +70,7 @@ def _emit(text: str) -> None:
 
 def _pick_series(root: Path, version: str, forced: Optional[str]) -> Series:
     if forced:
-        return series_by_name(forced, root)
+        return series_by_name(forced, root, option="--from")
     return series_for(load_lines(root, strict=False), version)[0]
 
 
@@ -249,7 +248,7 @@ def _run_rebase(args: argparse.Namespace) -> int:
     keep = Path(args.keep) if args.keep else None
     with Workspace.create(tree.root, keep) as ws:
         onto_commit, _ = ws.resolve(args.onto)
-        version = version_at(ws.repo, onto_commit)
+        version = ws.version_at(onto_commit)
         series = _pick_series(root, version, args.from_line)
         s = survey(ws, series, args.onto)
         head = s.new_head

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import git
-from mla_seam import contracts, gitlayer, releases, upstream
+from mla_seam import contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import RebaseError, SeamError, SeriesCorruptError, UpstreamError, UsageError
+from mla_seam.gitlayer import partial
 from mla_seam.releases import PACKAGE_INFO
 from mla_seam.series import PatchEntry, Series, load_series
 from mla_seam.survey.model import (
@@ -48,11 +51,31 @@ def version_at(repo: git.Repo, rev: str) -> str:
 # --- the scratch repository --------------------------------------------------------------------
 
 
+def survey_paths(root: Optional[Path] = None) -> List[str]:
+    """The files a survey reads: ``package_info.py``, the probed files and every file a line
+    under ``root`` (default: the bundle's ``patches/``) hooks; a scratch work tree needs no more."""
+    wanted = {PACKAGE_INFO, *contracts.PROBE_FILES}
+    folder = Path(root) if root is not None else paths.patches_dir()
+    for manifest in sorted(folder.glob("*/manifest.json")):
+        try:
+            files = json.loads(manifest.read_bytes()).get("files") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable manifest is the series loader's to report
+        wanted.update(str(f) for f in files if isinstance(f, str))
+    return sorted(wanted)
+
+
 class Workspace:
     """A scratch repository for surveys: a shared clone of the user's checkout, or empty.
 
     Refs the user's checkout lacks are fetched from the mla-seam cache (releases materialized
     from PyPI sdists). Removed by :meth:`close` unless created with ``keep``.
+
+    The work tree is sparse (:func:`survey_paths`: the hooked files, the probed files and
+    ``package_info.py``) unless kept for a human. On a partial clone (blobless, treeless) the
+    objects a survey reads are fetched in one batch into the clone's object store
+    (:meth:`ensure`, :meth:`ensure_range`; refs, index and work tree of the clone are never
+    touched), and the scratch copy may fetch anything missed from the clone's promisor remote.
     """
 
     def __init__(
@@ -62,15 +85,19 @@ class Workspace:
         self.repo = repo
         self.user = user
         self.scratch = scratch  # removed on close; None for a kept workspace
+        self.shape = gitlayer.clone_shape(user) if user is not None else None
         self.sources: Dict[str, str] = {}
         self._old_heads: Dict[str, Tuple[str, str, List[str]]] = {}
         self._probes: Dict[str, Dict[str, object]] = {}
+        self._ensured: Set[Tuple[str, str]] = set()
+        self._trees_fetched = False
 
     @classmethod
     def create(cls, user_root: Optional[Path], keep: Optional[Path] = None) -> "Workspace":
         """A new workspace cloned from ``user_root`` (a git work tree) or empty.
 
-        With ``keep`` the repository is made at that (new or empty) folder and left there.
+        With ``keep`` the repository is made at that (new or empty) folder and left there, with
+        a whole work tree; otherwise the work tree is sparse.
         """
         if keep is not None:
             keep = Path(keep).resolve()
@@ -84,8 +111,11 @@ class Workspace:
             user = gitlayer.open_repo(user_root) if user_root is not None else None
             if user is not None:
                 repo = gitlayer.clone_shared(user_root, root)
+                gitlayer.borrow_promisor(repo, gitlayer.clone_shape(user))
             else:
                 repo = gitlayer.init_repo(root)
+            if keep is None:
+                gitlayer.sparse_checkout(repo, survey_paths())
         except BaseException:
             shutil.rmtree(scratch or root, ignore_errors=True)
             raise
@@ -101,6 +131,74 @@ class Workspace:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- what a partial clone lacks --
+
+    def need(self, relpaths: Iterable[str]) -> None:
+        """Make sure a sparse work tree has ``relpaths`` (a series of another bundle)."""
+        have = gitlayer.sparse_paths(self.repo)
+        if not have or set(relpaths) <= have:
+            return
+        gitlayer.sparse_checkout(self.repo, have | set(relpaths))
+        if gitlayer.head_commit(self.repo):
+            gitlayer.checkout_detached(self.repo, gitlayer.head_commit(self.repo) or "HEAD")
+
+    def ensure(self, commits: Sequence[str], relpaths: Sequence[str]) -> None:
+        """Fetch, in one batch, the blobs of ``relpaths`` at ``commits`` a partial clone lacks.
+
+        Raises:
+            GitError: the promisor remote is unreachable (exit 23; the message says what to
+                fetch by hand).
+        """
+        todo = [c for c in commits if (c, ",".join(relpaths)) not in self._ensured]
+        if not todo or self.shape is None or not self.shape.partial:
+            return
+        self._trees(todo)
+        wanted: Set[str] = set()
+        for commit in todo:
+            wanted.update(gitlayer.blobs_at(self.repo, commit, list(relpaths)).values())
+        self._fetch(wanted)
+        self._ensured.update((c, ",".join(relpaths)) for c in todo)
+
+    def ensure_range(self, start: str, end: str, relpaths: Sequence[str]) -> None:
+        """Fetch, in one batch, every blob ``relpaths`` had in ``start..end`` (history queries:
+        ``log -p``, ``log -S``, ``blame``) that a partial clone lacks."""
+        key = (f"{start}..{end}", ",".join(relpaths))
+        if key in self._ensured or self.shape is None or not self.shape.partial:
+            return
+        self._trees([end, start])
+        self._fetch(gitlayer.blobs_in_range(self.repo, f"{start}..{end}", list(relpaths)))
+        self._ensured.add(key)
+
+    def _trees(self, commits: Sequence[str]) -> None:
+        """A treeless clone gets the trees of ``commits``' history once (it becomes blobless)."""
+        assert self.shape is not None and self.user is not None
+        if not self.shape.treeless or self._trees_fetched:
+            return
+        log.info("mla-seam: %s is a treeless clone: fetching its trees", self.user.working_dir)
+        gitlayer.fetch_trees(self.user, self.shape, list(dict.fromkeys(commits)))
+        self._trees_fetched = True
+
+    def _fetch(self, oids: Iterable[str]) -> None:
+        assert self.shape is not None and self.user is not None
+        lacking = gitlayer.missing(self.repo, oids)
+        if not lacking:
+            return
+        log.info(
+            "mla-seam: fetching %d object(s) the %s clone lacks from %s",
+            len(lacking),
+            self.shape.kind,
+            self.shape.promisor,
+        )
+        try:
+            gitlayer.fetch_objects(self.user, self.shape, lacking)
+        except SeamError as first:
+            # The clone may be read-only (a shared cache): fetch into the scratch copy instead.
+            scratch_shape = dataclasses.replace(self.shape, promisor=partial.SCRATCH_PROMISOR)
+            try:
+                gitlayer.fetch_objects(self.repo, scratch_shape, lacking)
+            except SeamError:
+                raise first from None
 
     # -- refs --
 
@@ -119,10 +217,17 @@ class Workspace:
             version = upstream.version_for(ref)
         except UpstreamError as err:
             where = "the checkout" if self.user is not None else "the cache"
+            hint = "name a tag of the checkout (git tag -l 'core_v*') or a known release"
+            if self.shape is not None and self.shape.shallow:
+                hint = (
+                    f"{self.user.working_dir if self.user else 'the checkout'} is a shallow clone "
+                    f"without {ref}: fetch it first (git fetch --depth=1 origin tag {ref}, or "
+                    f"git fetch origin {ref})"
+                )
             raise UpstreamError(
                 f"unknown tag {ref!r}: not a ref of {where} and not a known megatron-core "
                 f"release ({err.message.split('; ', 1)[-1]})",
-                "name a tag of the checkout (git tag -l 'core_v*') or a known release",
+                hint,
             ) from None
         tag = upstream.tag_for(version)
         commit = gitlayer.resolve_commit(self.repo, f"refs/tags/{tag}")
@@ -137,11 +242,21 @@ class Workspace:
         self.sources.setdefault(commit, "checkout")
         return commit, self.sources[commit]
 
+    def from_checkout(self, commit: str) -> bool:
+        """Whether ``commit`` came from the user's checkout (not from the mla-seam cache)."""
+        return self.user is not None and self.sources.get(commit, "checkout") == "checkout"
+
     def probes(self, commit: str) -> Dict[str, object]:
         """Contract probes of ``commit`` (cached)."""
         if commit not in self._probes:
+            self.ensure([commit], contracts.PROBE_FILES)
             self._probes[commit] = contracts.probe_rev(self.repo, commit)
         return self._probes[commit]
+
+    def version_at(self, commit: str) -> str:
+        """:func:`version_at` of ``commit``, its ``package_info.py`` fetched first if missing."""
+        self.ensure([commit], [PACKAGE_INFO])
+        return version_at(self.repo, commit)
 
     # -- the old series replayed --
 
@@ -159,6 +274,8 @@ class Workspace:
             base = gitlayer.resolve_commit(self.repo, str(series.upstream.get("commit") or ""))
         if base is None:
             base, _ = self.resolve(tag or series.line)
+        self.need(series.touched)
+        self.ensure([base], series.touched)
         gitlayer.checkout_detached(self.repo, base)
         commits = []
         for patch in series.patches:
@@ -174,6 +291,43 @@ class Workspace:
             commits.append(_commit(self.repo, info))
         self._old_heads[series.name] = (base, tag, commits)
         return self._old_heads[series.name]
+
+    def history_base(self, series: Series, onto_commit: str) -> Tuple[Optional[str], str]:
+        """The tag of ``series``' line this checkout has, to read upstream history from.
+
+        The series' own base tag when the checkout has it, else the newest tag of a release the
+        line serves (``core_v0.19.0`` for a line exported from the 0.19.2 sdist): the commits
+        between it and ``onto_commit`` are the ones that can have moved a hook.
+
+        Returns:
+            ``(tag or None, why)``.
+        """
+        if self.user is None:
+            return None, "no checkout: releases come from the mla-seam cache (PyPI sdists)"
+        if not self.from_checkout(onto_commit):
+            return None, "the target comes from the mla-seam cache (a PyPI sdist)"
+        own = str(series.upstream.get("tag") or "")
+        tags = gitlayer.tags_at(self.user)
+        candidates = [own] + [
+            releases.tag_of(v)
+            for v in sorted(series.releases, key=releases.version_key, reverse=True)
+        ]
+        for tag in dict.fromkeys(candidates):
+            if tag in tags and gitlayer.merge_base(self.repo, tags[tag], onto_commit):
+                return tag, f"{tag} of the checkout"
+        if self.shape is not None and self.shape.shallow:
+            root = self.user.working_dir
+            return None, (
+                f"{root} is a shallow clone: the history between {own or series.name} and the "
+                f"target is not there (git -C {root} fetch --unshallow gives it)"
+            )
+        have = [t for t in candidates if t in tags]
+        if have:
+            return None, f"{have[0]} of the checkout shares no history with the target"
+        return None, (
+            f"the checkout has no tag of {series.name}'s releases "
+            f"({', '.join(series.releases)}; releases from PyPI sdists share no history)"
+        )
 
 
 def _commit(repo: git.Repo, info: Mapping[str, str]) -> str:
@@ -198,8 +352,28 @@ class _Surveyor:
         self.series = series
         self.onto = onto
         self.onto_commit, self.onto_source = ws.resolve(onto)
+        ws.need(series.touched)
+        ws.ensure([self.onto_commit], list(series.touched) + [PACKAGE_INFO])
         self.base, self.old_tag, self.old_commits = ws.old_series(series)
-        self.history = gitlayer.is_ancestor(ws.repo, self.base, self.onto_commit)
+        # Upstream history (culprits, patch-ids) is read between the checkout's own tag of the
+        # line and the target, never from a release root commit built from an sdist.
+        self.history_tag, self.history_why = ws.history_base(series, self.onto_commit)
+        self.history_start: Optional[str] = None
+        if self.history_tag:
+            tag_commit = gitlayer.resolve_commit(ws.repo, f"refs/tags/{self.history_tag}")
+            self.history_start = tag_commit
+        elif gitlayer.is_ancestor(ws.repo, self.base, self.onto_commit):
+            self.history_start = self.base  # synthetic history on top of a materialized release
+            self.history_tag = self.old_tag
+            self.history_why = f"{self.old_tag} is an ancestor of {onto}"
+        self.history = self.history_start is not None
+        if not self.history:
+            self.history_why += (
+                "; culprits: the release commit (a release built from a PyPI sdist is one root "
+                "commit: the whole upstream change between two releases)"
+                if gitlayer.is_root(ws.repo, self.onto_commit)
+                else "; no culprits can be named"
+            )
         self.values = ws.probes(self.onto_commit)
         self._patch_ids: Optional[Dict[str, str]] = None
 
@@ -214,13 +388,15 @@ class _Surveyor:
             old_head=self.old_commits[-1] if self.old_commits else self.base,
             onto=self.onto,
             onto_commit=self.onto_commit,
-            onto_version=version_at(self.ws.repo, self.onto_commit),
+            onto_version=self.ws.version_at(self.onto_commit),
             onto_source=self.onto_source,
             history=self.history,
             patches=reports,
             old_contracts=self.ws.probes(self.base),
             new_contracts=self.values,
             new_head=head,
+            history_base=self.history_tag if self.history else None,
+            history_detail=self.history_why,
         )
 
     def _one(self, patch: PatchEntry) -> PatchReport:
@@ -236,7 +412,7 @@ class _Surveyor:
             report.offsets = offsets_of(text)
             report.cls = PatchClass.OFFSET if report.offsets else PatchClass.EXACT
             report.detail = _offset_detail(report.offsets)
-            report.commit = _commit(self.ws.repo, info)
+            report.commit = _commit(self.ws.repo, self._ported(info, report))
             return report
         found = self._already_upstream(patch, info)
         if found is not None:
@@ -246,10 +422,11 @@ class _Surveyor:
         report.hunks = tuple(self._failed_hunks(info["diff"]))
         ok, text = gitlayer.apply_index(self.ws.root, patch.path, three_way=True)
         if ok:
-            report.cls, report.commit = PatchClass.THREE_WAY, _commit(self.ws.repo, info)
+            report.cls = PatchClass.THREE_WAY
             report.detail = "3-way merge needed, review: " + "; ".join(
                 h.describe(self.old_tag) for h in report.hunks
             )
+            report.commit = _commit(self.ws.repo, self._ported(info, report))
             return report
         gitlayer.reset_hard(self.ws.repo)
         report.cls = PatchClass.CONFLICT
@@ -258,6 +435,26 @@ class _Surveyor:
             + (text.strip().splitlines() or ["git apply failed"])[-1]
         )
         return report
+
+    def _ported(self, info: Mapping[str, str], report: PatchReport) -> Dict[str, str]:
+        """The patch's mail with its header brought up to date for the new base.
+
+        A patch whose hunks moved (offset) or were merged 3-way gets ``Last-Update:`` set to the
+        date of the newest upstream commit that changed its files as of the new base
+        (deterministic: the same target gives the same bytes), and a 3-way merge is recorded in
+        a ``Merged-3way:`` line naming the target and the hunks to review. An exact patch is
+        carried verbatim.
+        """
+        if report.cls is PatchClass.EXACT:
+            return dict(info)
+        date = gitlayer.last_change_date(self.ws.repo, self.onto_commit, list(report.files))
+        merged = None
+        if report.cls is PatchClass.THREE_WAY:
+            hunks = ", ".join(f"{h.file.rsplit('/', 1)[-1]} {h.header}" for h in report.hunks)
+            merged = f"3-way onto {self.onto} ({self.onto_commit[:12]}) from {self.old_tag}" + (
+                f"; review {hunks}" if hunks else ""
+            )
+        return dict(info, body=port_header(info.get("body", ""), date, merged))
 
     # -- already upstream --
 
@@ -297,14 +494,24 @@ class _Surveyor:
         gitlayer.reset_hard(self.ws.repo)
         return True
 
+    def _history_range(self, paths: Sequence[str]) -> Optional[str]:
+        """``start..target`` for history queries over ``paths`` (their blobs fetched), or
+        ``None`` when the checkout holds no history between the line and the target."""
+        if self.history_start is None:
+            return None
+        self.ws.ensure_range(self.history_start, self.onto_commit, list(paths))
+        return f"{self.history_start}..{self.onto_commit}"
+
     def _patch_id_match(self, diff: str, files: Sequence[str]) -> Optional[Commit]:
         pid = gitlayer.patch_id(diff.encode("utf-8"), self.ws.root)
         if pid is None:
             return None
         if self._patch_ids is None:
-            rev_range = f"{self.base}..{self.onto_commit}"
             touched = sorted({f for p in self.series.patches for f in p.files})
-            self._patch_ids = gitlayer.commit_patch_ids(self.ws.repo, rev_range, touched)
+            rev_range = self._history_range(touched)
+            self._patch_ids = (
+                gitlayer.commit_patch_ids(self.ws.repo, rev_range, touched) if rev_range else {}
+            )
         sha = self._patch_ids.get(pid)
         return Commit(sha, gitlayer.commit_subject(self.ws.repo, sha)) if sha else None
 
@@ -313,12 +520,11 @@ class _Surveyor:
             ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and ln[1:2] != "+"
         ]
         added = [ln for ln in added if len(ln) > 8]
-        if not added:
+        rev_range = self._history_range(list(files)) if added else None
+        if not added or rev_range is None:
             return None
         needle = max(added, key=len)
-        rows = gitlayer.log_touching(
-            self.ws.repo, f"{self.base}..{self.onto_commit}", list(files), 1, needle
-        )
+        rows = gitlayer.log_touching(self.ws.repo, rev_range, list(files), 1, needle)
         return Commit(*rows[0]) if rows else None
 
     # -- conflicts --
@@ -336,38 +542,97 @@ class _Surveyor:
         return failed
 
     def _hunk_report(self, hunk: Hunk) -> HunkReport:
-        lines = self._base_lines(hunk)
-        return HunkReport(hunk.file, hunk.header, lines, tuple(self._culprits(hunk.file, lines)))
+        lines = _find_lines(self._file_at(self.base, hunk.file), hunk)
+        culprits = self._culprits(hunk)
+        return HunkReport(hunk.file, hunk.header, lines, tuple(culprits))
 
-    def _base_lines(self, hunk: Hunk) -> Tuple[int, int]:
-        """Where the hunk's pre-image sits in the old base file (its header's lines if unsure)."""
-        pre = hunk.preimage
+    def _file_at(self, rev: str, path: str) -> str:
+        self.ws.ensure([rev], [path])
         try:
-            text = gitlayer.read_blob(self.ws.repo, self.base, hunk.file).decode("utf-8")
+            return gitlayer.read_blob(self.ws.repo, rev, path).decode("utf-8")
         except KeyError:
-            text = ""
-        lines = text.splitlines()
-        for start in range(len(lines) - len(pre) + 1) if pre else ():
-            if lines[start : start + len(pre)] == pre:
-                return start + 1, start + len(pre)
-        return hunk.old_start, hunk.old_start + max(len(pre), 1) - 1
+            return ""
 
-    def _culprits(self, path: str, lines: Tuple[int, int]) -> List[Commit]:
-        repo, end = self.ws.repo, self.onto_commit
-        if self.history:
+    def _culprits(self, hunk: Hunk) -> List[Commit]:
+        """The upstream commits between the line's tag and the target that changed the hunk's
+        pre-image lines, each once, oldest first.
+
+        ``git blame --reverse`` from the merge base of the checkout's tag and the target (release
+        tags sit on release branches) finds, for each pre-image line, the last commit that still
+        had it; the commit after it on the way to the target changed it. A commit also on the
+        release branch (same patch-id as one between the merge base and the tag) was already in
+        the old base and is left out. No shared history: the target itself when it is a release
+        root commit (an sdist: the whole release), else none.
+        """
+        repo, end, path = self.ws.repo, self.onto_commit, hunk.file
+        start = self.history_start
+        if start is None:
+            if gitlayer.is_root(repo, end) and self.base != end:
+                return [Commit(end, gitlayer.commit_subject(repo, end))]  # a release root commit
+            return []
+        fork = gitlayer.merge_base(repo, start, end) or start
+        rev_range = self._history_range([path])
+        assert rev_range is not None
+        self.ws.ensure_range(fork, end, [path])
+        lines = _find_lines(self._file_at(fork, path), hunk, exact=True)
+        culprits: Dict[str, Commit] = {}
+        if lines is not None:
             try:
-                last_seen = gitlayer.blame_reverse(repo, self.base, end, path, *lines)
+                last_seen = gitlayer.blame_reverse(repo, fork, end, path, *lines)
             except git.GitCommandError:
                 last_seen = []
-            culprits: Dict[str, Commit] = {}
             for commit in dict.fromkeys(c for c in last_seen if c != end):
                 found = gitlayer.first_descendant_touching(repo, commit, end, path)
                 if found:
                     culprits.setdefault(found[0], Commit(*found))
-            if culprits:
-                return list(culprits.values())
-        rows = gitlayer.log_touching(repo, f"{self.base}..{end}", [path], 5)
-        return [Commit(*row) for row in rows]
+        if not culprits:
+            rows = gitlayer.log_touching(repo, rev_range, [path], 5)
+            culprits = {sha: Commit(sha, subject) for sha, subject in reversed(rows)}
+        if fork != start:
+            self.ws.ensure_range(fork, start, [path])
+            released = set(gitlayer.commit_patch_ids(repo, f"{fork}..{start}", [path]))
+            mine = gitlayer.commit_patch_ids(repo, f"{fork}..{end}", [path])
+            already = {sha for pid, sha in mine.items() if pid in released}
+            culprits = {sha: c for sha, c in culprits.items() if sha not in already}
+        return list(culprits.values())
+
+
+def _find_lines(text: str, hunk: Hunk, exact: bool = False) -> Optional[Tuple[int, int]]:
+    """Where the hunk's pre-image sits in ``text`` (1-based, inclusive); its header's lines when
+    not found, or ``None`` with ``exact``."""
+    pre = hunk.preimage
+    lines = text.splitlines()
+    for start in range(len(lines) - len(pre) + 1) if pre else ():
+        if lines[start : start + len(pre)] == pre:
+            return start + 1, start + len(pre)
+    if exact:
+        return None
+    return hunk.old_start, hunk.old_start + max(len(pre), 1) - 1
+
+
+def port_header(body: str, date: str, merged: Optional[str]) -> str:
+    """A patch message body with ``Last-Update:`` set to ``date`` and, when given, a
+    ``Merged-3way:`` line (replacing an older one) right after it."""
+    out, seen = [], False
+    skipping = False
+    for line in body.splitlines(keepends=True):
+        if skipping and line.startswith(" "):
+            continue  # the continuation of a replaced Merged-3way line
+        skipping = False
+        if line.startswith("Merged-3way:"):
+            skipping = True
+            continue
+        if line.startswith("Last-Update:"):
+            seen = True
+            out.append(f"Last-Update: {date}\n")
+            if merged:
+                out.append(f"Merged-3way: {merged}\n")
+            continue
+        out.append(line)
+    if not seen:
+        extra = f"Last-Update: {date}\n" + (f"Merged-3way: {merged}\n" if merged else "")
+        out.append(extra)
+    return "".join(out)
 
 
 def _offset_detail(offsets: Sequence[int]) -> str:
