@@ -32,14 +32,16 @@ DISCOVERY = """[
   {"version": "0.20.0", "tag": "core_v0.20.0", "line": "0.20", "prerelease": false,
    "source": "index", "cached": false},
   {"version": "0.21.0rc1", "tag": "core_v0.21.0rc1", "line": "0.21", "prerelease": true,
-   "source": "index", "cached": false}
+   "source": "index", "cached": false},
+  {"version": "0.19.1", "tag": "core_v0.19.1", "line": "0.19", "prerelease": false,
+   "source": "index", "cached": false, "yanked": true}
 ]"""
 
 
 def test_parse_discovery_sample():
     rows = nightly.parse_discovery(DISCOVERY)
-    assert [r["version"] for r in rows] == ["0.19.2", "0.20.0rc1", "0.20.0", "0.21.0rc1"]
-    assert [r["prerelease"] for r in rows] == [False, True, False, True]
+    assert [r["version"] for r in rows][:4] == ["0.19.2", "0.20.0rc1", "0.20.0", "0.21.0rc1"]
+    assert [r["prerelease"] for r in rows] == [False, True, False, True, False]
     for bad in ("not json", '{"version": "0.1"}', '[{"tag": "core_v0.1"}]'):
         with pytest.raises(nightly.JobBroke):
             nightly.parse_discovery(bad)
@@ -63,7 +65,8 @@ def test_discover_keeps_only_upcoming_prereleases_and_names_an_unreachable_index
 
     assert [r["version"] for r in nightly.discover(False, fake)] == ["0.19.2", "0.20.0"]
     with_pre = [r["version"] for r in nightly.discover(True, fake)]
-    # 0.20.0rc1 is older than the 0.20.0 release; of the 41 upcoming ones the newest 3 are kept
+    # 0.20.0rc1 is older than the 0.20.0 release; of the 41 upcoming ones the newest 3 are kept;
+    # the yanked 0.19.1 never (it would become a "new release" to propose)
     assert with_pre == ["0.19.2", "0.20.0", "0.22.0.dev37", "0.22.0.dev38", "0.22.0.dev39"]
     assert calls[-1][-1] == "--pre" and calls[0][-3:] == ["list", "--refresh", "--json"]
     down = lambda cmd, **kw: _proc(15, err="mla-seam upstream: pypi.org: Name or service unknown")
@@ -431,3 +434,45 @@ def test_two_nights_end_to_end(upstream_remote, project, bundle, tmp_path, capsy
     assert outcome["gpu_targets"] == []
     steps = {s["name"]: s for s in outcome["steps"]}
     assert "nothing changed since the last recorded night" in steps["drift"]["note"]
+
+
+def test_gpu_suites_without_a_gpu_say_so_per_target(tmp_path):
+    """Staged trees, one suite process per target over the devices: here no GPU, so each
+    target's record says the suite exited 18, instead of a verdict."""
+    from mla_seam.nightly import gpu
+    from mla_seam.suite import trees
+
+    work = tmp_path / "trees"
+    staged = {"a": {"trees": {k: str(v) for k, v in trees.stage("0.16.1", None, work).items()}}}
+    records = gpu.run_suites(staged, tmp_path / "results", work, devices=[0, 1])
+    assert records["a"]["verdict"] == "none"
+    assert records["a"]["error"].startswith("no verdict (suite exit 18)"), records
+    assert len(list((work / "logs").glob("*.log"))) == 1
+
+
+def test_github_layer_records_argv_and_reads_404_as_missing(tmp_path):
+    """The one layer: argv and payload recorded (and logged); GitHub's 404 on a label read is
+    'not there', any other failure a GitHubError (the job broke, exit 26)."""
+    from mla_seam.errors import GitHubError
+
+    seen = []
+
+    def runner(argv, payload):
+        seen.append((list(argv), payload))
+        if argv[4].endswith("labels/mla-seam-drift"):
+            raise GitHubError("gh api failed (exit 1): HTTP 404: Not Found")
+        if argv[4].endswith("issues"):
+            return '{"number": 7}'
+        raise GitHubError("gh api failed (exit 1): HTTP 403: Resource not accessible")
+
+    gh = github.GitHub("acme/mla-seam", runner=runner, log_path=tmp_path / "calls.jsonl")
+    with pytest.raises(GitHubError, match="403"):
+        gh.ensure_label("mla-seam-drift", "d")  # the read is a 404, the create is refused
+    assert gh.create_issue("t", "b", ["mla-seam-drift"]) == 7
+    assert [a[:5] for a, _ in seen] == [
+        ["gh", "api", "--method", "GET", "repos/acme/mla-seam/labels/mla-seam-drift"],
+        ["gh", "api", "--method", "POST", "repos/acme/mla-seam/labels"],
+        ["gh", "api", "--method", "POST", "repos/acme/mla-seam/issues"],
+    ]
+    assert json.loads(seen[-1][1]) == {"body": "b", "labels": ["mla-seam-drift"], "title": "t"}
+    assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 3

@@ -139,7 +139,7 @@ def test_treeless_clone_becomes_blobless_once(upstream_remote, tmp_path, capsys)
     assert gitlayer.clone_shape(gitlayer.open_repo(clone)).kind == "blobless"
 
 
-def test_shallow_clone_works_and_says_what_history_needs(upstream_remote, tmp_path, capsys):
+def test_shallow_clone_works_and_says_what_history_needs(upstream_remote, tmp_path, capsys, caplog):
     clone = _clone(upstream_remote, tmp_path / "shallow", depth=1)
     assert gitlayer.clone_shape(gitlayer.open_repo(clone)).shallow
     doc = _survey(capsys, tmp_path, clone, "main")
@@ -148,6 +148,10 @@ def test_shallow_clone_works_and_says_what_history_needs(upstream_remote, tmp_pa
     assert "shallow clone" in doc["history_note"] and "fetch --unshallow" in doc["history_note"]
     h3 = next(p for p in doc["patches"] if p["hook"] == "H3")
     assert h3["hunks"][0]["culprits"] == []  # no commit is named that may not be between
+    # A tag the shallow clone lacks and no sdist provides: exit 23, the fetch to run.
+    code, _ = run(capsys, "rebase", "--megatron", str(clone), "--onto", "core_v0.20.0")
+    assert code == 23
+    assert "fetch --depth=1 origin tag core_v0.20.0" in caplog.text
 
 
 def test_drift_on_a_blobless_clone(upstream_remote, tmp_path, capsys):
@@ -174,6 +178,17 @@ def test_unreachable_promisor_is_exit_23_with_the_command(upstream_remote, tmp_p
     assert done.returncode == 23, done.stderr
     assert "Traceback" not in done.stderr
     assert "blobless clone and lacks" in done.stderr and f"git -C {clone} fetch" in done.stderr
+
+
+def test_apply_and_revert_on_a_blobless_clone(upstream_remote, tmp_path, capsys):
+    """apply works in the clone itself, where git fetches what it lacks on demand."""
+    clone = tmp_path / "blobless"
+    gitlayer.clone(upstream_remote.url, clone, filter_spec="blob:none")
+    repo = gitlayer.open_repo(clone)
+    gitlayer.checkout_detached(repo, "core_v0.19.2")
+    for args, code in ((["--check"], 0), ([], 0), (["--status"], 0), (["--revert"], 0)):
+        assert run(capsys, "apply", *args, str(clone))[0] == code, args
+    assert gitlayer.dirty_paths(repo, ["."]) == []
 
 
 def test_port_header_bumps_last_update_and_records_the_merge():

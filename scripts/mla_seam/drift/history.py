@@ -3,7 +3,7 @@
 ``--history FILE`` reads the runs recorded so far, puts into the report what changed since the
 last one (``since_previous``: new and removed tags, verdicts, GPU verdicts, patch classes and
 commits that changed) and the trend of the last runs, then appends this run. Keep the file
-between nights (the nightly job commits it beside the report, or caches it).
+between nights (the nightly job keeps it on its state branch, `mla-seam/nightly-state`).
 """
 
 from __future__ import annotations

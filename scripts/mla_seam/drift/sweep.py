@@ -26,8 +26,8 @@ from mla_seam.survey import (
     Workspace,
     series_for,
     survey,
+    survey_paths,
 )
-from mla_seam.survey.engine import survey_paths
 
 log = logging.getLogger(__name__)
 

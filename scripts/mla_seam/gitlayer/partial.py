@@ -243,8 +243,8 @@ def fetch_trees(repo: git.Repo, shape: CloneShape, refs: Sequence[str]) -> None:
     if status != 0:
         why = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
         raise GitError(
-            f"{root} is a treeless clone; fetching the trees of {', '.join(refs)} from {remote} "
-            f"failed" + (f": {why[-1]}" if why else ""),
+            f"{root} is a treeless clone; fetching the trees of {len(refs)} commit(s) from "
+            f"{remote} failed" + (f": {why[-1]}" if why else ""),
             f"run: git -C {root} fetch --refetch --filter=blob:none {remote} (it becomes a "
             "blobless clone), or clone with --filter=blob:none",
         )

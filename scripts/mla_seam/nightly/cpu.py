@@ -22,8 +22,7 @@ from mla_seam import drift, gitlayer, paths, releases, upstream
 from mla_seam.errors import SeamError
 from mla_seam.nightly import propose, state, targets, texts
 from mla_seam.nightly.job import Job, JobBroke, Step
-from mla_seam.survey import load_lines
-from mla_seam.survey.engine import survey_paths
+from mla_seam.survey import load_lines, survey_paths
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +67,16 @@ def parse_discovery(text: str) -> List[Dict[str, Any]]:
 def discover(include_pre: bool, run: Callable[..., subprocess.CompletedProcess]) -> List[Dict]:
     """Ask the package index for releases; an unreachable index breaks the job (never drift).
 
-    With ``include_pre``, only the :data:`PRE_MAX` newest pre-releases newer than every final
-    release are kept (PyPI lists hundreds of old ``.dev`` builds).
+    Yanked files are dropped (``--pre`` lists them: PyPI's 0.18.1 and 0.19.1). With
+    ``include_pre``, only the :data:`PRE_MAX` newest pre-releases newer than every final release
+    are kept (PyPI lists hundreds of old ``.dev`` builds).
     """
     proc = run(discovery_command(include_pre), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         what = "the package index is unreachable" if proc.returncode == 15 else "discovery failed"
         raise JobBroke(f"{what} (mla-seam upstream list exit {proc.returncode}): {tail}")
-    rows = parse_discovery(proc.stdout)
+    rows = [r for r in parse_discovery(proc.stdout) if not r.get("yanked")]  # never a target
     finals = [r for r in rows if not r["prerelease"]]
     if not include_pre:
         return finals

@@ -72,8 +72,17 @@ class GitHub:
 
     # -- the one call --
 
-    def api(self, method: str, path: str, payload: Optional[Dict[str, Any]] = None) -> Any:
-        """``gh api --method METHOD repos/OWNER/NAME/PATH`` with ``payload`` as JSON on stdin."""
+    def api(
+        self,
+        method: str,
+        path: str,
+        payload: Optional[Dict[str, Any]] = None,
+        missing_ok: bool = False,
+    ) -> Any:
+        """``gh api --method METHOD repos/OWNER/NAME/PATH`` with ``payload`` as JSON on stdin.
+
+        ``missing_ok``: GitHub's 404 answers ``None`` instead of raising.
+        """
         argv = ["gh", "api", "--method", method, f"repos/{self.repo}/{path}"]
         data = None
         if payload is not None:
@@ -87,12 +96,19 @@ class GitHub:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
         if self.dry_run:
             return self._dry_answer(method, path)
-        text = self.runner(argv, data)
+        try:
+            text = self.runner(argv, data)
+        except GitHubError as err:
+            if missing_ok and "404" in err.message:
+                return None
+            raise
         return json.loads(text) if text.strip() else None
 
     def _dry_answer(self, method: str, path: str) -> Any:
         if method == "GET":
-            return [] if path.split("?")[0].endswith(("pulls", "issues", "comments")) else {}
+            if path.split("?")[0].endswith(("pulls", "issues", "comments")):
+                return []
+            return None if path.startswith("labels/") else {}
         if method == "POST" and path.endswith(("pulls", "issues")):
             number, self._next_number = self._next_number, self._next_number + 1
             return {"number": number, "html_url": f"https://github.com/{self.repo}/{number}"}
@@ -102,8 +118,7 @@ class GitHub:
 
     def ensure_label(self, name: str, description: str) -> None:
         """Create label ``name`` unless it exists."""
-        found = self.api("GET", f"labels/{name}") if not self.dry_run else {}
-        if not found:
+        if not self.api("GET", f"labels/{name}", missing_ok=True):
             self.api(
                 "POST",
                 "labels",
@@ -158,6 +173,9 @@ class GitHub:
         self.api("PATCH", f"issues/{number}", payload)
 
     def issue_state(self, number: int) -> str:
-        """``open`` or ``closed`` (a dry run says ``open``)."""
-        found = self.api("GET", f"issues/{number}") or {}
-        return str(found.get("state") or "open")
+        """``open`` or ``closed`` (a deleted issue: ``closed``; a dry run says ``open``)."""
+        if self.dry_run:
+            self.api("GET", f"issues/{number}")
+            return "open"
+        found = self.api("GET", f"issues/{number}", missing_ok=True) or {}
+        return str(found.get("state") or "closed")

@@ -92,6 +92,9 @@ class Publisher:
             if email != state.BOT[1] or TRAILER not in message:
                 self._others_commits(target, record, head, fingerprint)
                 return
+            if f"{TRAILER} {fingerprint}" in message:  # already there (a state that was lost)
+                record["proposal"] = dict(last, fingerprint=fingerprint, head=head)
+                return
             parent = head
         folder = f"patches/{target.proposal['line_dir']}"
         changes: Dict[str, Optional[bytes]] = {
