@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -344,3 +345,28 @@ def test_history_lines_that_are_not_records_are_skipped_with_a_message(tmp_path,
     history.append(path, doc)
     assert [json.loads(line) for line in path.read_text().splitlines()][0] == [1, 2]
     assert len(history.load(path)) == 1
+
+
+def test_sweep_cache_reuses_unchanged_tags(combo, bundle, tmp_path, monkeypatch, caplog):
+    """The nightly's per-tag cache: a second sweep surveys nothing and reports the same;
+    a changed series is a new key (surveyed again)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
+    cache = tmp_path / "sweeps"
+    first = drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert len(list(cache.glob("*.json"))) == 3
+    with caplog.at_level("INFO"):
+        again = drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert caplog.text.count("(unchanged: cached)") == 3
+    assert again == first and again["tags"][1]["contract_changes"]  # recomputed from the cache
+    patch = next((bundle / "patches" / "core_v0.19").glob("*H9*.patch"))
+    manifest = bundle / "patches" / "core_v0.19" / "manifest.json"
+    patch.write_bytes(patch.read_bytes().replace(b"Why:", b"Why: (edited)", 1))
+    data = json.loads(manifest.read_text())
+    for item in data["patches"]:
+        if item["name"] == patch.name:
+            item["sha256"] = hashlib.sha256(patch.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert "(unchanged: cached)" not in caplog.text and len(list(cache.glob("*.json"))) == 6

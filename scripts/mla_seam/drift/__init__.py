@@ -99,12 +99,14 @@ def build(
     history_file: Optional[Path] = None,
     pre_after: Optional[str] = None,
     also: Sequence[str] = (),
+    sweep_cache: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Sweep ``tags`` on ``megatron`` and return the whole report (the verb without output).
 
     The history file is read (``since_previous``) but not appended to; see :func:`write_outputs`.
     ``pre_after`` keeps only pre-releases newer than that version (with ``include_pre``);
-    ``also`` adds further refs of the checkout (branches) after the range.
+    ``also`` adds further refs of the checkout (branches) after the range; ``sweep_cache`` is
+    a folder of per-tag entries (:mod:`mla_seam.drift.cache`) to reuse and fill.
 
     Raises:
         UsageError: A malformed or empty range.
@@ -117,7 +119,7 @@ def build(
     )
     with Workspace.create(tree.root if tree.repo is not None else None) as ws:
         refs, skipped = tags_in_range(ws, tags, include, include_pre, pre_after, also)
-        entries = sweep(ws, refs, lines, base_series)
+        entries = sweep(ws, refs, lines, base_series, sweep_cache)
     doc = report(
         tags,
         entries,

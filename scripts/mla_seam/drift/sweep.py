@@ -15,9 +15,11 @@ import logging
 import os
 import platform
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mla_seam import __version__, contracts, gitlayer, releases, upstream
+from mla_seam.drift import cache as entry_cache
 from mla_seam.errors import SeamError, UsageError
 from mla_seam.series import Series
 from mla_seam.survey import (
@@ -195,13 +197,7 @@ def tag_entry(
     s, listed = series_for(lines, version)
     sv = survey(ws, s, ref, range_diff=False)
     served = listed or _served_by_line(s, version, sv)
-    changes: List[Dict[str, object]] = []
-    if previous is not None:
-        prev_values = previous["contracts"]
-        changes = [
-            dict(c.to_json(), since=previous["tag"])
-            for c in contracts.diff(prev_values, sv.new_contracts)  # type: ignore[arg-type]
-        ]
+    changes = contract_changes(previous, sv.new_contracts)
     reasons = _reasons(sv, served, ws, listed)
     base = None
     if baseline is not None:
@@ -224,6 +220,18 @@ def tag_entry(
         "baseline": base,
         "gpu": None,
     }
+
+
+def contract_changes(
+    previous: Optional[Mapping[str, object]], values: Mapping[str, object]
+) -> List[Dict[str, object]]:
+    """The contract changes of a tag against the tag swept before it (``[]``: the first)."""
+    if previous is None:
+        return []
+    return [
+        dict(c.to_json(), since=previous["tag"])
+        for c in contracts.diff(previous["contracts"], values)  # type: ignore[arg-type]
+    ]
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -251,10 +259,26 @@ def sweep(
     refs: Sequence[str],
     lines: Sequence[Series],
     baseline: Optional[Series] = None,
+    cache: Optional[Path] = None,
 ) -> List[Dict[str, object]]:
-    """``tag_entry`` for every ref, in order, each compared with the one before."""
+    """``tag_entry`` for every ref, in order, each compared with the one before.
+
+    With ``cache`` (a folder, :mod:`mla_seam.drift.cache`), a ref whose entry is there is not
+    surveyed again, and new entries are stored.
+    """
+    resolved = {ref: ws.resolve(ref) for ref in refs}
+    keys: Dict[str, str] = {}
+    found: Dict[str, Dict[str, object]] = {}
+    if cache is not None:
+        tags = gitlayer.tags_at(ws.user) if ws.user is not None else {}
+        for ref in refs:
+            commit, source = resolved[ref]
+            keys[ref] = entry_cache.key(ref, commit, source, tags, lines, baseline)
+            hit = entry_cache.load(cache, keys[ref])
+            if hit is not None:
+                found[ref] = hit
     # A partial clone fetches the files every survey reads in one batch, not one per tag.
-    ws.ensure([ws.resolve(ref)[0] for ref in refs], survey_paths())
+    ws.ensure([resolved[ref][0] for ref in refs if ref not in found], survey_paths())
     entries: List[Dict[str, object]] = []
     bar = _progress(len(refs))
     task = bar.add_task("", total=len(refs)) if bar else None
@@ -263,11 +287,20 @@ def sweep(
             if bar:
                 bar.update(task, description=ref)
             else:
-                log.info("mla-seam drift: %s", ref)
+                log.info(
+                    "mla-seam drift: %s%s", ref, " (unchanged: cached)" if ref in found else ""
+                )
+            entry = found.get(ref)
+            if entry is None:
+                entry = tag_entry(ws, lines, ref, None, baseline)
+                if cache is not None:
+                    entry_cache.save(cache, keys[ref], entry)
             previous = entries[-1] if entries else None
-            entries.append(tag_entry(ws, lines, ref, previous, baseline))
+            entries.append(dict(entry, contract_changes=contract_changes(previous, entry["contracts"])))  # type: ignore[arg-type]
             if bar:
                 bar.advance(task)
+    if cache is not None:
+        entry_cache.prune(cache)
     return entries
 
 

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--since", default=FIRST_LINE, metavar="LINE", help=f"first line swept ({FIRST_LINE})")
     add("--no-discover", action="store_true", help="skip the package index (built-in list)")
     add("--no-plot", action="store_true", help="no PNG figures in the drift report")
+    add("--no-sweep-cache", action="store_true",
+        help="survey every tag again (default: reuse the entries of unchanged tags)")  # fmt: skip
     add("--results", metavar="DIR", help="attach stored GPU results to the drift report")
     add("--state", metavar="DIR", help="the state folder to start from (and keep it there)")
     add("--state-branch", action="store_true",

@@ -270,6 +270,7 @@ def run(job: Job, args: Any, state_dir: Path) -> None:
                 gpu_results=Path(args.results) if args.results else None,
                 history_file=history_file,
                 also=[b for b in branches if b != end],
+                sweep_cache=None if args.no_sweep_cache else paths.cache_dir() / "sweeps",
             )
         except SeamError as exc:
             raise JobBroke(f"drift sweep {tags} failed: {exc.message}") from None
