@@ -476,3 +476,36 @@ def test_github_layer_records_argv_and_reads_404_as_missing(tmp_path):
     ]
     assert json.loads(seen[-1][1]) == {"body": "b", "labels": ["mla-seam-drift"], "title": "t"}
     assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_posts_a_gpu_verdict_once_on_the_pull_request_and_the_issue(tmp_path):
+    out = tmp_path / "out"
+    target = targets.Target("main", "branch", "upstream-main", "e" * 40, "0.21.0", "0.21",
+                            "core_v0.19", action="propose")  # fmt: skip
+    (out / "gpu").mkdir(parents=True)
+    (out / "targets.json").write_text(json.dumps({"targets": [target.to_json()]}))
+    verdict = {
+        "verdict": "overlay_broke", "counts": {"overlay broke": 1, "unchanged": 9},
+        "findings": ["overlay broke: bench thd 256: 2.1x slower patched"], "fingerprint": "g1",
+        "commit": target.commit, "base": "0.19.2", "card": "h200", "dry_run": False,
+        "at": "2026-12-03T04:00:00+00:00",
+    }  # fmt: skip
+    (out / "gpu" / "verdicts.json").write_text(json.dumps({"main": verdict}))
+    data = state.empty()
+    data["targets"]["main"] = {"proposal": {"pr": 5}, "issue": {"number": 6, "open": True}}
+    folder = out / "state"
+    state.save(folder, data)
+    gh = github.GitHub("acme/mla-seam", dry_run=True)
+    args = nightly.build_parser().parse_args(["--out", str(out), "--phase", "report"])
+    job = nightly.Job(out, phase="report")
+    publish.run_report(job, args, folder, gh)
+    posted = [(c["argv"][4], c["payload"]["body"]) for c in gh.calls]
+    assert [p[0] for p in posted] == [
+        "repos/acme/mla-seam/issues/5/comments", "repos/acme/mla-seam/issues/6/comments"
+    ]  # fmt: skip
+    assert "**overlay_broke**" in posted[0][1] and "2.1x slower patched" in posted[0][1]
+    assert job.exit_code == nightly.EXIT_OVERLAY_BROKE  # the report job fails for it
+    assert state.load(folder)["targets"]["main"]["gpu"]["fingerprint"] == "g1"
+    assert len((folder / "gpu-history.jsonl").read_text().splitlines()) == 1
+    publish.run_report(nightly.Job(out, phase="report"), args, folder, gh)
+    assert len(gh.calls) == 2  # the same verdict again: nobody is notified twice

@@ -28,7 +28,6 @@ from mla_seam.survey import (
     Workspace,
     series_for,
     survey,
-    survey_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -278,7 +277,7 @@ def sweep(
             if hit is not None:
                 found[ref] = hit
     # A partial clone fetches the files every survey reads in one batch, not one per tag.
-    ws.ensure([resolved[ref][0] for ref in refs if ref not in found], survey_paths())
+    ws.ensure([resolved[ref][0] for ref in refs if ref not in found], ws.read_paths)
     entries: List[Dict[str, object]] = []
     bar = _progress(len(refs))
     task = bar.add_task("", total=len(refs)) if bar else None

@@ -111,6 +111,20 @@ def check_patched(tree: Path, bundle: Optional[Path]) -> str:
     return f"staging broke: apply --status exit {proc.returncode}: {' / '.join(text[-2:])}"
 
 
+#: Attributions worth a line in the comment (absorbed and unchanged findings are counted only).
+NOTABLE = ("overlay broke", "upstream changed", "unattributed")
+
+
+def notable(verdict: Dict[str, Any], limit: int = 20) -> list:
+    """``attribution: cause`` of the findings a reviewer has to read, at most ``limit``."""
+    rows = [
+        f"{f.get('attribution')}: {f.get('cause') or f.get('subject')}"
+        for f in verdict.get("findings") or []
+        if isinstance(f, dict) and f.get("attribution") in NOTABLE
+    ]
+    return rows[:limit]
+
+
 def run_suites(
     staged: Dict[str, Dict[str, Any]], results: Path, work: Path, devices: Sequence[int]
 ) -> Dict[str, Dict[str, Any]]:
@@ -136,7 +150,7 @@ def run_suites(
             records[job.name] = {
                 "verdict": verdict.get("verdict"),
                 "counts": verdict.get("counts") or {},
-                "findings": [str(f.get("summary", f)) for f in verdict.get("findings") or []][:20],
+                "findings": notable(verdict),
                 "card": found[-1].parent.name,
             }
         else:

@@ -93,6 +93,8 @@ class Workspace:
         self._old_heads: Dict[str, Tuple[str, str, List[str]]] = {}
         self._probes: Dict[str, Dict[str, object]] = {}
         self._ensured: Set[Tuple[str, str]] = set()
+        self._present: Optional[Set[str]] = None  # object ids the stores hold (partial clones)
+        self._read_paths: Optional[List[str]] = None
         self._trees_fetched = False
 
     @classmethod
@@ -172,6 +174,13 @@ class Workspace:
         self._fetch(gitlayer.blobs_in_range(self.repo, f"{start}..{end}", list(relpaths)))
         self._ensured.add(key)
 
+    @property
+    def read_paths(self) -> List[str]:
+        """:func:`survey_paths` of the bundle, read once."""
+        if self._read_paths is None:
+            self._read_paths = survey_paths()
+        return self._read_paths
+
     def _trees(self, commits: Sequence[str]) -> None:
         """A treeless clone gets the trees of ``commits``' history once (it becomes blobless)."""
         assert self.shape is not None and self.user is not None
@@ -188,7 +197,9 @@ class Workspace:
 
     def _fetch(self, oids: Iterable[str]) -> None:
         assert self.shape is not None and self.user is not None
-        lacking = gitlayer.missing(self.repo, oids)
+        if self._present is None:  # listed once: only our own fetches add upstream objects
+            self._present = partial.present_objects(self.repo)
+        lacking = sorted(set(oids) - self._present)
         if not lacking:
             return
         log.info(
@@ -206,6 +217,7 @@ class Workspace:
                 gitlayer.fetch_objects(self.repo, scratch_shape, lacking)
             except SeamError:
                 raise first from None
+        self._present.update(lacking)
 
     # -- refs --
 
