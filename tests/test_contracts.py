@@ -138,3 +138,22 @@ def test_every_series_trailer_names_a_known_probe():
     for patch in root.glob("*/*.patch"):
         text = patch.read_text()
         assert contracts.unknown_probes(text) == [], patch
+
+
+def test_probe_files_are_every_file_a_probe_reads(megatron_checkout):
+    """A survey of a partial clone fetches PROBE_FILES before probing: nothing else is read."""
+
+    class Recording(contracts.DirSource):
+        def __init__(self, root):
+            super().__init__(root)
+            self.seen = set()
+
+        def read(self, relpath):
+            self.seen.add(relpath)
+            return super().read(relpath)
+
+    for release in ("0.13.1", "0.19.2"):
+        source = Recording(megatron_checkout(release))
+        contracts.probe_tree(source)
+        assert source.seen <= set(contracts.PROBE_FILES), source.seen - set(contracts.PROBE_FILES)
+    assert {p.file for p in contracts.PROBES} <= set(contracts.PROBE_FILES)

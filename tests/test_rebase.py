@@ -522,6 +522,17 @@ def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synt
         needle="sha256",
     )
     damaged.write_bytes(patches[f"core_v0.16/{damaged.name}"])
+    _refused(
+        env,
+        "--megatron",
+        str(combo),
+        "--onto",
+        "core_v0.17.1",
+        "--from",
+        "0.99",
+        code=2,
+        needle="--from 0.99: no such release line",  # its own option, not --series
+    )
     assert files_of(bundle / "patches") == patches and repo_state(combo) == state
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 import git
-from mla_seam import contracts, gitlayer, paths, releases
+from mla_seam import contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import (
     DirtyTreeError,
     InterruptedRunError,
@@ -43,6 +43,7 @@ from mla_seam.errors import (
     RebaseError,
     UsageError,
 )
+from mla_seam.export import _releases_of_line as releases_of_line  # one home of that list
 from mla_seam.export import export_line, install_line
 from mla_seam.overlay_refresh import refresh_overlay
 from mla_seam.series import Series, json_bytes, series_by_name
@@ -52,7 +53,6 @@ from mla_seam.survey import (
     load_lines,
     series_for,
     survey,
-    version_at,
 )
 from mla_seam.survey.engine import series_range_diff
 from mla_seam.tree import MegatronTree, crash_point
@@ -71,7 +71,7 @@ def _emit(text: str) -> None:
 
 def _pick_series(root: Path, version: str, forced: Optional[str]) -> Series:
     if forced:
-        return series_by_name(forced, root)
+        return series_by_name(forced, root, option="--from")
     return series_for(load_lines(root, strict=False), version)[0]
 
 
@@ -192,6 +192,10 @@ def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: 
     with tempfile.TemporaryDirectory(prefix="mla-seam-export-") as tmp:
         staged = Path(tmp) / target.name
         only = args.releases.split(",") if args.releases else None
+        # The export reads the hooked files at every release of the line: a partial clone
+        # fetches them in one batch first.
+        others = [v for v in releases_of_line(ws, version, only) if v != version]
+        ws.ensure([ws.resolve(upstream.tag_for(v))[0] for v in others], s.series.touched)
         try:
             export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
         except PatchFailedError as err:
@@ -249,7 +253,7 @@ def _run_rebase(args: argparse.Namespace) -> int:
     keep = Path(args.keep) if args.keep else None
     with Workspace.create(tree.root, keep) as ws:
         onto_commit, _ = ws.resolve(args.onto)
-        version = version_at(ws.repo, onto_commit)
+        version = ws.version_at(onto_commit)
         series = _pick_series(root, version, args.from_line)
         s = survey(ws, series, args.onto)
         head = s.new_head

@@ -584,8 +584,13 @@ def find_series(version: str, root: Optional[os.PathLike] = None) -> Series:
     )
 
 
-def series_by_name(name: str, root: Optional[os.PathLike] = None) -> Series:
+def series_by_name(
+    name: str, root: Optional[os.PathLike] = None, option: str = "--series"
+) -> Series:
     """The line forced with ``--series``: a folder name (``core_v0.16``) or its ``line`` (``0.16``).
+
+    ``option`` is the command-line option that named it, for the error (``--from``,
+    ``--baseline``).
 
     Raises:
         UsageError: no such line.
@@ -595,8 +600,8 @@ def series_by_name(name: str, root: Optional[os.PathLike] = None) -> Series:
         if line_dir.name in (name, f"core_v{name}"):
             return load_series(line_dir)
     raise UsageError(
-        f"--series {name}: no such release line; available: {supported_lines(root)}",
-        "pass one of the folder names under patches/ (e.g. --series core_v0.19)",
+        f"{option} {name}: no such release line; available: {supported_lines(root)}",
+        f"pass one of the folder names under patches/ (e.g. {option} core_v0.19)",
     )
 
 

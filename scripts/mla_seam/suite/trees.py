@@ -142,9 +142,14 @@ def choose_base(
     return DEFAULT_BASE
 
 
-def _seam(*args: str, timeout: int = 900) -> str:
-    """``python -m mla_seam ARGS``; its stdout (the last line is a path for ``upstream get``)."""
+def _seam(*args: str, timeout: int = 900, bundle: Optional[Path] = None) -> str:
+    """``python -m mla_seam ARGS``; its stdout (the last line is a path for ``upstream get``).
+
+    ``bundle``: the series and adapter to use (``MLA_SEAM_ROOT``), e.g. a proposal's.
+    """
     env = dict(os.environ)
+    if bundle is not None:
+        env["MLA_SEAM_ROOT"] = str(bundle)
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
@@ -196,4 +201,50 @@ def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
         trees[role] = dest
     if base and "base" not in plan:
         trees["base"] = trees["patched"]
+    return trees
+
+
+def stage_target(
+    name: str,
+    commit: str,
+    work: Path,
+    url: Optional[str],
+    bundle: Optional[Path],
+    base: Optional[str],
+    version: Optional[str] = None,
+) -> Dict[str, Path]:
+    """The three trees of a moving target (a new tag, upstream ``main``, a branch).
+
+    The target's commit is fetched from ``url`` (one commit each for the vanilla and the
+    patched tree; without a URL, the release ``version`` from the cache), the patched tree gets
+    ``bundle``'s series (a proposal's; ``None``: the installed one), and the base release is
+    staged as :func:`stage` does, with the installed series.
+
+    Returns:
+        ``{role: path}``.
+
+    Raises:
+        UpstreamError: A tree could not be fetched or patched.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+    trees: Dict[str, Path] = {}
+    for role in ("vanilla", "patched"):
+        dest = work / f"{role}-{slug}"
+        if not (dest / "megatron" / "core").is_dir():
+            log.info("mla-seam suite: staging %s (%s %s) in %s", role, name, commit[:12], dest)
+            if url:
+                _seam("upstream", "get", commit, "--url", url, "--into", str(dest))
+            elif version:
+                _seam("upstream", "get", "--into", str(dest), version)
+            else:
+                raise UsageError(
+                    f"{name}: no upstream URL and no release version to stage it from",
+                    "run the nightly's CPU phase on a clone (--megatron CLONE --remote origin)",
+                )
+        if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
+            _seam("apply", str(dest), bundle=bundle)
+        trees[role] = dest
+    if base:
+        trees["base"] = stage(base, None, work)["patched"]
     return trees
