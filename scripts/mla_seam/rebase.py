@@ -43,14 +43,14 @@ from mla_seam.errors import (
     RebaseError,
     UsageError,
 )
-from mla_seam.export import export_line, install_line
+from mla_seam.export import export_line, export_target, install_line
 from mla_seam.overlay_refresh import refresh_overlay
 from mla_seam.series import Series, json_bytes, series_by_name
 from mla_seam.survey import (
     Survey,
     Workspace,
     load_lines,
-    series_for,
+    series_for_ref,
     survey,
     version_at,
 )
@@ -69,10 +69,10 @@ def _emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def _pick_series(root: Path, version: str, forced: Optional[str]) -> Series:
+def _pick_series(root: Path, onto: str, version: str, forced: Optional[str]) -> Series:
     if forced:
         return series_by_name(forced, root)
-    return series_for(load_lines(root, strict=False), version)[0]
+    return series_for_ref(load_lines(root, strict=False), onto, version)[0]
 
 
 def _user_repo(megatron: Path) -> Tuple[MegatronTree, git.Repo]:
@@ -183,7 +183,13 @@ def _resolved_head(ws: Workspace, tree_repo: git.Repo, ref: str, s: Survey) -> s
 
 def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: Path) -> None:
     version = s.onto_version
-    target = root / releases.line_dir_name(releases.line_of(version))
+    moving = releases.moving_target(s.onto)
+    target = root / (moving or releases.line_dir_name(releases.line_of(version)))
+    if moving and args.releases:
+        raise UsageError(
+            f"--releases {args.releases}: the {moving} series serves the commit it is made from",
+            f"leave --releases out for --onto {s.onto}",
+        )
     if head == s.onto_commit:
         raise RebaseError(
             f"no patch is left for {target.name}: every hook is upstream or obsolete on {s.onto}",
@@ -193,7 +199,10 @@ def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: 
         staged = Path(tmp) / target.name
         only = args.releases.split(",") if args.releases else None
         try:
-            export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
+            if moving:
+                export_target(ws, s.onto_commit, head, s.onto, moving, staged)
+            else:
+                export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
         except PatchFailedError as err:
             raise RebaseError(
                 f"the new {target.name} series does not serve every release of the line: "
@@ -250,7 +259,7 @@ def _run_rebase(args: argparse.Namespace) -> int:
     with Workspace.create(tree.root, keep) as ws:
         onto_commit, _ = ws.resolve(args.onto)
         version = version_at(ws.repo, onto_commit)
-        series = _pick_series(root, version, args.from_line)
+        series = _pick_series(root, args.onto, version, args.from_line)
         s = survey(ws, series, args.onto)
         head = s.new_head
         resolved: List[Dict[str, str]] = []
@@ -315,13 +324,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--megatron", metavar="DIR", help="git checkout of Megatron-LM (clean)")
-    parser.add_argument("--onto", metavar="TAG", help="tag (or ref) of the new upstream base")
+    parser.add_argument(
+        "--onto",
+        metavar="TAG",
+        help="tag (or ref) of the new upstream base; a moving target's branch (main, dev, "
+        "origin/dev) writes patches/<branch>/",
+    )
     parser.add_argument(
         "--from",
         dest="from_line",
         metavar="LINE",
-        help="release line to start from (core_v0.16 or 0.16); default: the line serving TAG, "
-        "else the newest older line",
+        help="release line to start from (core_v0.16 or 0.16, or main / dev); default: the "
+        "series of TAG when TAG names a moving target (main, dev) that has one, else the line "
+        "serving TAG, else the newest older line",
     )
     parser.add_argument(
         "--write", action="store_true", help="export the new series into patches/<line>/"

@@ -24,7 +24,7 @@ from mla_seam.survey import (
     PatchClass,
     Survey,
     Workspace,
-    series_for,
+    series_for_ref,
     survey,
     version_at,
 )
@@ -169,7 +169,7 @@ def tag_entry(
     """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
     commit, source = ws.resolve(ref)
     version = version_at(ws.repo, commit)
-    s, listed = series_for(lines, version)
+    s, listed = series_for_ref(lines, ref, version)
     sv = survey(ws, s, ref, range_diff=False)
     served = listed or _served_by_line(s, version, sv)
     changes: List[Dict[str, object]] = []
@@ -187,7 +187,7 @@ def tag_entry(
     return {
         "tag": ref,
         "version": version,
-        "line": releases.line_of(version),
+        "line": s.line if s.name in releases.MOVING_TARGETS else releases.line_of(version),
         "commit": commit,
         "source": source,
         "series": s.name,

@@ -23,6 +23,7 @@ from mla_seam.survey.engine import (
     Workspace,
     load_lines,
     series_for,
+    series_for_ref,
     survey,
     version_at,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "hook_of",
     "load_lines",
     "series_for",
+    "series_for_ref",
     "split_hunks",
     "survey",
     "version_at",

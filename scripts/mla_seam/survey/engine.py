@@ -157,6 +157,15 @@ class Workspace:
         base = gitlayer.resolve_commit(self.repo, f"refs/tags/{tag}") if tag else None
         if base is None:
             base = gitlayer.resolve_commit(self.repo, str(series.upstream.get("commit") or ""))
+        if base is None and releases.moving_target(tag):
+            # A branch moves on: its name is no longer the commit the series was made from.
+            commit = str(series.upstream.get("commit") or "")
+            raise RebaseError(
+                f"the {series.name} series was made from {tag} at {commit[:12]}, which this "
+                "checkout lacks",
+                f"fetch that commit into the checkout (git fetch origin {commit}), or pass "
+                "--from with a release line",
+            )
         if base is None:
             base, _ = self.resolve(tag or series.line)
         gitlayer.checkout_detached(self.repo, base)
@@ -468,3 +477,13 @@ def series_for(lines: Sequence[Series], version: str) -> Tuple[Series, bool]:
         s for s in lines if releases.version_key(max(s.releases, key=releases.version_key)) <= key
     ]
     return (older[-1] if older else lines[0]), False
+
+
+def series_for_ref(lines: Sequence[Series], ref: str, version: str) -> Tuple[Series, bool]:
+    """:func:`series_for`, except that a ref naming a moving target (``main``, ``origin/dev``)
+    that has a series gets that series and ``True`` (its version string is no guide)."""
+    target = releases.moving_target(ref)
+    for s in lines:
+        if target is not None and s.name == target:
+            return s, True
+    return series_for([s for s in lines if s.name not in releases.MOVING_TARGETS], version)
