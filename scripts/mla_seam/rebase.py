@@ -118,6 +118,9 @@ def _report(s: Survey) -> None:
 
 def _keep_notes(ws: Workspace, s: Survey) -> None:
     gitlayer.checkout_branch(ws.repo, REBASE_BRANCH, s.new_head)
+    target = releases.moving_target(s.onto)
+    if target:  # a branch of the checkout: a clone of the kept repository must find it too
+        gitlayer.set_branch(ws.repo, target, s.onto_commit)
     notes = gitlayer.git_dir(ws.repo) / KEEP_NOTES
     notes.mkdir(exist_ok=True)
     for p in s.conflicts:
@@ -133,8 +136,9 @@ def _keep_notes(ws: Workspace, s: Survey) -> None:
             f"  write {p.hook} by hand there, then: git commit -a -F "
             f".git/{KEEP_NOTES}/{p.name}.msg  (original patch: .git/{KEEP_NOTES}/{p.name})"
         )
+    onto = target or s.onto
     _emit(
-        f"  then: mla-seam rebase --megatron {ws.root} --onto {s.onto} --from {s.series.line} "
+        f"  then: mla-seam rebase --megatron {ws.root} --onto {onto} --from {s.series.line} "
         f"--resolved {REBASE_BRANCH} --write"
     )
 
