@@ -284,9 +284,13 @@ def test_rebase_refuses_a_checkout_without_the_targets_commit(env, fresh_checkou
     assert "the dev series was made from dev at" in done.stderr and "git fetch" in done.stderr
 
 
-def test_drift_and_rebase_pick_a_targets_series_by_ref(upstream, env):
+def test_drift_and_rebase_pick_a_targets_series_by_ref(upstream, env, fresh_checkout, tmp_path):
     lines = [load_series(p) for p in sorted((Path(upstream["bundle"]) / "patches").iterdir())]
     assert series_for_ref(lines, "origin/dev", "0.19.0")[0].name == "dev"
+    has = gitlayer.open_repo(upstream["up"])
+    assert series_for_ref(lines, "dev", "0.19.0", has)[0].name == "dev"
+    lacks = gitlayer.open_repo(fresh_checkout("0.19.2", tmp_path / "plain"))
+    assert series_for_ref(lines, "dev", "0.19.0", lacks) == (series_by_name("core_v0.19"), False)
     assert series_for_ref(lines, "main", "0.20.0")[0].name == "main"
     assert series_for_ref(lines, "core_v0.19.2", "0.19.2") == (series_by_name("core_v0.19"), True)
     assert series_for_ref(lines, "core_v0.19.0", "0.19.0")[0].name == "core_v0.19"

@@ -69,10 +69,12 @@ def _emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def _pick_series(root: Path, onto: str, version: str, forced: Optional[str]) -> Series:
+def _pick_series(
+    root: Path, onto: str, version: str, forced: Optional[str], repo: git.Repo
+) -> Series:
     if forced:
         return series_by_name(forced, root)
-    return series_for_ref(load_lines(root, strict=False), onto, version)[0]
+    return series_for_ref(load_lines(root, strict=False), onto, version, repo)[0]
 
 
 def _user_repo(megatron: Path) -> Tuple[MegatronTree, git.Repo]:
@@ -263,7 +265,7 @@ def _run_rebase(args: argparse.Namespace) -> int:
     with Workspace.create(tree.root, keep) as ws:
         onto_commit, _ = ws.resolve(args.onto)
         version = version_at(ws.repo, onto_commit)
-        series = _pick_series(root, args.onto, version, args.from_line)
+        series = _pick_series(root, args.onto, version, args.from_line, ws.repo)
         s = survey(ws, series, args.onto)
         head = s.new_head
         resolved: List[Dict[str, str]] = []

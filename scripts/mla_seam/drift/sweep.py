@@ -169,7 +169,7 @@ def tag_entry(
     """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
     commit, source = ws.resolve(ref)
     version = version_at(ws.repo, commit)
-    s, listed = series_for_ref(lines, ref, version)
+    s, listed = series_for_ref(lines, ref, version, ws.repo)
     sv = survey(ws, s, ref, range_diff=False)
     served = listed or _served_by_line(s, version, sv)
     changes: List[Dict[str, object]] = []
