@@ -239,9 +239,7 @@ def _try(series: Series, tree: MegatronTree) -> Tuple[List[str], int]:
     return [r.name[:4] for r in results if not r.ok], sum(len(r.offsets) for r in results)
 
 
-def by_trial(
-    tree: MegatronTree, root: Path, own: str, blobs: Dict[str, Optional[str]]
-) -> Trial:
+def by_trial(tree: MegatronTree, root: Path, own: str, blobs: Dict[str, Optional[str]]) -> Trial:
     """Choose by trying the series on the tree's files (step 4 of the module docstring).
 
     Candidates: the version's line ``own`` (when it has a folder) and the moving targets with a
