@@ -28,6 +28,7 @@ from mla_seam.errors import (
     UnsupportedVersionError,
     UsageError,
 )
+from mla_seam.releases import line_order
 
 log = logging.getLogger(__name__)
 
@@ -541,9 +542,11 @@ def load_series(line_dir: os.PathLike) -> Series:
 
 
 def _line_dirs(root: Path) -> List[Path]:
+    """Line folders in the order tools show them (releases, then main and dev)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return [root / name for name in line_order(names)]
 
 
 def _releases_of(line_dir: Path) -> Optional[List[str]]:
@@ -601,7 +604,8 @@ def series_by_name(
             return load_series(line_dir)
     raise UsageError(
         f"{option} {name}: no such release line; available: {supported_lines(root)}",
-        f"pass one of the folder names under patches/ (e.g. {option} core_v0.19)",
+        f"pass one of the folder names under patches/ (e.g. {option} core_v0.19, or {option} "
+        "main / dev for upstream's moving targets)",
     )
 
 

@@ -26,7 +26,7 @@ from mla_seam.survey import (
     PatchClass,
     Survey,
     Workspace,
-    series_for,
+    series_for_ref,
     survey,
 )
 
@@ -193,7 +193,7 @@ def tag_entry(
     """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
     commit, source = ws.resolve(ref)
     version = ws.version_at(commit)
-    s, listed = series_for(lines, version)
+    s, listed = series_for_ref(lines, ref, version, ws.repo)
     sv = survey(ws, s, ref, range_diff=False)
     served = listed or _served_by_line(s, version, sv)
     changes = contract_changes(previous, sv.new_contracts)
@@ -205,7 +205,7 @@ def tag_entry(
     return {
         "tag": ref,
         "version": version,
-        "line": releases.line_of(version),
+        "line": s.line if s.name in releases.MOVING_TARGETS else releases.line_of(version),
         "commit": commit,
         "source": source,
         "series": s.name,

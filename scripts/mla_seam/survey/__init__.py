@@ -19,7 +19,7 @@ The :class:`Survey` also holds the contract probes of both bases and, on request
 of the old series against the new one.
 """
 
-from mla_seam.survey.engine import load_lines, series_for, survey
+from mla_seam.survey.engine import load_lines, series_for, series_for_ref, survey
 from mla_seam.survey.model import (
     Commit,
     Hunk,
@@ -43,6 +43,7 @@ __all__ = [
     "hook_of",
     "load_lines",
     "series_for",
+    "series_for_ref",
     "split_hunks",
     "survey",
     "survey_paths",

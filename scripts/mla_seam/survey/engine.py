@@ -424,3 +424,28 @@ def series_for(lines: Sequence[Series], version: str) -> Tuple[Series, bool]:
         s for s in lines if releases.version_key(max(s.releases, key=releases.version_key)) <= key
     ]
     return (older[-1] if older else lines[0]), False
+
+
+def series_for_ref(
+    lines: Sequence[Series], ref: str, version: str, repo: Optional[git.Repo] = None
+) -> Tuple[Series, bool]:
+    """:func:`series_for`, except that a ref naming a moving target (``main``, ``origin/dev``)
+    that has a series gets that series and ``True`` (its version string is no guide), where
+    ``repo`` (when given) holds the commit the series was made from; else the release lines'
+    answer, with a warning."""
+    target = releases.moving_target(ref)
+    for s in lines:
+        if target is None or s.name != target:
+            continue
+        commit = str(s.upstream.get("commit") or "")
+        if repo is None or gitlayer.resolve_commit(repo, commit):
+            return s, True
+        log.warning(
+            "mla-seam: %s: the %s series was made from %s, which this checkout lacks; "
+            "surveying a release line instead (fetch that commit to survey the %s series)",
+            ref,
+            target,
+            commit[:12],
+            target,
+        )
+    return series_for([s for s in lines if s.name not in releases.MOVING_TARGETS], version)

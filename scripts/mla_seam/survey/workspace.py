@@ -292,6 +292,15 @@ class Workspace:
         base = gitlayer.resolve_commit(self.repo, f"refs/tags/{tag}") if tag else None
         if base is None:
             base = gitlayer.resolve_commit(self.repo, str(series.upstream.get("commit") or ""))
+        if base is None and releases.moving_target(tag):
+            # A branch moves on: its name is no longer the commit the series was made from.
+            commit = str(series.upstream.get("commit") or "")
+            raise RebaseError(
+                f"the {series.name} series was made from {tag} at {commit[:12]}, which this "
+                "checkout lacks",
+                f"fetch that commit into the checkout (git fetch origin {commit}), or pass "
+                "--from with a release line",
+            )
         if base is None:
             base, _ = self.resolve(tag or series.line)
         self.need(series.touched)

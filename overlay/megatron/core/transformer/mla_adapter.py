@@ -205,6 +205,25 @@ def yarn_mscale(scaling_factor: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(scaling_factor) + 1.0 if scaling_factor > 1 else 1.0
 
 
+#: Head widths a config gives as they are (checked at H4) and widths a config may still derive
+#: later in its ``__post_init__`` (dev's ``dsv4_hybrid``: from the first two; checked by
+#: :func:`layer_metadata`, once the config is complete).
+_GIVEN_WIDTHS = ("qk_pos_emb_head_dim", "v_head_dim")
+_DERIVABLE_WIDTHS = ("qk_head_dim", "kv_lora_rank")
+
+
+def _check_widths(config: MLATransformerConfig, fields: Tuple[str, ...]) -> None:
+    """Raise :class:`MLACompatibilityError` naming the first of ``fields`` that is no positive
+    integer (and its flag)."""
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value <= 0:
+            flag = field.replace("_", "-")
+            raise MLACompatibilityError(
+                f"MLA needs a positive integer {field}, got {value!r}; set --{flag}."
+            )
+
+
 def layer_metadata(config: MLATransformerConfig) -> MLAMetadata:
     """Answer question 1 for ``config``: head widths and softmax scale.
 
@@ -212,12 +231,22 @@ def layer_metadata(config: MLATransformerConfig) -> MLAMetadata:
     ``1/sqrt(k_channels)``, times ``yarn_mscale(factor, mscale_all_dim)^2`` for YaRN RoPE only
     (DeepSeek / HuggingFace).
 
+    Read when a layer is built (H1) or the backend decided (H3), once ``__post_init__`` has
+    finished: a config that derives head widths itself after H4 (dev's ``dsv4_hybrid`` variant
+    re-derives ``qk_head_dim`` and ``kv_lora_rank`` from ``v_head_dim`` and
+    ``qk_pos_emb_head_dim``) is read with the widths its layers get, and those widths are
+    checked here, not at H4.
+
     Args:
         config: An ``MLATransformerConfig``.
 
     Returns:
         The layer's :class:`MLAMetadata`.
+
+    Raises:
+        MLACompatibilityError: ``qk_head_dim`` or ``kv_lora_rank`` is not a positive integer.
     """
+    _check_widths(config, _DERIVABLE_WIDTHS)
     k_channels = config.qk_head_dim + config.qk_pos_emb_head_dim
     scale, source = 1.0 / math.sqrt(k_channels), f"1/sqrt({k_channels})"
     mscale_all_dim = getattr(config, "mscale_all_dim", 0.0) or 0.0
@@ -234,7 +263,11 @@ def check_config(config: MLATransformerConfig) -> None:
     """Hook H4: validate MLA fields in ``MLATransformerConfig.__post_init__``.
 
     ``kv_channels`` defaults to ``hidden_size // num_attention_heads``, no MLA head width; where
-    it still does, it becomes ``v_head_dim`` (attention output, local core attention, KV cache).
+    it still does, it becomes ``v_head_dim`` (attention output, local core attention, KV cache;
+    also the head width of dev's ``dsv4_hybrid`` layers, whose q/k heads are ``v_head_dim``
+    wide). The hook runs right after the base class's ``__post_init__``, before the rest of
+    MLA's: ``qk_head_dim`` and ``kv_lora_rank``, which that rest may still derive, are checked
+    when a layer reads them (:func:`layer_metadata`).
 
     Args:
         config: The config being initialized.
@@ -244,13 +277,7 @@ def check_config(config: MLATransformerConfig) -> None:
     """
     if not getattr(config, "multi_latent_attention", False):
         return
-    for field in ("qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "kv_lora_rank"):
-        value = getattr(config, field)
-        if not isinstance(value, int) or value <= 0:
-            flag = field.replace("_", "-")
-            raise MLACompatibilityError(
-                f"MLA needs a positive integer {field}, got {value!r}; set --{flag}."
-            )
+    _check_widths(config, _GIVEN_WIDTHS)
     if config.rope_type not in ("rope", "yarn"):
         raise MLACompatibilityError(
             f"MLA rope_type must be 'rope' or 'yarn', got {config.rope_type!r} (--rope-type)."
@@ -261,9 +288,10 @@ def check_config(config: MLATransformerConfig) -> None:
 
 
 # >>> until upstream: the query-input norm of the QK-norm resolver (H9) -----------------------
-# Obsolete-If: none in the patch yet. Drop-When: the resolver builds no query-input norm for
-#     q_lora_rank=None. Upstream: none filed; the resolver is NVIDIA/Megatron-LM PR #4452
-#     (core_v0.19.0), and upstream main still adds the norm (2026-08).
+# Obsolete-If: mla.qk_norm_resolver=false. Drop-When: the resolver builds no query-input norm
+#     for q_lora_rank=None. Upstream: none filed; the resolver is NVIDIA/Megatron-LM PR #4452
+#     (core_v0.19.0); upstream main still adds the norm, dev removed the resolver (2026-08:
+#     dev's series has no H9).
 
 
 def _query_norm_policy() -> str:
@@ -1285,7 +1313,9 @@ def resolve_attention_backend(
 
     Called from ``LanguageModule._set_attention_backend`` (spec inferred from the request) and
     when MLA builds its core attention (spec known). Under the fallback policy it rewrites
-    ``config.attention_backend``, so Megatron exports the flags of the backend that runs.
+    ``config.attention_backend``, so Megatron exports the flags of the backend that runs. A
+    config with an ``experimental_attention_variant`` is decided per layer only (H1): the
+    variant's layers build their own core attention.
 
     Args:
         config: The model config (non-MLA configs are left alone).
@@ -1297,6 +1327,11 @@ def resolve_attention_backend(
     if not getattr(config, "multi_latent_attention", False):
         return None
     requested = _backend_name(config.attention_backend)
+    if spec is None and getattr(config, "experimental_attention_variant", None) is not None:
+        # An attention variant builds its own core attention (0.19+ DSA's DSAttention, dev's
+        # dsv4_hybrid CompressedSparseAttention), which no backend flag reaches; a layer that
+        # still builds (TE)DotProductAttention is decided by H1 when it is built.
+        return None
     if spec is None:
         # Called before any layer exists: only "local" names its spec; otherwise assume the
         # TE spec where TE is importable and leave the rest to the core-attention hook (H1).
@@ -1745,6 +1780,12 @@ def pipeline_layer_offset(
     rank. The adapter answers (:func:`layer_offset`) only for MLA models whose uneven split with
     virtual stages upstream gets wrong: no middle stage (upstream divides by zero), or middle
     stages counted from rank 1 (``rank_minus_one``).
+
+    It answers through that function only, so a layer gets the offset once: layers whose caller
+    already counted it never ask (MTP layers, ``is_mtp_layer=True``, number themselves; hybrid
+    stacks pass ``add_layer_offset=False`` and their own ``pp_layer_offset``, 0.17+ and dev),
+    and callers that ask for a stage's offset (the block's sharded state dict, layer specs) get
+    the same answer as its layers.
 
     Args:
         config: The model config.
