@@ -29,7 +29,8 @@ import pytest
 import test_series
 from mla_seam import cli, gitlayer, releases
 from mla_seam.series import load_series, series_by_name
-from mla_seam.suite.trees import applied_line, inspect_tree, stage_archive
+from mla_seam.suite import lines
+from mla_seam.suite.trees import Source, applied_line, inspect_tree, stage
 from mla_seam.survey import series_for_ref
 from test_series import LM, MLA, REPO_ROOT, insert_lines, set_version, snapshot
 
@@ -298,14 +299,19 @@ def test_drift_and_rebase_pick_a_targets_series_by_ref(upstream, env, fresh_chec
 
 
 def test_the_suite_files_a_target_under_its_name(upstream, env, tmp_path):
-    """``stage_archive``: vanilla and patched trees from a ``git archive`` of megatron/; the
-    patched tree's results folder is the target's name (dev's package_info says 0.19.0)."""
+    """``stage`` of a :class:`Source` archive: vanilla and patched trees from a ``git archive``
+    of megatron/; the patched tree's results folder is the target's name (dev's package_info
+    says 0.19.0), and ``--target ARCHIVE:BASE`` plans the target's line under that name."""
     tree = _checkout(upstream, tmp_path / "dev", "dev")
     archive = tmp_path / "dev.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tree / "megatron", arcname="megatron")
-    trees = stage_archive(archive, tmp_path / "work")
+    trees = stage(Source.of_archive(archive), None, tmp_path / "work")
+    assert sorted(trees) == ["patched", "vanilla"]
+    assert trees["patched"] == tmp_path / "work" / "patched-dev"
     assert inspect_tree(trees["patched"], "--megatron").tag == "dev"
+    line = lines.target_line(f"{archive}:none=parity", tmp_path / "out", tmp_path / "work")
+    assert line.key == "dev" and line.trees == trees and line.units == {"parity"}
     vanilla = inspect_tree(trees["vanilla"], "--vanilla-megatron")
     assert vanilla.tag == "core_v0.19.0" and not vanilla.patched
     worktree = tmp_path / "wt"

@@ -1,4 +1,4 @@
-"""The multi-GPU phase (``mla_seam.suite_dist``) on the CPU: bad input, resume, and a real run.
+"""The multi-GPU phase (``mla_seam.suite.dist``) on the CPU: bad input, resume, and a real run.
 
 Layouts that do not fit the model, N beyond the visible GPUs and a torch without NCCL are each
 refused before any process group starts. The launcher's real path runs on two CPU processes
@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from mla_seam import cli, suite, suite_dist
+from mla_seam import cli, suite
 from mla_seam.errors import DeviceError, UsageError
+from mla_seam.suite import dist as suite_dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def test_torch_without_nccl_is_a_device_error():
 
 def _cli(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "mla_seam.suite_dist", *args],
+        [sys.executable, "-m", "mla_seam.suite", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -1,4 +1,4 @@
-"""The issue-8 performance tables, from GPU suite records (no third-party imports, pure functions).
+"""The issue-8 performance tables, from GPU suite records (pure functions).
 
 Records are the JSON lines the GPU tests append to ``$MLA_SEAM_RESULTS`` (``tests/gpu``), from
 any number of trees and runs; every record names its tree's ``version`` and ``side``
@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from mla_seam.suite.render import markdown_table
+from mla_seam.releases import version_key
+from mla_seam.suite.render import fmt_short, markdown_table
 
 SEQUENCE_COUNTS = (1, 4, 16, 64, 256)
 FLAT_GOAL = 1.15  # patched at 256 sequences / patched at 16
@@ -55,14 +56,6 @@ def read_records(paths: Iterable[Any]) -> List[Dict[str, Any]]:
             if line.strip():
                 records.append(json.loads(line))
     return records
-
-
-def _version_key(version: str) -> Tuple[int, ...]:
-    parts = []
-    for piece in str(version).split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def _of(records: Iterable[Record], case: str) -> List[Record]:
@@ -94,7 +87,8 @@ def sequence_table(records: Iterable[Record], reference: str = REFERENCE_VERSION
     rows = [
         {"fusion": fusion, "version": version, "side": side, "ms": dict(sorted(ms.items()))}
         for (fusion, version, side), ms in sorted(
-            cells.items(), key=lambda kv: (kv[0][0], _version_key(kv[0][1]), kv[0][2] != "patched")
+            cells.items(),
+            key=lambda kv: (kv[0][0], version_key(str(kv[0][1])), kv[0][2] != "patched"),
         )
     ]
     goals = []
@@ -157,7 +151,7 @@ def parity_table(records: Iterable[Record]) -> Dict[str, Any]:
         )
     rows.sort(
         key=lambda r: (
-            _version_key(r["version"]),
+            version_key(str(r["version"])),
             str(r["side"]),
             str(r["spec"]),
             str(r["dtype"]),
@@ -194,7 +188,7 @@ def kernel_table(records: Iterable[Record]) -> Dict[str, Any]:
     )
     rows = []
     for (version, layout, backend), pair in sorted(
-        sides.items(), key=lambda kv: (_version_key(kv[0][0]), kv[0][1], kv[0][2])
+        sides.items(), key=lambda kv: (version_key(str(kv[0][0])), kv[0][1], kv[0][2])
     ):
         patched, vanilla = pair.get("patched"), pair.get("vanilla")
         row: Dict[str, Any] = {"version": version, "layout": layout, "backend": backend}
@@ -235,7 +229,7 @@ def local_table(records: Iterable[Record]) -> Dict[str, Any]:
         cells.setdefault(key, {})[str(rec["impl"])] = float(rec["ms_median"])
     rows = []
     for (version, layout), ms in sorted(
-        cells.items(), key=lambda kv: (_version_key(kv[0][0]), kv[0][1])
+        cells.items(), key=lambda kv: (version_key(str(kv[0][0])), kv[0][1])
     ):
         vs_unfused = _ratio(ms.get("local"), ms.get("te_unfused"))
         rows.append(
@@ -271,18 +265,8 @@ def tables(records: Sequence[Record], reference: str = REFERENCE_VERSION) -> Dic
     }
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 and value else f"{value:.2f}"
-    return str(value)
-
-
 def _md(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
-    return markdown_table(headers, rows, _fmt)
+    return markdown_table(headers, rows, fmt_short)
 
 
 def render_markdown(doc: Mapping[str, Any], card: str = "") -> str:
@@ -362,7 +346,7 @@ def render_markdown(doc: Mapping[str, Any], card: str = "") -> str:
 
         def pv(row: Mapping[str, Any], field: str) -> str:
             p, v = row.get("patched") or {}, row.get("vanilla") or {}
-            return f"{_fmt(p.get(field))} / {_fmt(v.get(field))}"
+            return f"{fmt_short(p.get(field))} / {fmt_short(v.get(field))}"
 
         out += _md(
             [

@@ -119,6 +119,15 @@ def line_dir_name(line: str) -> str:
     return f"{TAG_PREFIX}{parsed}" if parsed else line
 
 
+def line_at_least(version: str, line: str) -> bool:
+    """Whether ``version``'s release line is ``line`` or a later one (``0.18.0rc0`` is on 0.18);
+    ``False`` for a string that is no version."""
+    try:
+        return Version(line_of(version)) >= Version(line)
+    except InvalidVersion:
+        return False
+
+
 def parse_line(name: str) -> Optional[str]:
     """``core_v0.19``, ``v0.19`` or ``0.19`` -> ``0.19``; anything else -> ``None``."""
     match = _LINE_RE.match(name.strip())
@@ -131,8 +140,8 @@ def tag_of(version: str) -> str:
 
 
 def version_of_tag(tag: str) -> str:
-    """``core_v0.16.1`` -> ``0.16.1`` (other strings pass through without the prefix)."""
-    return tag.strip().removeprefix(TAG_PREFIX)
+    """``core_v0.16.1`` or ``v0.16.1`` -> ``0.16.1`` (other strings pass through stripped)."""
+    return tag.strip().removeprefix(TAG_PREFIX).removeprefix("v")
 
 
 # --- moving targets ------------------------------------------------------------------------

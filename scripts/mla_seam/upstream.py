@@ -46,7 +46,14 @@ import git
 from mla_seam import gitlayer, index, output
 from mla_seam.errors import UpstreamError, UsageError
 from mla_seam.paths import cache_dir
-from mla_seam.releases import TAG_PREFIX, is_prerelease, line_of, version_key
+from mla_seam.releases import (  # noqa: F401  (TAG_PREFIX: callers read it here)
+    TAG_PREFIX,
+    is_prerelease,
+    line_of,
+    tag_of,
+    version_key,
+    version_of_tag,
+)
 from packaging.version import Version
 
 log = logging.getLogger(__name__)
@@ -136,7 +143,7 @@ def version_for(ref: str) -> str:
     Raises:
         UpstreamError: ``ref`` names no known release; the message lists the known lines.
     """
-    bare = ref.strip().removeprefix(TAG_PREFIX).removeprefix("v")
+    bare = version_of_tag(ref)
     match = _REF_RE.match(ref.strip())
     if match is None:
         if bare and bare in index.indexed():
@@ -156,7 +163,7 @@ def version_for(ref: str) -> str:
 
 def tag_for(version: str) -> str:
     """The upstream git tag of a release: ``"0.16.1"`` -> ``"core_v0.16.1"`` (any ref accepted)."""
-    return f"{TAG_PREFIX}{version_for(version)}"
+    return tag_of(version_for(version))
 
 
 def _unknown(ref: str) -> UpstreamError:
@@ -738,7 +745,7 @@ def release_rows(include_prereleases: bool = False) -> List[Dict[str, object]]:
         result.append(
             {
                 "version": version,
-                "tag": f"{TAG_PREFIX}{version}",
+                "tag": tag_of(version),
                 "line": line_of(version),
                 "prerelease": is_prerelease(version),
                 "cached": cached_source(version) is not None,

@@ -2,7 +2,7 @@
 
 Not collected by a plain ``pytest`` run (the name does not match ``test_*.py``). Run it once per
 tree, patched and vanilla of the same release, one process each, one at a time per GPU
-(``tests/gpu/run_issue8.sh`` does that for several releases):
+(the suite's ``thd-sweep``, ``kernels`` and ``local-vs-te`` phases do that):
 
     MLA_SEAM_MEGATRON_TREE=<tree> MLA_SEAM_SIDE=patched|vanilla MLA_SEAM_RESULTS=<file.jsonl> \\
         pytest tests/gpu/bench_issue8.py

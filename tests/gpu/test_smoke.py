@@ -1,7 +1,7 @@
 """GPU smoke of the overlay: the patched tree builds and runs MLA on a real GPU with real TE.
 
 Runs inside a patched Megatron tree (``MLA_SEAM_MEGATRON_TREE``, like ``tests/adapter``):
-``scripts/gpu_smoke.sh`` applies the series to each release and runs this file once per release.
+the suite's ``smoke`` phase (``mla-seam suite --only smoke``) runs it in each tree.
 Without a CUDA device every test skips with that reason; without Transformer Engine the TE
 cases skip and the local-spec cases still run.
 

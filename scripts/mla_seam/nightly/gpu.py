@@ -1,10 +1,11 @@
 """The GPU phase: the proposed series staged on each target and tested with attribution.
 
 For every target the CPU phase marked for the GPU (``targets.json``), the three trees are
-staged first, one target after the other (:func:`mla_seam.suite.trees.stage_target`: the
-target's commit fetched from the upstream URL, patched with the proposal's bundle, the
-vanilla tree beside it, the base release patched with the checked-in series), then one
-``mla-seam suite`` process per target runs on each free GPU (:mod:`mla_seam.suite.fleet`).
+staged first, one target after the other (:func:`mla_seam.suite.trees.stage`: the target's
+commit fetched from the upstream URL, patched with the proposal's bundle, the vanilla tree
+beside it, the base release patched with the checked-in series), then the suite's driver
+(:func:`mla_seam.suite.lines.run_lines`) runs one whole suite per target on each free GPU and
+names each target's results folder, whose ``verdict.json`` is read here.
 ``--gpu dry-run`` stages and checks the patched trees (``mla-seam apply --status``) without
 running the suite: the CPU-only proof that the GPU job would test what was proposed.
 
@@ -24,8 +25,6 @@ from typing import Any, Dict, Optional, Sequence
 
 from mla_seam.errors import SeamError
 from mla_seam.nightly.job import Job, JobBroke, Step
-
-SUITE_ESTIMATE_S = 900
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,15 +76,10 @@ def stage_all(
             base = trees.choose_base(
                 target["version"], base_from=drift_json if drift_json.is_file() else None
             )
-            got = trees.stage_target(
-                target["name"],
-                target["commit"],
-                work,
-                plan.get("upstream_url"),
-                bundle_of(out, target),
-                base,
-                version=target["version"],
+            source = trees.Source.of_commit(
+                target["name"], target["commit"], plan.get("upstream_url"), target["version"]
             )
+            got = trees.stage(source, base, work, bundle_of(out, target))
             staged[target["slug"]] = {"trees": {k: str(v) for k, v in got.items()}, "base": base}
         except SeamError as err:
             staged[target["slug"]] = {"error": f"staging failed: {err.message}"}
@@ -128,33 +122,27 @@ def notable(verdict: Dict[str, Any], limit: int = 20) -> list:
 def run_suites(
     staged: Dict[str, Dict[str, Any]], results: Path, work: Path, devices: Sequence[int]
 ) -> Dict[str, Dict[str, Any]]:
-    """One suite process per staged target over ``devices``; ``{slug: verdict record}``."""
-    from mla_seam.suite import fleet  # pylint: disable=import-outside-toplevel
+    """One whole suite per staged target over ``devices``; ``{slug: verdict record}``."""
+    from mla_seam.suite import lines  # pylint: disable=import-outside-toplevel
 
-    jobs = []
-    for slug, info in staged.items():
-        if "trees" not in info:
-            continue
-        trees = info["trees"]
-        argv = [sys.executable, "-m", "mla_seam", "suite", "--out", str(results / slug)]
-        for role, flag in (("patched", "--megatron"), ("vanilla", "--vanilla-megatron"),
-                           ("base", "--base-megatron")):  # fmt: skip
-            if role in trees:
-                argv += [flag, trees[role]]
-        jobs.append(fleet.Job(slug, argv, estimate=SUITE_ESTIMATE_S))
+    planned = [
+        lines.Line(slug, {k: Path(v) for k, v in info["trees"].items()}, results / slug, whole=True)
+        for slug, info in staged.items()
+        if "trees" in info
+    ]
     records: Dict[str, Dict[str, Any]] = {}
-    for job in fleet.run_jobs(jobs, devices, work / "logs"):
-        found = sorted((results / job.name).glob("*/*/verdict.json"))
-        if found:
-            verdict = json.loads(found[-1].read_text(encoding="utf-8"))
-            records[job.name] = {
+    for outcome in lines.run_lines(planned, devices, work / "logs", _probe()):
+        verdict = outcome.verdict
+        (job,) = outcome.jobs
+        if verdict is not None:
+            records[outcome.line.key] = {
                 "verdict": verdict.get("verdict"),
                 "counts": verdict.get("counts") or {},
                 "findings": notable(verdict),
-                "card": found[-1].parent.name,
+                "card": outcome.folder.name,
             }
         else:
-            records[job.name] = {
+            records[outcome.line.key] = {
                 "verdict": "none",
                 "error": f"no verdict (suite exit {job.rc}): {job.tail(2)}",
             }

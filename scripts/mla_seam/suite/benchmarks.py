@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
-from mla_seam.suite.trees import version_tuple
+from mla_seam.releases import line_at_least
 
 #: Goals of issue #4 (recorded against, never asserted).
 GOALS = {
@@ -19,7 +19,7 @@ GOALS = {
     "thd_patched_vs_vanilla": 0.6,  # patched / vanilla THD, release lines 0.18+
     "local_vs_te_unfused": 1.2,  # local spec / TE unfused
 }
-THD_GOAL_FROM = (0, 18)
+THD_GOAL_FROM = "0.18"  # the first release line the THD goal applies to
 
 
 def role_of(record: Mapping[str, Any]) -> str:
@@ -75,7 +75,7 @@ def summarize_bench(records: Iterable[Mapping[str, Any]], version: str) -> Dict[
         }
 
     common = sorted(set(patched) & set(vanilla))
-    thd_applies = version_tuple(version)[:2] >= THD_GOAL_FROM
+    thd_applies = line_at_least(version, THD_GOAL_FROM)
     overhead = [pair(k, "adapter_overhead") for k in common if k[2] == "bshd"]
     thd = [pair(k, "thd_patched_vs_vanilla", thd_applies) for k in common if k[2] != "bshd"]
     table = []

@@ -4,8 +4,9 @@ A three-tree suite of one release runs for 10-12 minutes on one GPU; a host with
 runs several releases side by side. :func:`run_jobs` starts each :class:`Job` on free devices
 (``CUDA_VISIBLE_DEVICES``), one job per ``key`` at a time (jobs that write the same results file
 share a key), and, with a deadline, only jobs whose estimate still fits (a lent machine's call
-limit); the rest are left for a later run. Used by the nightly job's GPU step and by
-``tests/gpu/run_lines.py`` (the device runs that committed ``results/``).
+limit); the rest are left for a later run. Used by the suite's driver of several lines
+(:mod:`mla_seam.suite.lines`: the device runs that committed ``results/``, the nightly's GPU
+phase).
 """
 
 from __future__ import annotations

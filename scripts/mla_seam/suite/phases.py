@@ -41,7 +41,7 @@ class Phase:
         roles: Tree roles it runs on, in order (``patched``, ``vanilla``, ``base``).
         timeout_s: Wall-clock limit of one process.
         nproc: Processes (GPUs) per run: 1 runs pytest directly; more is a torchrun phase
-            (``mla_seam.suite_dist``), whose results carry the world size and layout.
+            (``mla_seam.suite.dist``), whose results carry the world size and layout.
         optional: The file may be absent from this checkout (a phase another branch adds):
             skipped with that reason instead of failing.
         golden: Its test writes golden values (``MLA_SEAM_GOLDEN_OUT``, see ``goldens``).

@@ -7,8 +7,12 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
 
 from mla_seam.suite.trees import ROLES
 
+# --- number formatting: the one home of the tool's table cells ---------------------------------
 
-def _fmt(value: Any) -> str:
+
+def fmt_value(value: Any) -> str:
+    """A measured value for a table cell: 4 significant digits (``2.1e-05`` below 1e-3 and from
+    1e5); ``None`` is ``-``, booleans ``yes``/``NO``; text loses ``|`` and line breaks."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -22,8 +26,20 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "/").replace("\n", " ")
 
 
+def fmt_short(value: Any) -> str:
+    """A value for the performance tables: two decimals (3 significant digits below 0.01);
+    ``None`` is ``-``, booleans ``yes``/``NO``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 and value else f"{value:.2f}"
+    return str(value)
+
+
 def markdown_table(
-    headers: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = _fmt
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], fmt: Callable[[Any], str] = fmt_value
 ) -> List[str]:
     """A markdown table, each cell through ``fmt`` (default: this module's number format)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -189,14 +205,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                 if "identical" not in s:
                     continue
                 lines.append(
-                    f"  - vs {tag} `{metric}`: identical={_fmt(s['identical'])}, first different "
-                    f"step {_fmt(s['first_different_step'])}, max abs diff "
-                    f"{_fmt(s['max_abs_diff'])}, max rel diff {_fmt(s['max_rel_diff'])}"
+                    f"  - vs {tag} `{metric}`: identical={fmt_value(s['identical'])}, first different "
+                    f"step {fmt_value(s['first_different_step'])}, max abs diff "
+                    f"{fmt_value(s['max_abs_diff'])}, max rel diff {fmt_value(s['max_rel_diff'])}"
                 )
     bench = results.get("bench_summary") or {}
     if bench:
         lines += ["", "## Benchmarks (recorded, not asserted; median of N, CUDA events)", ""]
-        lines.append(f"- measured bf16 matmul rate: {_fmt(bench.get('matmul_tflops'))} TFLOP/s")
+        lines.append(
+            f"- measured bf16 matmul rate: {fmt_value(bench.get('matmul_tflops'))} TFLOP/s"
+        )
         for name, title in (
             ("adapter_overhead", "Adapter overhead, patched / vanilla (goal <= 1.005)"),
             ("thd_patched_vs_vanilla", "THD patched / vanilla (goal <= 0.6 on 0.18+)"),
@@ -316,10 +334,10 @@ def _perf_tables(bench: Mapping[str, Any]) -> List[str]:
                 [
                     r["layout"],
                     r["backend"],
-                    f"{_fmt(r['kernels_per_step'].get('vanilla'))} / "
-                    f"{_fmt(r['kernels_per_step'].get('patched'))}",
-                    f"{_fmt(r['syncs_per_step'].get('vanilla'))} / "
-                    f"{_fmt(r['syncs_per_step'].get('patched'))}",
+                    f"{fmt_value(r['kernels_per_step'].get('vanilla'))} / "
+                    f"{fmt_value(r['kernels_per_step'].get('patched'))}",
+                    f"{fmt_value(r['syncs_per_step'].get('vanilla'))} / "
+                    f"{fmt_value(r['syncs_per_step'].get('patched'))}",
                     r["adapter_host_us_per_layer"],
                     r["overhead_bound"],
                 ]

@@ -58,6 +58,11 @@ def default_out() -> Path:
         return Path.cwd() / "results"
 
 
+def results_folder(out: os.PathLike, tag: str, card: str) -> Path:
+    """Where a run of ``tag`` on ``card`` (a card slug) files its results: ``<out>/<tag>/<card>``."""
+    return Path(out) / tag / card
+
+
 def _trees(
     megatron: os.PathLike, vanilla: Optional[os.PathLike], base: Optional[os.PathLike]
 ) -> Dict[str, TreeInfo]:
@@ -142,7 +147,7 @@ def run_suite(
     device_mod.require_gpu(device)
 
     root_out = Path(out) if out else default_out()
-    out_dir = root_out / tree.tag / device.slug
+    out_dir = results_folder(root_out, tree.tag, device.slug)
     out_dir.mkdir(parents=True, exist_ok=True)
     tests = tests_dir or paths.gpu_tests_dir()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -207,7 +212,7 @@ def _run_unit(
     if unit.phase.golden:
         reference_dir = out_dir
         if unit.role == "base":
-            reference_dir = root_out / tree.tag / device.slug
+            reference_dir = results_folder(root_out, tree.tag, device.slug)
         env, settle = golden_phase(
             role=unit.role,
             out_dir=out_dir,
@@ -370,7 +375,9 @@ def reattribute(folder: os.PathLike, out: Optional[os.PathLike] = None) -> Dict[
     }
     target = path.parent
     if out is not None:
-        target = Path(out) / str(results.get("tag") or path.parent.parent.name) / path.parent.name
+        target = results_folder(
+            out, str(results.get("tag") or path.parent.parent.name), path.parent.name
+        )
         if target.resolve() == path.parent.resolve():
             target = path.parent
         else:

@@ -7,10 +7,11 @@ Roles (:data:`ROLES`):
 * ``base``: the patched tree of the base release, the last release the drift report marked good
   (``--base-megatron``): what "unchanged" means.
 
-:func:`stage` materializes all three from the mla-seam cache (``mla-seam upstream get``, PyPI
-sdists or a git URL) and applies the series (``mla-seam apply``), each as a subprocess of this
-interpreter: staging needs GitPython, running the phases does not. :func:`stage_archive` does the
-same for a moving target (``main``, ``dev``) from a ``git archive`` of its ``megatron/`` folder.
+:func:`stage` materializes all three (``mla-seam upstream get``) and applies the series
+(``mla-seam apply``), each as a subprocess of this interpreter: staging needs GitPython, running
+the phases does not. What the release's pair comes from is a :class:`Source`: a release from
+the mla-seam cache (PyPI sdists or a git URL), a moving target's commit (a new tag, ``main``, a
+branch) from the upstream URL, or a ``git archive`` of its ``megatron/`` folder.
 
 A tree's tag names its results folder: ``core_v<version>`` for a release, the moving target's
 name (``dev``) for a tree the series of one was applied to (the tree's mla-seam state says which;
@@ -23,12 +24,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Union
 
 from mla_seam import releases
 from mla_seam.errors import NotMegatronTreeError, TreeNotFoundError, UpstreamError, UsageError
@@ -116,10 +116,6 @@ def read_version(root: Path) -> str:
         raise NotMegatronTreeError(str(exc), "pass a megatron-core tree") from None
 
 
-def version_tuple(version: str) -> Tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
-
-
 def base_from_report(report: Optional[Dict[str, Any]], release: str) -> Optional[str]:
     """The last release a drift report marked good, other than ``release`` (``None``: none).
 
@@ -202,126 +198,141 @@ def _seam(*args: str, timeout: int = 900, bundle: Optional[Path] = None) -> str:
     return proc.stdout
 
 
-def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
-    """Materialize the trees of a three-tree run under ``work`` (reused when already there).
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the upstream content of a vanilla/patched pair of trees comes from.
 
-    Args:
-        release: Version, tag or line of the release under test (a line means its newest).
-        base: Version of the base release; ``None``: no base tree. The release itself: the
-            patched tree is also the base (measured once; see the suite's runner).
-        work: Folder for ``<role>-<version>`` checkouts.
+    One of: a release from the mla-seam cache (``release``: a PyPI sdist or the release's tag),
+    a commit fetched from ``url`` (a new tag, upstream ``main``, a branch; without a URL the
+    release ``release`` stands in for it), or a ``git archive`` of ``megatron/`` (``archive``).
 
-    Returns:
-        ``{role: path}``.
-
-    Raises:
-        UpstreamError: A release could not be materialized or patched.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    plan = {"patched": (release, True), "vanilla": (release, False)}
-    if base and releases.version_of_tag(base) != releases.version_of_tag(release):
-        plan["base"] = (base, True)
-    trees: Dict[str, Path] = {}
-    for role, (ref, patched) in plan.items():
-        dest = work / f"{'patched' if patched else 'vanilla'}-{releases.version_of_tag(ref)}"
-        if not (dest / "megatron" / "core").is_dir():
-            log.info("mla-seam suite: staging %s (%s) in %s", role, ref, dest)
-            _seam("upstream", "get", "--into", str(dest), ref)
-        if patched and not (dest / ADAPTER_RELPATH).is_file():
-            _seam("apply", str(dest))
-        trees[role] = dest
-    if base and "base" not in plan:
-        trees["base"] = trees["patched"]
-    return trees
-
-
-def stage_target(
-    name: str,
-    commit: str,
-    work: Path,
-    url: Optional[str],
-    bundle: Optional[Path],
-    base: Optional[str],
-    version: Optional[str] = None,
-) -> Dict[str, Path]:
-    """The three trees of a moving target (a new tag, upstream ``main``, a branch).
-
-    The target's commit is fetched from ``url`` (one commit each for the vanilla and the
-    patched tree; without a URL, the release ``version`` from the cache), the patched tree gets
-    ``bundle``'s series (a proposal's; ``None``: the installed one), and the base release is
-    staged as :func:`stage` does, with the installed series.
-
-    Returns:
-        ``{role: path}``.
-
-    Raises:
-        UpstreamError: A tree could not be fetched or patched.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
-    trees: Dict[str, Path] = {}
-    for role in ("vanilla", "patched"):
-        dest = work / f"{role}-{slug}"
-        if not (dest / "megatron" / "core").is_dir():
-            log.info("mla-seam suite: staging %s (%s %s) in %s", role, name, commit[:12], dest)
-            if url:
-                _seam("upstream", "get", commit, "--url", url, "--into", str(dest))
-            elif version:
-                _seam("upstream", "get", "--into", str(dest), version)
-            else:
-                raise UsageError(
-                    f"{name}: no upstream URL and no release version to stage it from",
-                    "run the nightly's CPU phase on a clone (--megatron CLONE --remote origin)",
-                )
-        if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
-            _seam("apply", str(dest), bundle=bundle)
-        trees[role] = dest
-    if base:
-        trees["base"] = stage(base, None, work)["patched"]
-    return trees
-
-
-def stage_archive(archive: os.PathLike, work: Path) -> Dict[str, Path]:
-    """The vanilla and patched trees of a moving target from a ``git archive`` of it.
-
-    Args:
+    Attributes:
+        name: What the trees' folders are called after: ``vanilla-<name>``, ``patched-<name>``.
+        release: A version, tag or line (a line means its newest release).
+        commit: A commit of ``url``.
+        url: Where ``commit`` is fetched from.
         archive: A tar (``.tar``, ``.tar.gz``) holding ``megatron/`` at its top, as
             ``git archive -o dev.tar.gz origin/dev megatron`` writes it.
-        work: Folder for ``vanilla-<name>`` and ``patched-<name>`` (``name``: the archive's file
-            name without its extensions); reused when already there.
+    """
+
+    name: str
+    release: Optional[str] = None
+    commit: Optional[str] = None
+    url: Optional[str] = None
+    archive: Optional[Path] = None
+
+    @classmethod
+    def of_release(cls, release: str) -> "Source":
+        """A release from the cache; its trees are ``vanilla-<version>``, ``patched-<version>``."""
+        return cls(releases.version_of_tag(release), release=release)
+
+    @classmethod
+    def of_commit(
+        cls, name: str, commit: str, url: Optional[str], version: Optional[str] = None
+    ) -> "Source":
+        """A moving target's commit from ``url`` (``version``: the release to use without one)."""
+        slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+        return cls(slug, release=version, commit=commit, url=url)
+
+    @classmethod
+    def of_archive(cls, archive: os.PathLike) -> "Source":
+        """A ``git archive`` of ``megatron/``, named after its file (``dev.tar.gz``: ``dev``)."""
+        path = Path(archive)
+        return cls(path.name.split(".")[0], archive=path)
+
+    def fetch(self, dest: Path) -> None:
+        """Materialize the vanilla content into ``dest``.
+
+        Raises:
+            UsageError: An unreadable archive, one without ``megatron/core``, or a commit with
+                neither a URL nor a release to stand in for it.
+            UpstreamError: ``mla-seam upstream get`` failed.
+        """
+        if self.archive is not None:
+            _unpack(self.archive, dest)
+        elif self.commit and self.url:
+            _seam("upstream", "get", self.commit, "--url", self.url, "--into", str(dest))
+        elif self.release:
+            _seam("upstream", "get", "--into", str(dest), self.release)
+        else:
+            raise UsageError(
+                f"{self.name}: no upstream URL and no release version to stage it from",
+                "run the nightly's CPU phase on a clone (--megatron CLONE --remote origin)",
+            )
+
+
+def stage(
+    what: Union[str, Source],
+    base: Optional[str],
+    work: Path,
+    bundle: Optional[Path] = None,
+) -> Dict[str, Path]:
+    """Materialize the trees of a three-tree run under ``work`` (each reused when already there).
+
+    The one staging function: a release (the cache), a moving target's commit (its URL) or a
+    ``git archive`` (:class:`Source`) gives the vanilla and the patched tree, the patched one
+    with ``bundle``'s series (``None``: the installed one; for an archive or a moving target, the
+    series the content selects); the base release's patched tree has the installed series.
+
+    Args:
+        what: The release under test (version, tag or line), or a :class:`Source`.
+        base: Version of the base release; ``None``: no base tree. The release itself: the
+            patched tree is also the base (measured once; see the suite's runner).
+        work: Folder for ``<role>-<name>`` trees.
+        bundle: The series and adapter for the patched tree (``MLA_SEAM_ROOT``), e.g. a
+            proposal's.
 
     Returns:
-        ``{"patched": path, "vanilla": path}``; the patched tree has the series the content
-        selects (``mla-seam apply``), which names its results folder (:func:`inspect_tree`).
+        ``{role: path}``.
+
+    Raises:
+        UsageError: A source that cannot be staged (see :meth:`Source.fetch`).
+        UpstreamError: A tree could not be fetched or patched.
+    """
+    source = what if isinstance(what, Source) else Source.of_release(what)
+    work.mkdir(parents=True, exist_ok=True)
+    trees = {role: _stage_tree(source, role, work, bundle) for role in ("vanilla", "patched")}
+    if base and source.release and source.commit is None and _same(base, source.release):
+        trees["base"] = trees["patched"]
+    elif base:
+        trees["base"] = _stage_tree(Source.of_release(base), "patched", work, None)
+    return trees
+
+
+def _same(one: str, other: str) -> bool:
+    return releases.version_of_tag(one) == releases.version_of_tag(other)
+
+
+def _stage_tree(source: Source, role: str, work: Path, bundle: Optional[Path]) -> Path:
+    """``work/<role>-<name>``: fetched unless it holds ``megatron/core``, patched for ``patched``."""
+    dest = work / f"{role}-{source.name}"
+    if not (dest / "megatron" / "core").is_dir():
+        log.info("mla-seam suite: staging %s (%s) in %s", role, source.name, dest)
+        source.fetch(dest)
+    if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
+        _seam("apply", str(dest), bundle=bundle)
+    return dest
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Unpack a ``git archive`` of ``megatron/`` into ``dest``.
 
     Raises:
         UsageError: The archive is unreadable or holds no ``megatron/core``.
-        UpstreamError: The series does not apply.
     """
-    archive = Path(archive)
-    name = archive.name.split(".")[0]
-    work.mkdir(parents=True, exist_ok=True)
-    trees = {}
-    for role in ("vanilla", "patched"):
-        dest = work / f"{role}-{name}"
-        if not (dest / "megatron" / "core").is_dir():
-            log.info("mla-seam suite: unpacking %s into %s", archive, dest)
-            try:
-                # The "data" filter (no links out, no absolute paths) where Python has it.
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                with tarfile.open(archive) as tar:
-                    tar.extractall(dest, **safe)
-            except (OSError, tarfile.TarError) as exc:
-                raise UsageError(
-                    f"{archive}: not a readable tar archive ({exc})",
-                    "make it with: git archive -o NAME.tar.gz REF megatron",
-                ) from None
-            if not (dest / "megatron" / "core").is_dir():
-                raise UsageError(
-                    f"{archive} holds no megatron/core at its top",
-                    "make it with: git archive -o NAME.tar.gz REF megatron",
-                )
-        if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
-            _seam("apply", str(dest))
-        trees[role] = dest
-    return trees
+    log.info("mla-seam suite: unpacking %s into %s", archive, dest)
+    try:
+        # The "data" filter (no links out, no absolute paths) where Python has it.
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, **safe)
+    except (OSError, tarfile.TarError) as exc:
+        raise UsageError(
+            f"{archive}: not a readable tar archive ({exc})",
+            "make it with: git archive -o NAME.tar.gz REF megatron",
+        ) from None
+    if not (dest / "megatron" / "core").is_dir():
+        raise UsageError(
+            f"{archive} holds no megatron/core at its top",
+            "make it with: git archive -o NAME.tar.gz REF megatron",
+        )

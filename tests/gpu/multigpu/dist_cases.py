@@ -3,7 +3,7 @@
 Every case builds its reference first (TP=PP=CP=1; the rest of the world is data parallel,
 every rank computes it, rank 0's weights are broadcast), then the parallel layout with the same
 weights (split by Megatron's own parameter attributes, :mod:`dist_env`), runs the same inputs
-and compares. A case is a dict from the launcher's plan (``mla_seam.suite_dist``: layout,
+and compares. A case is a dict from the launcher's plan (``mla_seam.suite.dist``: layout,
 model, spec, dtype, tolerance); :func:`run_case` returns the record rank 0 writes.
 
 Kinds:

@@ -3,7 +3,7 @@
     MLA_SEAM_MEGATRON_TREE=DIR torchrun --nproc-per-node N tests/gpu/multigpu/dist_worker.py \\
         --plan PLAN.json --records OUT.jsonl [--cases NAME,NAME] [--backend nccl|gloo]
 
-``mla-seam suite --nproc N`` (:mod:`mla_seam.suite_dist`) writes the plan (cases, layouts,
+``mla-seam suite --nproc N`` (:mod:`mla_seam.suite.dist`) writes the plan (cases, layouts,
 model sizes, tolerances: it validates them before any process starts) and runs this once per
 tree; the cases run one after another in this process group, each re-initializing Megatron's
 parallel state. Rank 0 appends one ``{"event": "start"}`` line before each case and one

@@ -3,7 +3,7 @@
     MLA_SEAM_MEGATRON_TREE=PATCHED [MLA_SEAM_BASELINE_TREE=VANILLA] pytest -m multigpu \\
         tests/gpu/multigpu
 
-Runs :func:`mla_seam.suite_dist.run_multigpu` once (torchrun + NCCL, every case in the patched
+Runs :func:`mla_seam.suite.dist.run_multigpu` once (torchrun + NCCL, every case in the patched
 tree and, when given, the vanilla tree) and asserts each case of the patched tree; results go
 to ``MLA_SEAM_MULTIGPU_OUT`` (default: a temporary folder). ``mla-seam suite --nproc N`` is
 the same run with the results kept under ``results/``.
@@ -22,7 +22,7 @@ NPROC = int(os.environ.get("MLA_SEAM_NPROC") or (GPUS - GPUS % 2 if GPUS >= 2 el
 
 
 def _cases():
-    from mla_seam import suite_dist  # pylint: disable=C0415
+    from mla_seam.suite import dist as suite_dist  # pylint: disable=C0415
 
     try:
         return [c.name for c in suite_dist.default_cases(NPROC)]
@@ -37,7 +37,7 @@ def multigpu_run(tmp_path_factory):
         pytest.skip("needs MLA_SEAM_MEGATRON_TREE (a patched Megatron checkout)")
     if GPUS < NPROC:
         pytest.skip(f"needs {NPROC} CUDA devices with NCCL; this machine has {GPUS}")
-    from mla_seam import suite_dist  # pylint: disable=C0415
+    from mla_seam.suite import dist as suite_dist  # pylint: disable=C0415
 
     out = os.environ.get("MLA_SEAM_MULTIGPU_OUT") or str(tmp_path_factory.mktemp("multigpu"))
     return suite_dist.run_multigpu(

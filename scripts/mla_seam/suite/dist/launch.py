@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mla_seam.suite_dist.cases import STARTUP_S, WORKER, Case
+from mla_seam.suite.dist.cases import STARTUP_S, WORKER, Case
 
 log = logging.getLogger(__name__)
 

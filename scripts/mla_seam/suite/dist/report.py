@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mla_seam import __version__
-from mla_seam import suite as _suite
-from mla_seam.suite import render as _render
-from mla_seam.suite_dist.cases import KIND, SIDES, Case
+from mla_seam.suite import goldens
+from mla_seam.suite.dist.cases import KIND, SIDES, Case
+from mla_seam.suite.render import fmt_value
+from mla_seam.suite.runner import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def golden_name(slug: str, te: Optional[str], layout: str) -> str:
     """``golden_values_<card>_te<TE>_<layout>.json``."""
-    return _suite.golden_filename(slug, te).replace(".json", f"_{layout}.json")
+    return goldens.golden_filename(slug, te).replace(".json", f"_{layout}.json")
 
 
 def settle_goldens(
@@ -38,26 +39,26 @@ def settle_goldens(
             info["status"] = "not recorded"
             out[layout] = info
             continue
-        doc = _suite.golden_document(metrics)
+        doc = goldens.golden_document(metrics)
         committed = folder / name
         if record.get("deterministic") is False:
             # Two trainings in one process differed: nothing to hold a later run to.
             info["status"] = "nondeterministic"
-            _suite.write_golden(committed.with_suffix(".observed.json"), doc)
+            goldens.write_golden(committed.with_suffix(".observed.json"), doc)
         elif committed.is_file() and not update:
-            problems = _suite.compare_golden_exact(doc, _suite.read_golden(committed))
+            problems = goldens.compare_golden_exact(doc, goldens.read_golden(committed))
             info["problems"] = problems
             info["status"] = "mismatch" if problems else "matched"
             if problems:
-                _suite.write_golden(committed.with_suffix(".observed.json"), doc)
+                goldens.write_golden(committed.with_suffix(".observed.json"), doc)
         else:
             info["status"] = "updated" if committed.is_file() else "recorded"
-            _suite.write_golden(committed, doc)
+            goldens.write_golden(committed, doc)
         cross = {}
         for path in sorted(root.glob(f"*/{device.slug}/multigpu/{name}")):
             other = path.parent.parent.parent.name
             if other != tag:
-                cross[other] = _suite.compare_golden_cross(doc, _suite.read_golden(path))
+                cross[other] = goldens.compare_golden_cross(doc, goldens.read_golden(path))
         info["cross_tag"] = cross
         out[layout] = info
     return out
@@ -121,7 +122,7 @@ def build_results(
         **nccl,
     }
     return {
-        "schema_version": _suite.SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "kind": KIND,
         "mla_seam_version": __version__,
         "started": started,
@@ -152,7 +153,7 @@ def build_results(
 def render_markdown(results: Dict[str, Any]) -> str:
     """``results.md``: the cases, patched against vanilla, for people."""
     env = results["environment"]
-    fmt = _render._fmt  # pylint: disable=protected-access
+    fmt = fmt_value
     lines = [
         f"# mla-seam multi-GPU suite: {results['tag']} on {results['parallel']['world_size']} x "
         f"{env.get('card') or '?'}",

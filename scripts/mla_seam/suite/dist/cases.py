@@ -12,8 +12,8 @@ import logging
 import subprocess
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import suite as _suite
 from mla_seam.errors import DeviceError, UsageError
+from mla_seam.suite.device import require_gpu
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def check_devices(device: Any, nproc: int, python: str, probe_nccl: bool = True)
     Raises:
         DeviceError: No CUDA, fewer than ``nproc`` devices, or no NCCL in ``python``'s torch.
     """
-    _suite.require_gpu(device)
+    require_gpu(device)
     if device.device_count < nproc:
         raise DeviceError(
             f"--nproc {nproc} needs {nproc} CUDA devices; torch sees {device.device_count}",
