@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from mla_seam.output import emit
 from mla_seam.releases import version_key
 from mla_seam.suite.render import fmt_short, markdown_table
 
@@ -433,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"perf_tables: cannot read the records: {exc}\n")
         return 2
-    sys.stdout.write(render_markdown(tables(records), args.card))
+    emit(render_markdown(tables(records), args.card))
     return 0
 
 

@@ -45,6 +45,7 @@ from mla_seam.errors import (
 )
 from mla_seam.export import _releases_of_line as releases_of_line  # one home of that list
 from mla_seam.export import export_line, export_target, install_line
+from mla_seam.output import emit
 from mla_seam.overlay_refresh import refresh_overlay
 from mla_seam.series import Series, json_bytes, series_by_name
 from mla_seam.survey import (
@@ -61,12 +62,6 @@ log = logging.getLogger(__name__)
 
 REBASE_BRANCH = "mla-seam/rebase"
 KEEP_NOTES = "mla-seam-rebase"  # folder inside the kept repository's .git
-
-
-def _emit(text: str) -> None:
-    """The one place result lines are written to stdout."""
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    sys.stdout.flush()
 
 
 def _pick_series(
@@ -97,25 +92,25 @@ def _user_repo(megatron: Path) -> Tuple[MegatronTree, git.Repo]:
 
 
 def _report(s: Survey) -> None:
-    _emit(
+    emit(
         f"mla-seam rebase: {s.series.name} (base {s.old_tag}) onto {s.onto} "
         f"(megatron-core {s.onto_version}, {s.onto_commit[:12]}, from {s.onto_source})"
     )
-    _emit(f"  history: {s.history_note}")
+    emit(f"  history: {s.history_note}")
     for p in s.patches:
-        _emit(f"  {p.hook:<3} {p.name}: {p.cls.value}: {p.detail}")
+        emit(f"  {p.hook:<3} {p.name}: {p.cls.value}: {p.detail}")
     changes = s.changes
-    _emit(f"contracts {s.old_tag} -> {s.onto}: {len(changes) or 'no'} change(s)")
+    emit(f"contracts {s.old_tag} -> {s.onto}: {len(changes) or 'no'} change(s)")
     for change in changes:
-        _emit(f"  {change.describe()}")
+        emit(f"  {change.describe()}")
     for problem in contracts.adapter_problems(s.new_contracts):
-        _emit(f"  adapter needs work: {problem}")
+        emit(f"  adapter needs work: {problem}")
     if s.range_diff.strip():
-        _emit("range-diff (old series vs new):")
+        emit("range-diff (old series vs new):")
         for line in s.range_diff.rstrip().splitlines():
-            _emit(f"  {line}")
+            emit(f"  {line}")
     counts = ", ".join(f"{n} {c}" for c, n in s.counts().items() if n)
-    _emit(f"result: {counts}")
+    emit(f"result: {counts}")
 
 
 def _keep_notes(ws: Workspace, s: Survey) -> None:
@@ -132,14 +127,14 @@ def _keep_notes(ws: Workspace, s: Survey) -> None:
         (notes / f"{p.name}.msg").write_text(message, encoding="utf-8")
         shutil.copyfile(patch, notes / p.name)
     (notes / "survey.json").write_bytes(json_bytes(s.to_json()))
-    _emit(f"kept: {ws.root} (branch {REBASE_BRANCH} = {s.onto} + carried patches)")
+    emit(f"kept: {ws.root} (branch {REBASE_BRANCH} = {s.onto} + carried patches)")
     for p in s.conflicts:
-        _emit(
+        emit(
             f"  write {p.hook} by hand there, then: git commit -a -F "
             f".git/{KEEP_NOTES}/{p.name}.msg  (original patch: .git/{KEEP_NOTES}/{p.name})"
         )
     onto = target or s.onto
-    _emit(
+    emit(
         f"  then: mla-seam rebase --megatron {ws.root} --onto {onto} --from {s.series.line} "
         f"--resolved {REBASE_BRANCH} --write"
     )
@@ -222,14 +217,14 @@ def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: 
             ) from None
         crash_point("rebase-exported")
         delta = install_line(staged, target)
-    _emit(
+    emit(
         f"wrote {target}: {len(delta['unchanged'])} file(s) unchanged (bytes kept), "
         f"{len(delta['changed'])} changed, {len(delta['added'])} added, "
         f"{len(delta['removed'])} removed"
     )
     for kind in ("changed", "added", "removed"):
         for name in delta[kind]:
-            _emit(f"  {kind}: {name}")
+            emit(f"  {kind}: {name}")
 
 
 def _check_writable(s: Survey, args: argparse.Namespace) -> None:
@@ -255,7 +250,7 @@ def _run_rebase(args: argparse.Namespace) -> int:
     if args.refresh_overlay:
         stale = refresh_overlay(root, args.check)
         verb = "stale" if args.check else "refreshed"
-        _emit(f"mla-seam rebase --refresh-overlay: {verb}: {', '.join(stale) or 'none'}")
+        emit(f"mla-seam rebase --refresh-overlay: {verb}: {', '.join(stale) or 'none'}")
         if args.check and stale:
             raise RebaseError(
                 f"the overlay blob recorded by {', '.join(stale)} is not the overlay's",
@@ -280,9 +275,9 @@ def _run_rebase(args: argparse.Namespace) -> int:
         crash_point("rebase-surveyed")
         _report(s)
         if resolved:
-            _emit(f"resolved ({args.resolved}): the new series is {s.onto}..{args.resolved}")
+            emit(f"resolved ({args.resolved}): the new series is {s.onto}..{args.resolved}")
             for row in resolved:
-                _emit(f"  {row['commit'][:12]} {row['subject']}: {row['how']}")
+                emit(f"  {row['commit'][:12]} {row['subject']}: {row['how']}")
         if args.json:
             Path(args.json).write_bytes(json_bytes(dict(s.to_json(), resolved=resolved)))
         if keep is not None:

@@ -52,6 +52,7 @@ from mla_seam.drift.sweep import (
     tags_in_range,
 )
 from mla_seam.errors import DriftFoundError, UsageError
+from mla_seam.output import emit
 from mla_seam.series import json_bytes, series_by_name
 from mla_seam.survey import Workspace, load_lines
 from mla_seam.tree import MegatronTree
@@ -80,12 +81,6 @@ __all__ = [
     "validate",
     "write_outputs",
 ]
-
-
-def _emit(text: str) -> None:
-    """The one place result lines are written to stdout."""
-    sys.stdout.write(text.rstrip("\n") + "\n")
-    sys.stdout.flush()
 
 
 def build(
@@ -213,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         for path in write_outputs(doc, Path(args.out), not args.no_plot, history_file):
             log.info("mla-seam drift: wrote %s", path)
     text = markdown(doc)
-    _emit(text.split("\n## Per release line")[0].rstrip())
+    emit(text.split("\n## Per release line")[0].rstrip())
     needs = doc["summary"]["needs_work_tags"]
     if needs:
         raise DriftFoundError(
