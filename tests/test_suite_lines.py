@@ -110,9 +110,20 @@ def test_the_command_line_refuses_mixed_modes_and_bad_gpus(tmp_path, monkeypatch
     assert "--megatron runs one set of trees" in caplog.text
     monkeypatch.setattr(suite.device, "probe_device", lambda python: H200)
     work = tmp_path / "w"
-    argv = ["suite", "--release", "0.19", "--gpus", "0,a", "--work", str(work), "--out", str(work)]
-    assert cli.main(argv) == 2
-    assert "--gpus 0,a: not a comma-separated list" in caplog.text and not work.exists()
+    for gpus in ("0,a", ",", "-1"):
+        argv = [
+            "suite",
+            "--release",
+            "0.19",
+            "--gpus",
+            gpus,
+            "--work",
+            str(work),
+            "--out",
+            str(work),
+        ]
+        assert cli.main(argv) == 2
+        assert f"--gpus {gpus}: not a comma-separated list" in caplog.text and not work.exists()
 
 
 def test_python_m_suite_runs_the_driver(tmp_path):

@@ -161,11 +161,14 @@ def _gpus(text: Optional[str], probed: device.DeviceInfo) -> List[int]:
     if not text:
         return list(range(probed.device_count or 1))
     try:
-        return [int(g) for g in text.split(",") if g.strip()]
+        gpus = [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 0:
         raise UsageError(
             f"--gpus {text}: not a comma-separated list of device indices", "e.g. --gpus 0,1"
-        ) from None
+        )
+    return gpus
 
 
 def _multigpu(args: argparse.Namespace) -> int:
