@@ -448,6 +448,16 @@ def _superset(required: Sequence[str]) -> Callable[[Value], Optional[str]]:
     return check
 
 
+def _within(*known: str) -> Callable[[Value], Optional[str]]:
+    """Every name of a list value is one the adapter knows (absent: nothing to know)."""
+
+    def check(value: Value) -> Optional[str]:
+        unknown = [name for name in value or () if name not in known]
+        return f"names {', '.join(unknown)}, unknown to the adapter" if unknown else None
+
+    return check
+
+
 def _one_of(*allowed: Value) -> Callable[[Value], Optional[str]]:
     def check(value: Value) -> Optional[str]:
         if value in allowed:
@@ -622,7 +632,25 @@ PROBES: Tuple[Probe, ...] = (
         "H6 (Obsolete-If: tl.cp_comm_type_index=layer_number-1)",
     ),
     Probe("spec.mla_builders", SPEC, probe_spec_mla_builders, None, "moving anchor (SPEC)"),
-    Probe("rope.thd_params", ROPE, probe_rope_thd_params, None, "THD RoPE path"),
+    Probe(
+        "rope.thd_params",
+        ROPE,
+        probe_rope_thd_params,
+        _within(
+            "t",
+            "cu_seqlens",
+            "freqs",
+            "rotary_interleaved",
+            "mla_rotary_interleaved",
+            "multi_latent_attention",
+            "mscale",
+            "cp_group",
+            "inverse",
+            "mla_output_remove_interleaving",
+            "max_seqlen",
+        ),
+        "H8's one-pass THD RoPE computes these (a call with another goes to upstream's)",
+    ),
 )
 
 PROBES_BY_NAME: Mapping[str, Probe] = {p.name: p for p in PROBES}

@@ -774,12 +774,14 @@ def thd_positions(
     cp_size: int = 1,
     cp_rank: int = 0,
     cp_layout: str = "zigzag",
+    from_batch_start: bool = False,
 ) -> torch.Tensor:
     """The RoPE position of every local token of a THD batch, on the offsets' device, no host read.
 
-    Positions restart at 0 at every sequence. Under context parallelism a rank's tokens get
-    their global positions by ``cp_layout`` (:data:`CP_LAYOUTS`; Megatron's load-balanced split
-    is ``zigzag``).
+    Positions restart at 0 at every sequence (``from_batch_start``: they count from the start
+    of the packed batch instead, for a table that covers the whole batch). Under context
+    parallelism a rank's tokens get their global positions by ``cp_layout``
+    (:data:`CP_LAYOUTS`; Megatron's load-balanced split is ``zigzag``).
 
     Args:
         cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
@@ -787,15 +789,18 @@ def thd_positions(
         cp_size: Context-parallel size.
         cp_rank: This rank in the context-parallel group.
         cp_layout: How sequences are split over the context-parallel ranks.
+        from_batch_start: Add each sequence's start offset.
 
     Returns:
         ``[tokens]`` positions (the offsets' dtype).
     """
     sequence, local, offsets = thd_tokens(cu_seqlens, tokens, cp_size)
-    if cp_size == 1:
-        return local
-    share = torch.diff(offsets).index_select(0, sequence)
-    return CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
+    if cp_size > 1:
+        share = torch.diff(offsets).index_select(0, sequence)
+        local = CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
+    if from_batch_start:
+        local = local + cu_seqlens.index_select(0, sequence)
+    return local
 
 
 # >>> until upstream: THD RoPE one sequence at a time (H8) -----------------------------------
@@ -886,6 +891,23 @@ def _whole_table(rotary: torch.nn.Module, length: int) -> torch.Tensor:
     return table[0] if isinstance(table, tuple) else table
 
 
+#: Options of upstream's ``apply_rotary_pos_emb`` the one-pass path computes itself (each where
+#: the release's function takes it: ``inverse``, ``mla_output_remove_interleaving`` and
+#: ``max_seqlen`` on upstream main and dev, 2026-08); a call with any other goes to upstream.
+_PACKED_OPTIONS = frozenset(
+    ("mla_rotary_interleaved", "inverse", "mla_output_remove_interleaving", "max_seqlen")
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (upstream's RoPE contract, by signature)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _packed_rotary_pos_emb(
     batch: PackedBatch,
     upstream: Callable[..., torch.Tensor],
@@ -897,37 +919,56 @@ def _packed_rotary_pos_emb(
     cu_seqlens: Optional[torch.Tensor] = None,
     mscale: float = 1.0,
     cp_group: Optional[torch.distributed.ProcessGroup] = None,
-    mla_rotary_interleaved: Optional[bool] = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    if cu_seqlens is None or kwargs or not isinstance(freqs, torch.Tensor):
-        if mla_rotary_interleaved is not None:
-            kwargs["mla_rotary_interleaved"] = mla_rotary_interleaved
+    """Upstream's THD RoPE contract in one pass (the options :data:`_PACKED_OPTIONS` names).
+
+    ``max_seqlen`` (main and dev): a table longer than it covers the whole packed batch, and
+    positions count from the batch's start (upstream's rule; MLA passes ``max_seqlen_q`` for q
+    and ``max_seqlen_kv`` for k on dev, their maximum for both on main). Where upstream takes
+    ``max_seqlen`` and none is given (main reads the offsets then; dev refuses), upstream runs.
+    """
+    max_seqlen = kwargs.get("max_seqlen")
+    if (
+        cu_seqlens is None
+        or not _PACKED_OPTIONS.issuperset(kwargs)
+        or not isinstance(freqs, torch.Tensor)
+        or getattr(config, "mrope_section", None) is not None
+        or any(not _takes(upstream, name) for name in kwargs)
+        or (max_seqlen is None and _takes(upstream, "max_seqlen"))
+    ):
         return upstream(
             t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs
         )
     if cp_group is None:
         cp_group = parallel_state.get_context_parallel_group()
+    mla_rotary_interleaved = kwargs.get("mla_rotary_interleaved")
     if mla_rotary_interleaved is None:
         mla_rotary_interleaved = config.multi_latent_attention
+    inverse = bool(kwargs.get("inverse", False))
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     if rotary is not None:  # the table MLA computed is this rank's bshd chunks only
         length = freqs.size(0) * cp_size
         key = ("table", id(rotary), length)
         freqs = batch.memo(key, (rotary,), lambda: _whole_table(rotary, length), layer_call)
     table_len, tokens = freqs.size(0), t.size(0)
+    whole_batch = max_seqlen is not None and table_len > max_seqlen
 
     def _positions() -> torch.Tensor:  # padding tokens past the table take its last row
-        return thd_positions(cu_seqlens, tokens, cp_size, cp_rank).clamp_(max=table_len - 1)
+        at = thd_positions(cu_seqlens, tokens, cp_size, cp_rank, from_batch_start=whole_batch)
+        return at.clamp_(max=table_len - 1)
 
-    key = ("positions", tokens, cp_size, cp_rank, table_len)
+    key = ("positions", tokens, cp_size, cp_rank, table_len, whole_batch)
     at = batch.memo(key, (cu_seqlens,), _positions, layer_call)
-    key = ("rotation", t.dtype, mscale, config.rotary_interleaved)
+    key = ("rotation", t.dtype, mscale, config.rotary_interleaved, inverse)
     rotation = layer_call.get(key)
     if rotation is None or rotation[0] is not freqs or rotation[1] is not at:
-        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved)
+        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved, inverse)
         rotation = layer_call[key] = (freqs, at, table.index_select(0, at))
-    return rotate_packed(t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved)
+    remove_interleaving = bool(kwargs.get("mla_output_remove_interleaving", False))
+    return rotate_packed(
+        t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved, remove_interleaving
+    )
 
 
 #: Per RoPE table (upstream's memoized ``freqs``, or the tensor a slice of it views): per view
@@ -936,27 +977,33 @@ _ROTATIONS = WeakIdKeyDictionary()
 
 
 def rotation_table(
-    freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0, rotary_interleaved: bool = False
+    freqs: torch.Tensor,
+    dtype: torch.dtype,
+    mscale: float = 1.0,
+    rotary_interleaved: bool = False,
+    inverse: bool = False,
 ) -> torch.Tensor:
     """cos and sin of every position of ``freqs``, as :func:`rotate_packed` takes them.
 
-    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``), side by side:
-    ``[cos, sin]`` with sin negated where the rotation negates ``x`` (exactly: negation rounds
-    nowhere), so a rotation is one product and one sum. Kept per table while it lives (made
-    outside CUDA graph capture only; its values depend on the table alone).
+    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``; sin negated for the
+    inverse rotation), side by side: ``[cos, sin]`` with sin negated where the rotation negates
+    ``x`` (exactly: negation rounds nowhere), so a rotation is one product and one sum. Kept
+    per table while it lives (made outside CUDA graph capture only; its values depend on the
+    table alone).
 
     Args:
         freqs: ``[max_len, 1, 1, rot_dim]`` frequencies.
         dtype: The dtype of the tensors it rotates.
         mscale: YaRN's cos/sin scale.
         rotary_interleaved: Rotate interleaved pairs instead of halves.
+        inverse: The inverse rotation (upstream's ``inverse=True``).
 
     Returns:
         ``[max_len, 2 * rot_dim]`` in ``dtype``.
     """
     base = freqs if freqs._base is None else freqs._base  # pylint: disable=protected-access
     view = (freqs.storage_offset(), tuple(freqs.shape), freqs.stride())
-    key = (view, dtype, mscale, rotary_interleaved)
+    key = (view, dtype, mscale, rotary_interleaved, inverse)
     kept = _ROTATIONS.get(base)
     found = None if kept is None else kept.get(key)
     if found is not None and found[0] == base._version:
@@ -967,6 +1014,8 @@ def rotation_table(
     if mscale != 1.0:  # x * 1.0 == x: upstream's product by 1 changes no bit
         cos, sin = cos * mscale, sin * mscale
     cos, sin = cos.to(dtype), sin.to(dtype)
+    if inverse:
+        sin = -sin
     if rotary_interleaved:  # x -> (-x1, x0, -x3, x2, ...)
         even, odd = sin.unflatten(-1, (-1, 2)).unbind(-1)
         table = torch.cat((cos, torch.stack((-even, odd), dim=-1).flatten(-2)), dim=-1)
@@ -983,6 +1032,7 @@ def rotate_packed(
     rotation: torch.Tensor,
     rotary_interleaved: bool = False,
     mla_rotary_interleaved: bool = False,
+    remove_interleaving: bool = False,
 ) -> torch.Tensor:
     """Rotate a packed ``[tokens, heads, dim]`` tensor by :func:`rotation_table`'s rows.
 
@@ -995,6 +1045,8 @@ def rotate_packed(
         rotation: ``[tokens, 2 * rot_dim]``: each token's row of :func:`rotation_table`.
         rotary_interleaved: Rotate interleaved pairs instead of halves.
         mla_rotary_interleaved: MLA's layout: de-interleave the rotary channels first.
+        remove_interleaving: With ``mla_rotary_interleaved``, interleave the rotated channels
+            back (upstream's ``mla_output_remove_interleaving``).
 
     Returns:
         The rotated tensor, same shape and dtype.
@@ -1016,6 +1068,8 @@ def rotate_packed(
         both = torch.cat((x, torch.stack((odd, even), dim=-1).flatten(-2)), dim=-1)
     products = both * rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
     out = torch.add(*products.view(products.shape[:-1] + (2, rot_dim)).unbind(-2))
+    if mla_rotary_interleaved and remove_interleaving:  # (x0, x2, .., x1, x3, ..) -> (x0, x1, ..)
+        out = torch.stack(out.chunk(2, dim=-1), dim=-1).flatten(-2)
     if t.size(-1) == rot_dim:
         return out
     return torch.cat((out, t.narrow(-1, rot_dim, t.size(-1) - rot_dim)), dim=-1)
