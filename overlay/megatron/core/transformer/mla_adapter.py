@@ -11,7 +11,8 @@ questions at that boundary, one section each, in this order:
 1. Layer metadata: head widths, softmax scale, the ``kv_channels`` other code reads, and which
    latent/query norms the layer has.
 2. Packed (THD) sequences: a batch's parameters prepared once, RoPE over the whole packed
-   batch, V padded only for kernels that need equal head dims.
+   batch, V padded only for kernels that need equal head dims, and either context-parallel
+   layout (dev's ``cp_partition_mode``) taken by converting to the zigzag one MLA runs.
 3. Attention backend: is ``--attention-backend`` an MLA path on this TE / GPU, decided at model
    build (else an :class:`MLACompatibilityError` naming the flag), and the core attention that
    runs it.
@@ -32,6 +33,9 @@ H6   ``TransformerLayer.__init__`` (up to 0.16)              ``per_layer_value``
 H7   ``get_transformer_layer_offset`` (on entry)             ``pipeline_layer_offset``     4
 H8   ``MLASelfAttention.get_query_key_value_tensors``        ``rotary_pos_emb_fn``         2
 H9   ``MLASelfAttention._resolve_qk_norm_config`` (0.19+)    ``resolve_qk_norms``          1
+H10  ``MultiLatentAttention.forward`` (dev: entry, return)   ``zigzag_cp_input``,          2
+     and ``TransformerConfig.__post_init__`` (dev)           ``cp_layout_output``,
+                                                             ``cp_layout_served``
 ==== ======================================================= ============================= ====
 
 H9 says which norms the layer has (question 1). H1 sets the layer's softmax scale (1) and builds
@@ -94,7 +98,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 __all__ = [
-    # The hook entry points, H1 .. H9.
+    # The hook entry points, H1 .. H10.
     "core_attention_spec",
     "normalize_packed_seq",
     "resolve_attention_backend",
@@ -104,6 +108,9 @@ __all__ = [
     "pipeline_layer_offset",
     "rotary_pos_emb_fn",
     "resolve_qk_norms",
+    "zigzag_cp_input",
+    "cp_layout_output",
+    "cp_layout_served",
     # What their callers handle.
     "MLACompatibilityError",
     "BackendDecision",
@@ -1134,6 +1141,161 @@ def upstream_value_pad(attention: MultiLatentAttention, need_v_pad: bool) -> boo
 
 
 # <<< the unconditional V pad of packed batches (H5) -----------------------------------------
+
+
+# >>> until upstream: MLA takes its input in the zigzag CP layout only (H10) ------------------
+# Obsolete-If: mla.cp_layout=converts. Drop-When: MultiLatentAttention.forward converts its
+#     input to the zigzag layout itself, as Attention.forward does, and TransformerConfig takes
+#     cp_partition_mode='contiguous' with MLA. Upstream: none filed; the layouts are
+#     NVIDIA/Megatron-LM PR #6387 (dev, 2026-08: MLA raises "CP partition conversion must be
+#     handled before entering MLA", and the config refuses MLA outside dsv4_hybrid).
+
+#: The context-parallel layout MLA's RoPE and core attention take (TE's THD context
+#: parallelism and :data:`CP_LAYOUTS`): two chunks of every sequence per rank.
+_MLA_CP_LAYOUT = "zigzag"
+
+#: Attention variants whose MLA layers are ``MultiLatentAttention`` (H10 converts their input):
+#: none, and the linear-attention hybrids whose full-attention layers are MLA. Other variants
+#: build their own attention class (DSA's absorbed MLA), which upstream's rules govern.
+_CONVERTED_VARIANTS = (None, "gated_delta_net")
+
+
+def cp_layout_served(config: TransformerConfig) -> bool:
+    """Hook H10 (``TransformerConfig.__post_init__``): whether MLA layers take the config's
+    context-parallel layout.
+
+    Upstream refuses ``cp_partition_mode='contiguous'`` with MLA under context parallelism
+    (outside ``dsv4_hybrid``), since ``MultiLatentAttention`` takes zigzag batches only. With
+    the adapter MLA converts its input to zigzag and its output back (:func:`zigzag_cp_input`),
+    with upstream's converter, as upstream's ``Attention`` does. Called where upstream refuses.
+
+    Args:
+        config: The config being initialized.
+
+    Returns:
+        ``True`` where the adapter serves the layout (upstream's other rules for the layout
+        stand), ``False`` for a variant building its own MLA class (upstream's refusal stands).
+
+    Raises:
+        MLACompatibilityError: The conversion cannot run with this config (a CUDA graph of the
+            whole iteration); the message names the field and the value that works.
+    """
+    if getattr(config, "experimental_attention_variant", None) not in _CONVERTED_VARIANTS:
+        return False
+    if getattr(config, "cuda_graph_impl", None) == "full_iteration":
+        raise MLACompatibilityError(
+            f"cp_partition_mode={config.cp_partition_mode!r} with MLA under context parallelism: "
+            f"MLA layers take their input in the {_MLA_CP_LAYOUT} layout, converted and converted "
+            "back in every layer, which a CUDA graph of the whole iteration cannot hold "
+            f"(cuda_graph_impl='full_iteration'). Use cp_partition_mode='{_MLA_CP_LAYOUT}' "
+            f"(--cp-partition-mode {_MLA_CP_LAYOUT}), or another --cuda-graph-impl."
+        )
+    return True
+
+
+def zigzag_cp_input(
+    attention: MultiLatentAttention,
+    hidden_states: torch.Tensor,
+    packed_seq_params: Optional[PackedSeqParams],
+    attention_mask: Optional[torch.Tensor] = None,
+    key_value_states: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Any]:
+    """Hook H10 (``MultiLatentAttention.forward``): MLA's input in the zigzag CP layout.
+
+    The model's layout is ``config.cp_partition_mode``; where it is not zigzag (and the layer's
+    context-parallel group has two ranks or more), upstream's
+    ``convert_module_input_tensors_cp_partition_mode`` moves the rank's tokens to the zigzag
+    layout, exactly as ``Attention.forward`` does (each rank then holds what upstream's zigzag
+    path gives it: RoPE positions, chunks and kernels are that path's), and the converter it
+    returns takes the output back (:func:`cp_layout_output`). A THD batch without a prebuilt
+    route (``PackedSeqParams.cp_partition_route``) gets one, once per batch, with upstream's
+    ``prebuild_thd_cp_partition_routes`` (one read of its offsets).
+
+    Args:
+        attention: The MLA module (its config and ``pg_collection``, the CP group already
+            swapped for a dynamic one).
+        hidden_states: The layer input in the model's layout.
+        packed_seq_params: ``PackedSeqParams`` or ``None``.
+        attention_mask: A dense mask (upstream refuses one where tokens move).
+        key_value_states: Cross-attention states (upstream refuses them where tokens move).
+
+    Returns:
+        ``(hidden_states, back)``: the input in the zigzag layout, and upstream's converter back
+        to the model's layout (``None`` where nothing moved).
+
+    Raises:
+        MLACompatibilityError: The batch says another layout than the model, or a route would
+            have to be built inside a CUDA graph capture.
+    """
+    config = attention.config
+    cp_group = attention.pg_collection.cp
+    layout = getattr(config, "cp_partition_mode", _MLA_CP_LAYOUT)
+    if cp_group is None or cp_group.size() < 2:
+        return hidden_states, None
+    thd = getattr(packed_seq_params, "qkv_format", None) == "thd"
+    said = getattr(packed_seq_params, "cp_partition_mode", layout) if thd else layout
+    if said != layout:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.cp_partition_mode is {said!r} but the model's "
+            f"config.cp_partition_mode is {layout!r}: MLA converts from the model's layout. "
+            f"Build the batch in the model's layout (cp_partition_mode={layout!r}), or set "
+            f"the config's cp_partition_mode to {said!r}."
+        )
+    if layout == _MLA_CP_LAYOUT:
+        return hidden_states, None
+    # pylint: disable=import-outside-toplevel
+    from megatron.core.context_parallel_layout import (
+        convert_module_input_tensors_cp_partition_mode,
+        prebuild_thd_cp_partition_routes,
+    )
+
+    if thd and getattr(packed_seq_params, "cp_partition_route", None) is None:
+        if _capturing():
+            raise MLACompatibilityError(
+                f"A THD batch in the {layout} CP layout without PackedSeqParams."
+                "cp_partition_route inside a CUDA graph capture: building the route reads the "
+                "offsets. Prebuild it with the batch (megatron.core.context_parallel_layout."
+                "finalize_packed_seq_params, as Megatron's data path does)."
+            )
+        _log_once(
+            logging.WARNING,
+            f"mla-seam: THD batches in the {layout} CP layout without a prebuilt "
+            "PackedSeqParams.cp_partition_route: MLA builds it once per batch (one read of the "
+            "offsets); finalize_packed_seq_params builds it with the batch.",
+        )
+        prebuild_thd_cp_partition_routes(packed_seq_params, cp_group)
+    pg_collection = attention.pg_collection
+    return convert_module_input_tensors_cp_partition_mode(
+        hidden_states=hidden_states,
+        packed_seq_params=packed_seq_params,
+        target_partition_mode=_MLA_CP_LAYOUT,
+        sequence_parallel=config.sequence_parallel,
+        config=config,
+        cp_group=cp_group,
+        tp_group=getattr(pg_collection, "tp", None),
+        tp_cp_group=getattr(pg_collection, "tp_cp", None),
+        attention_mask=attention_mask,
+        key_value_states=key_value_states,
+    )
+
+
+def cp_layout_output(attention: MultiLatentAttention, back: Any, output: torch.Tensor) -> Any:
+    """Hook H10 (end of ``MultiLatentAttention.forward``): the output in the input's CP layout.
+
+    Args:
+        attention: The MLA module.
+        back: The converter :func:`zigzag_cp_input` returned (``None``: nothing moved).
+        output: The attention output, ``[tokens, batch, hidden]`` in the zigzag layout.
+
+    Returns:
+        The output in the model's layout.
+    """
+    if back is None:
+        return output
+    return back.convert(output, seq_dim=0, sequence_parallel=attention.config.sequence_parallel)
+
+
+# <<< MLA takes its input in the zigzag CP layout only (H10) ----------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
