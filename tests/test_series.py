@@ -2,7 +2,7 @@
 
 This module also holds the helpers the apply tests share (``test_apply``, ``test_bad_inputs``,
 ``test_atomicity`` import them): a SYNTHETIC bundle (overlay + series for 0.16 and 0.19 made with
-:func:`mla_seam.series.write_series` from real upstream checkouts plus small committed hooks),
+:func:`mla_seam.export.write_series` from real upstream checkouts plus small committed hooks),
 writable tree copies, a CLI runner and tree snapshots. Everything runs real git on real trees.
 """
 
@@ -22,12 +22,12 @@ import pytest
 from mla_seam import gitlayer
 from mla_seam.errors import SeriesCorruptError, UnsafePathError, UnsupportedVersionError, UsageError
 from mla_seam.paths import ADAPTER_RELPATH
+from mla_seam.export import write_series
 from mla_seam.series import (
     find_series,
     load_series,
     patch_files,
     series_by_name,
-    write_series,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -33,13 +33,16 @@ _MARKER_RE = re.compile(rb"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
 
 @dataclasses.dataclass(frozen=True)
 class Hunk:
-    """One hunk of a patch: where it sits in the file it was made for, and its old side."""
+    """One hunk of a patch: where it sits in the file it was made for, its old and new side."""
 
     number: int  # 1-based within its file in its patch
     start: int  # first old-side line (1-based)
     count: int
     header: str  # "@@ -120,7 +120,8 @@ def __init__"
     old: Tuple[bytes, ...]  # context and removed lines, in order
+    new: Tuple[bytes, ...] = ()  # context and added lines, in order
+    added: Tuple[bytes, ...] = ()  # the added lines only
+    span: Tuple[int, int] = (0, 0)  # the hunk's lines in the patch text (header .. last body)
 
 
 def hunks_of(data: bytes) -> Dict[str, List[Hunk]]:
@@ -55,40 +58,103 @@ def hunks_of(data: bytes) -> Dict[str, List[Hunk]]:
             result.setdefault(current, [])
         match = _HUNK_RE.match(raw) if current else None
         if match:
+            first = i
             start, count = int(match.group(1)), int(match.group(2) or 1)
             new_count = int(match.group(4) or 1)
             old: List[bytes] = []
+            new: List[bytes] = []
+            added: List[bytes] = []
             left_old, left_new = count, new_count
             i += 1
-            while i < len(lines) and (left_old > 0 or left_new > 0):
+            while i < len(lines) and (left_old > 0 or left_new > 0 or lines[i][:1] == b"\\"):
                 body = lines[i]
                 tag = body[:1]
                 if tag in (b" ", b""):
                     old.append(body[1:])
+                    new.append(body[1:])
                     left_old, left_new = left_old - 1, left_new - 1
                 elif tag == b"-":
                     old.append(body[1:])
                     left_old -= 1
                 elif tag == b"+":
+                    new.append(body[1:])
+                    added.append(body[1:])
                     left_new -= 1
                 i += 1
             hunks = result[current]
             header = raw.decode("utf-8", errors="replace")
-            hunks.append(Hunk(len(hunks) + 1, start, count, header, tuple(old)))
+            hunks.append(
+                Hunk(len(hunks) + 1, start, count, header, tuple(old), tuple(new), tuple(added),
+                     (first, i))  # fmt: skip
+            )
             continue
         i += 1
     return result
 
 
-def _contains(lines: Sequence[bytes], block: Sequence[bytes]) -> bool:
+def without_hunks(data: bytes, drop: Iterable[Tuple[str, int]]) -> bytes:
+    """The patch ``data`` with the hunks ``(file, number)`` left out (a file left without any
+    hunk loses its diff header too). Later hunks keep their old-side line numbers: ``git apply``
+    finds them at their offset."""
+    dropped = set(drop)
+    lines = data.split(b"\n")
+    gone = set()
+    for rel, hunks in hunks_of(data).items():
+        for hunk in hunks:
+            if (rel, hunk.number) in dropped:
+                gone.update(range(*hunk.span))
+    keep = [line for k, line in enumerate(lines) if k not in gone]
+    out: List[bytes] = []
+    k = 0
+    while k < len(keep):  # drop the header block of a file left without hunks
+        line = keep[k]
+        if line.startswith(b"diff --git "):
+            end = k + 1
+            while end < len(keep) and not keep[end].startswith((b"diff --git ", b"@@ ")):
+                if keep[end].startswith(b"-- ") or keep[end] == b"--":
+                    break
+                end += 1
+            if end >= len(keep) or not keep[end].startswith(b"@@ "):
+                k = end
+                continue
+        out.append(line)
+        k += 1
+    if out and out[-1] != b"":
+        out.append(b"")  # the patch text ends with a newline
+    return b"\n".join(out)
+
+
+def contains(lines: Sequence[bytes], block: Sequence[bytes]) -> Optional[int]:
+    """The 0-based index where ``block`` starts in ``lines``, or ``None``."""
     if not block:
-        return True
+        return 0
     first = block[0]
     n = len(block)
-    return any(
-        lines[k] == first and tuple(lines[k : k + n]) == tuple(block)
-        for k in range(len(lines) - n + 1)
+    for k in range(len(lines) - n + 1):
+        if lines[k] == first and tuple(lines[k : k + n]) == tuple(block):
+            return k
+    return None
+
+
+def already_in(lines: Sequence[bytes], hunk: Hunk) -> bool:
+    """Whether the file (as ``lines``) already holds the hunk's result verbatim and not its
+    old side: the fork made that change itself (a hook picked by hand)."""
+    return bool(hunk.added) and contains(lines, hunk.new) is not None and (
+        contains(lines, hunk.old) is None
     )
+
+
+def commit_adding(repo: Optional[git.Repo], rel: str, hunk: Hunk) -> str:
+    """``abc1234 (subject)`` of the newest commit in HEAD's history that added the hunk's lines
+    to ``rel`` (``git log -S``), or ``""``."""
+    if repo is None or not hunk.added:
+        return ""
+    needle = b"\n".join(hunk.added).decode("utf-8", errors="replace")
+    try:
+        rows = gitlayer.log_touching(repo, "HEAD", [rel], limit=1, needle=needle)
+    except git.GitCommandError:
+        return ""
+    return f"{rows[0][0][:12]} ({rows[0][1]})" if rows else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +182,7 @@ def failing_hunks(series: Series, sources: Dict[str, bytes], scratch: Path) -> L
         for rel, hunks in hunks_of(patch.path.read_bytes()).items():
             lines = (scratch / rel).read_bytes().split(b"\n") if (scratch / rel).is_file() else []
             for hunk in hunks:
-                if not _contains(lines, hunk.old):
+                if contains(lines, hunk.old) is None:
                     conflicts.append(HunkConflict(patch.name, rel, hunk))
     return conflicts
 

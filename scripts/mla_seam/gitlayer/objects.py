@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import git
-from mla_seam.gitlayer.core import argv, init_repo, stdin_file, user_command
+from mla_seam.gitlayer.core import argv, command, init_repo, stdin_file, user_command
 
 # --- apply engine: forks, pristine bytes, commit mode ---
 # Used by mla_seam.apply, mla_seam.forks and mla_seam.commitmode.
@@ -200,3 +200,50 @@ def reset_index(repo: git.Repo, rev: str, relpaths: Sequence[str]) -> None:
 def head_commit_message(repo: git.Repo, rev: str) -> str:
     """The raw message of ``rev``."""
     return repo.git.execute(argv("log", "-1", "--format=%B", rev))
+
+
+def head_ref(repo: git.Repo) -> Optional[str]:
+    """The ref HEAD points to (``refs/heads/main``), or ``None`` when HEAD is detached."""
+    status, out, _ = repo.git.execute(
+        argv("symbolic-ref", "-q", "HEAD"), with_extended_output=True, with_exceptions=False
+    )
+    return out.strip() if status == 0 and out.strip() else None
+
+
+def held_locks(repo: git.Repo) -> List[Path]:
+    """The lock files of ``repo`` that a commit-mode run needs and someone else holds: the
+    index's, HEAD's, the checked-out branch's and ``packed-refs``'s (``*.lock`` files that git
+    creates while it writes them and leaves behind when it crashes)."""
+    private, common = Path(repo.git_dir), Path(repo.common_dir)
+    candidates = [private / "index.lock", private / "HEAD.lock", common / "packed-refs.lock"]
+    ref = head_ref(repo)
+    if ref:
+        candidates.append(common / f"{ref}.lock")
+    return [path for path in candidates if os.path.lexists(path)]
+
+
+def merge_file(
+    ours: bytes, base: bytes, theirs: bytes, labels: Tuple[str, str, str]
+) -> Tuple[bytes, int]:
+    """Three-way merge of one file's contents (``git merge-file -p``; no repository needed).
+
+    Returns the merged bytes (with conflict markers where both sides changed the same lines)
+    and the number of conflicts (0: a clean merge).
+    """
+    with tempfile.TemporaryDirectory(prefix="mla-seam-merge-") as tmp:
+        names = []
+        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+            (Path(tmp) / name).write_bytes(data)
+            names.append(name)
+        cmd = command(tmp)
+        cmd.update_environment(GIT_DIR=os.devnull)  # no repository: never read one's config
+        status, out, err = cmd.execute(
+            argv("merge-file", "-p", *(x for label in labels for x in ("-L", label)), *names),
+            with_extended_output=True,
+            with_exceptions=False,
+            stdout_as_string=False,
+            strip_newline_in_stdout=False,
+        )
+    if status < 0 or status > 127:
+        raise git.GitCommandError(["git", "merge-file"], status, err, "")
+    return (out if isinstance(out, bytes) else out.encode()), status
