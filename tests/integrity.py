@@ -88,8 +88,12 @@ def _child(
         os.chdir(cwd)
         if remove_cwd:
             os.rmdir(cwd)  # the folder the shell was in is deleted under it
-    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # pylint: disable=consider-using-with
-    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # pylint: disable=consider-using-with
+    sys.stdout = open(
+        1, "w", encoding="utf-8", closefd=False
+    )  # pylint: disable=consider-using-with
+    sys.stderr = open(
+        2, "w", encoding="utf-8", closefd=False
+    )  # pylint: disable=consider-using-with
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -155,7 +159,9 @@ def run(
             time.sleep(0.002)
         out.seek(0)
         err.seek(0)
-        text_out, text_err = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        text_out, text_err = out.read().decode(errors="replace"), err.read().decode(
+            errors="replace"
+        )
     if os.WIFSIGNALED(status):
         return Result(None, os.WTERMSIG(status), text_out, text_err)
     return Result(os.WEXITSTATUS(status), None, text_out, text_err)
@@ -180,6 +186,17 @@ REAL_ENV: Dict[str, Optional[str]] = {
 def apply(*args: str, env: Optional[Dict[str, Optional[str]]] = None, **kw: object) -> Result:
     """``mla-seam apply ARGS`` with the real bundle."""
     return run(["apply", *args], {**REAL_ENV, **(env or {})}, **kw)  # type: ignore[arg-type]
+
+
+def apply_again(*args: str) -> Result:
+    """``mla-seam apply ARGS`` run again after a kill, as a user would: while a git process the
+    killed run had started still holds a lock (exit 12 or 28), wait and retry, up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        done = apply(*args)
+        if done.code not in (12, 28) or time.monotonic() > deadline:
+            return done
+        time.sleep(0.1)
 
 
 def crash(args: Sequence[str], step: str, sig: str = "KILL") -> Result:
@@ -421,13 +438,26 @@ def trials() -> List[Trial]:
 
 def recover(tree: Path) -> List[str]:
     """What every run does first, in this process: lock the tree, finish or roll back an
-    interrupted transaction (HEAD included); returns the repair notes."""
+    interrupted transaction (HEAD included); returns the repair notes.
+
+    A process killed while it was starting git leaves a child that holds the inherited lock for
+    the moment it takes to close its descriptors: the lock is tried again for up to 10 s, as a
+    user running the command again would.
+    """
+    from mla_seam.errors import LockedError  # pylint: disable=import-outside-toplevel
     from mla_seam.statefolder import StateFolder  # pylint: disable=import-outside-toplevel
     from mla_seam.tree import MegatronTree  # pylint: disable=import-outside-toplevel
 
-    folder = StateFolder(MegatronTree.resolve(tree))
-    with folder.session(write=False):
-        return folder.recover() if folder.locked else []
+    deadline = time.monotonic() + 10
+    while True:
+        folder = StateFolder(MegatronTree.resolve(tree))
+        try:
+            with folder.session(write=False):
+                return folder.recover() if folder.locked else []
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def run_trial(
@@ -465,7 +495,7 @@ def run_trial(
         return f"leftovers after recovery: {leftovers(tree)}"
     if not finish:
         return ""
-    again = apply(*args)
+    again = apply_again(*args)
     if again.code != 0 or again.traceback:
         return f"the next run: exit {again.code}\n{again.text}"
     if snapshot(tree) != after:

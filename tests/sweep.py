@@ -624,6 +624,7 @@ def _git_then(*commands: Sequence[str], args: Sequence[str] = ()) -> Callable[[C
 
 def _edit(rel: str, text: str, stage: bool = False, commit: bool = False,
           args: Sequence[str] = ()) -> Callable[[Ctx], List[str]]:  # fmt: skip
+
     def setup(ctx: Ctx) -> List[str]:
         with open(ctx.tree / rel, "a", encoding="utf-8") as handle:
             handle.write(text)
@@ -785,15 +786,24 @@ TREE_ROWS: List[Tuple[str, str, Callable[[Ctx], List[str]], int, str]] = [
 ]  # fmt: skip
 
 TREE_WORKS: List[Tuple[str, str, Callable[[Ctx], List[str]], str]] = [
-    ("txn-without-journal", "pristine",
-     _tree_op(lambda c: (state_dir(c.tree) / "txn" / "backup").mkdir(parents=True)),
-     "applied core_v0.19"),
-    ("leftover-scratch", "pristine",
-     _tree_op(lambda c: (state_dir(c.tree) / "scratch-0123").mkdir(parents=True)),
-     "applied core_v0.19"),
-    ("leftover-temp-state", "applied",
-     _tree_op(lambda c: (state_dir(c.tree) / ".state.json.tmp").write_text("{"), "--revert"),
-     "reverted"),
+    (
+        "txn-without-journal",
+        "pristine",
+        _tree_op(lambda c: (state_dir(c.tree) / "txn" / "backup").mkdir(parents=True)),
+        "applied core_v0.19",
+    ),
+    (
+        "leftover-scratch",
+        "pristine",
+        _tree_op(lambda c: (state_dir(c.tree) / "scratch-0123").mkdir(parents=True)),
+        "applied core_v0.19",
+    ),
+    (
+        "leftover-temp-state",
+        "applied",
+        _tree_op(lambda c: (state_dir(c.tree) / ".state.json.tmp").write_text("{"), "--revert"),
+        "reverted",
+    ),
 ]
 
 

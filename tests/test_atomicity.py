@@ -101,7 +101,7 @@ def test_whole_process_killed_from_outside(
     integrity.recover(tree)
     assert integrity.snapshot(tree) in (before, after)
     assert integrity.leftovers(tree) == []
-    again = integrity.apply(*args)
+    again = integrity.apply_again(*args)
     assert again.code == 0, again.text
     assert integrity.snapshot(tree) == after
 
@@ -132,7 +132,9 @@ def test_crash_steps_are_all_reached() -> None:
     used |= {t.recovery_step.split(":")[0] for t in integrity.trials() if t.recovery_step}
     for step in CRASH_STEPS:
         name = step.split(":")[0]
-        assert f'crash_point("{name}' in text or f'crash_point(f"{name}' in text or (
-            f'"{name}" if' in text
+        assert (
+            f'crash_point("{name}' in text
+            or f'crash_point(f"{name}' in text
+            or (f'"{name}" if' in text)
         ), step
         assert name in used, f"no kill trial at {step}"

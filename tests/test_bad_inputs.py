@@ -621,8 +621,12 @@ ROWS = [
         git=False,
     ),
     Row("half-applied", _half_applied, E.DriftedTreeError.exit_code, "half applied"),
-    Row("state-json-corrupted", _corrupt_state, E.StateCorruptError.exit_code,
-        "state record damaged"),
+    Row(
+        "state-json-corrupted",
+        _corrupt_state,
+        E.StateCorruptError.exit_code,
+        "state record damaged",
+    ),
     Row("empty-path-argument", lambda c: [""], E.UsageError.exit_code, "MEGATRON_DIR is empty"),
     Row("blank-path-argument", lambda c: ["  "], E.UsageError.exit_code, "MEGATRON_DIR is empty"),
     Row(

@@ -280,7 +280,11 @@ def test_quiet_prints_no_result_lines_and_json_still_prints(
 
 
 def test_json_for_argument_errors(seam_env: Dict[str, str]) -> None:
-    for args in (["--json", "--bogus"], ["--json", "--check", "--revert"], ["--json", "--series", ""]):
+    for args in (
+        ["--json", "--bogus"],
+        ["--json", "--check", "--revert"],
+        ["--json", "--series", ""],
+    ):
         done = run_cli(seam_env, *args)
         assert done.returncode == UsageError.exit_code, done.stderr
         doc = json.loads(done.stdout)

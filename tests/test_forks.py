@@ -9,6 +9,7 @@ patch (with its DEP-3 header) plus the adapter's, undone by revert commits.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import test_series
 from mla_seam.errors import STATUS_EXIT_CODES, PreimageMismatchError
 from mla_seam.paths import ADAPTER_RELPATH
+from mla_seam.series import load_series
 from test_series import LM, MLA, REPO_ROOT, TC, commit, snapshot, tree_hash
 
 seam_base = test_series.seam_base
@@ -213,16 +215,17 @@ def test_three_way_merges_or_rolls_back(fork_template: Path, tmp_path: Path) -> 
         assert b"\n<<<<<<< " not in path.read_bytes(), path
 
 
+def reword(tree: Path) -> None:
+    """The first context line of the H1 hunk edited: strict apply refuses, a merge does not."""
+    h1 = _line_of(tree, MLA, "submodules.core_attention,")
+    lines = (tree / MLA).read_text().splitlines(keepends=True)
+    lines[h1 - 5] = lines[h1 - 5].rstrip("\n") + "  # fork: reworded\n"
+    (tree / MLA).write_text("".join(lines))
+
+
 def test_three_way_resolves_a_changed_context_line(fork_template: Path, tmp_path: Path) -> None:
     """A fork that edited the first context line of the H1 hunk: strict apply refuses, --3way
-    merges it cleanly (the patch's blob ids are in the fork's history), revert is exact."""
-
-    def reword(tree: Path) -> None:
-        h1 = _line_of(tree, MLA, "submodules.core_attention,")
-        lines = (tree / MLA).read_text().splitlines(keepends=True)
-        lines[h1 - 5] = lines[h1 - 5].rstrip("\n") + "  # fork: reworded\n"
-        (tree / MLA).write_text("".join(lines))
-
+    merges it cleanly, revert is exact."""
     tree = _fork(fork_template, tmp_path / "reword", reword)
     before = snapshot(tree)
     strict = _cli(str(tree))
@@ -233,5 +236,102 @@ def test_three_way_resolves_a_changed_context_line(fork_template: Path, tmp_path
     assert "merged 3-way without conflicts" in merged.stdout
     assert b"mla_adapter.core_attention_spec" in (tree / MLA).read_bytes()
     assert _cli("--status", str(tree)).stdout.startswith("applied on a fork by 3-way merge")
+    assert _cli("--revert", str(tree)).returncode == 0
+    assert snapshot(tree) == before
+
+
+def _pick_h3(tree: Path) -> None:
+    patch = sorted((REPO_ROOT / "patches" / LINE).glob("0003-*.patch"))[0]
+    _git(tree, "apply", str(patch))
+
+
+@pytest.mark.parametrize(
+    "flags", [[], ["--3way"], ["--commit"]], ids=["worktree", "3way", "commit"]
+)
+def test_a_hook_picked_by_hand_is_left_alone(
+    flags: List[str], fork_template: Path, tmp_path: Path
+) -> None:
+    """The fork committed the series' own H3 hunk itself: apply recognises it per hunk, names the
+    fork's commit, leaves it out; revert leaves it in place (the fork's bytes come back)."""
+    tree = _fork(fork_template, tmp_path / "picked", _pick_h3)
+    picked = _git(tree, "log", "-1", "--format=%h").strip()
+    before, head = snapshot(tree), _git(tree, "rev-parse", "HEAD").strip()
+    status = _cli("--status", str(tree))
+    assert status.stdout.startswith("not applied"), status.stdout
+    done = _cli(*flags, str(tree))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"already in the fork: 0003-" in done.stdout and f"(commit {picked}" in done.stdout
+    assert _cli("--status", str(tree)).stdout.startswith("applied on a fork")
+    if flags == ["--commit"]:
+        subjects = _git(tree, "log", "--format=%s", f"{head}..HEAD").splitlines()
+        assert not any("H3" in s for s in subjects) and len(subjects) == 8, subjects
+    undo = _cli("--revert", str(tree))
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    assert "left alone: already in the fork" in undo.stdout
+    if flags == ["--commit"]:
+        assert tree_hash(tree) == before[0] and _git(tree, "status", "--porcelain") == ""
+    else:
+        assert snapshot(tree) == before
+
+
+def test_commit_mode_three_way_records_the_merge(fork_template: Path, tmp_path: Path) -> None:
+    tree = _fork(fork_template, tmp_path / "reword", reword)
+    before, head = tree_hash(tree), _git(tree, "rev-parse", "HEAD").strip()
+    done = _cli("--commit", "--3way", str(tree))
+    assert done.returncode == 0, done.stdout + done.stderr
+    h1 = _git(tree, "log", "--format=%B", "--grep", "mla-seam H1", f"{head}..HEAD")
+    assert "mla-seam: merged 3-way onto the fork's " + MLA in h1, h1
+    assert _git(tree, "status", "--porcelain") == ""
+    assert _cli("--status", str(tree)).stdout.startswith("applied on a fork by 3-way merge")
+    assert _cli("--revert", str(tree)).returncode == 0
+    assert tree_hash(tree) == before and _git(tree, "status", "--porcelain") == ""
+
+
+@pytest.mark.parametrize("history", ["no-release-in-history", "shallow-clone"])
+def test_three_way_needs_no_release_blobs_in_the_repository(
+    history: str, fork_template: Path, tmp_path: Path
+) -> None:
+    """--3way takes its merge base from the bundle: a fork whose history lacks the release's
+    blobs (a repository started from the fork's files, a --depth 1 clone of the fork)."""
+    fork = _fork(fork_template, tmp_path / "fork", reword)
+    tree = tmp_path / "tree"
+    if history == "shallow-clone":
+        subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{fork}", str(tree)],
+                       check=True, capture_output=True)  # fmt: skip
+    else:
+        shutil.copytree(fork, tree, ignore=shutil.ignore_patterns(".git"))
+        _git(tree, "init", "-q")
+        commit(tree, "the fork, imported without its history")
+    for img in load_series(REPO_ROOT / "patches" / LINE).files[MLA]:
+        missing = subprocess.run(["git", "cat-file", "-e", img.pre], cwd=tree, capture_output=True)
+        assert missing.returncode != 0, "the repository has the release's blob of MLA"
+    before = snapshot(tree)
+    done = _cli("--3way", str(tree))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "merged 3-way without conflicts" in done.stdout
+    assert b"mla_adapter.core_attention_spec" in (tree / MLA).read_bytes()
+    assert _cli("--revert", str(tree)).returncode == 0
+    assert snapshot(tree) == before
+
+
+def test_a_hook_file_committed_with_crlf_is_the_release(
+    fork_template: Path, tmp_path: Path
+) -> None:
+    def crlf(tree: Path) -> None:
+        (tree / LM).write_bytes((tree / LM).read_bytes().replace(b"\n", b"\r\n"))
+
+    tree = _fork(fork_template, tmp_path / "crlf", crlf)
+    before = snapshot(tree)
+    check = _cli("--check", str(tree))
+    assert (
+        check.returncode == 0
+        and f"{LM}: pristine (pre-image ok, CRLF line endings)" in check.stdout
+    )
+    done = _cli(str(tree))
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = (tree / LM).read_bytes()
+    assert b"mla_adapter.resolve_attention_backend" in data
+    assert data.count(b"\n") == data.count(b"\r\n"), "the file keeps its CRLF endings"
+    assert _cli("--status", str(tree)).returncode == 0
     assert _cli("--revert", str(tree)).returncode == 0
     assert snapshot(tree) == before

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import integrity
-import sweep
 import pytest
+import sweep
 
 TRIALS = integrity.trials()
 
@@ -40,8 +40,8 @@ def test_there_are_at_least_200_kill_trials() -> None:
 def test_sigkill(trial: integrity.Trial, templates: integrity.Templates, tmp_path: Path) -> None:
     # Every trial checks the repaired tree; one in three (and every kill during recovery or
     # from outside) also runs the command again to the end.
-    finish = bool(trial.recovery_step) or trial.step.startswith("t=") or (
-        TRIALS.index(trial) % 3 == 0
+    finish = (
+        bool(trial.recovery_step) or trial.step.startswith("t=") or (TRIALS.index(trial) % 3 == 0)
     )
     problem = integrity.run_trial(trial, templates, tmp_path, finish=finish)
     assert problem == "", problem

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import pytest
-from mla_seam import gitlayer
+from mla_seam import gitlayer, preimages
 from mla_seam.errors import SeriesCorruptError, UnsafePathError, UnsupportedVersionError, UsageError
-from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.export import write_series
+from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.series import (
     find_series,
     load_series,
@@ -490,3 +490,22 @@ def test_real_series_load(line: str) -> None:
     assert series.patches and series.overlay
     blobs = gitlayer.hash_blobs(REPO_ROOT / "overlay", list(series.overlay))
     assert blobs == dict(series.overlay), "overlay/ and the manifest disagree: re-export the line"
+
+
+@pytest.mark.parametrize("line", REAL_LINES)
+def test_real_series_carry_every_pre_image(line: str) -> None:
+    """Each shipped line holds the bytes of every pre-image its manifest records, each member
+    its own blob id, in an archive that re-packs to the same bytes (byte-stable exports)."""
+    series = load_series(REPO_ROOT / "patches" / line)
+    assert series.pre_images is not None, f"{line} has no {preimages.FILE_NAME}"
+    pres = sorted({img.pre for imgs in series.files.values() for img in imgs})
+    found = preimages.read(series.pre_images, series.pre_images_sha256, pres)
+    assert sorted(found) == pres
+    assert preimages.pack(found) == series.pre_images.read_bytes()
+
+
+def test_synthetic_export_writes_its_pre_images(bundle: Path) -> None:
+    series = load_series(bundle / "patches" / "core_v0.16")
+    pres = {img.pre for imgs in series.files.values() for img in imgs}
+    assert series.pre_images is not None and len(pres) == 4  # MLA differs at the variant release
+    assert set(preimages.read(series.pre_images, series.pre_images_sha256, sorted(pres))) == pres

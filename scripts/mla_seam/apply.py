@@ -383,9 +383,8 @@ def _system_failure(folder: StateFolder, exc: OSError) -> SeamError:
 
     err = os_error(exc)
     if folder.committed:
-        done = (
-            f"the {folder.committed} itself is complete (committed before the error)"
-            + ("; the next mla-seam run on the tree removes its journal" if folder.pending() else "")
+        done = f"the {folder.committed} itself is complete (committed before the error)" + (
+            "; the next mla-seam run on the tree removes its journal" if folder.pending() else ""
         )
     elif folder.rolled_back:
         done = "the change in progress was rolled back: the tree is as it was before this run"
@@ -420,7 +419,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.three_way and args.mode in ("status", "revert"):
         raise UsageError(
             f"--3way applies a series; it means nothing with --{args.mode}",
-            f"drop --3way (or use it with apply and --check)",
+            "drop --3way (or use it with apply and --check)",
         )
 
 
@@ -450,8 +449,11 @@ def _execute(args: argparse.Namespace) -> int:
             state = folder.read_state()
             selection = select_series(tree, args.series, state)
             run = Run(tree, selection, folder, args.three_way, args.commit, args.mode == "check")
-            if folder.locked and state is not None and state.schema == 1 and (
-                state.applied is not None and state.applied.mode == "commit"
+            if (
+                folder.locked
+                and state is not None
+                and state.schema == 1
+                and (state.applied is not None and state.applied.mode == "commit")
             ):
                 note = commitmode.finish(assess(tree, selection.series, folder), folder)
                 if note:

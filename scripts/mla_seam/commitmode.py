@@ -180,7 +180,9 @@ def revert_preflight(a: Assessment) -> List[str]:
     return commits
 
 
-def revert_commits(a: Assessment, commits: List[str], paths: List[str]) -> Tuple[List[str], HeadMove]:
+def revert_commits(
+    a: Assessment, commits: List[str], paths: List[str]
+) -> Tuple[List[str], HeadMove]:
     """One revert commit per series commit, newest first (objects only)."""
     repo = a.tree.repo
     head = gitlayer.head_commit(repo)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
-from mla_seam import forks, gitlayer, paths, patching, preimages
+from mla_seam import forks, gitlayer, patching, paths, preimages
 from mla_seam.assess import (
     ABSENT,
     OLDER,
@@ -86,7 +86,9 @@ def overlay_bytes(series: Series) -> Dict[str, bytes]:
     root = paths.overlay_dir()
     missing = [rel for rel in series.overlay if not (root / rel).is_file()]
     data = {rel: (root / rel).read_bytes() for rel in sorted(series.overlay) if rel not in missing}
-    wrong = [rel for rel, blob in series.overlay.items() if rel in data and blob_of(data[rel]) != blob]
+    wrong = [
+        rel for rel, blob in series.overlay.items() if rel in data and blob_of(data[rel]) != blob
+    ]
     if missing or wrong:
         raise SeriesCorruptError(
             f"overlay/{', overlay/'.join(missing or wrong)} "
@@ -296,7 +298,9 @@ def apply_plan(a: Assessment, folder: StateFolder, three_way: bool, mode: str) -
         method = a.applier.method
         stages: List[Dict[str, bytes]] = []
     else:
-        sources = {rel: patching.to_patch_form(pristine_c[rel], crlf[rel]) for rel in series.touched}
+        sources = {
+            rel: patching.to_patch_form(pristine_c[rel], crlf[rel]) for rel in series.touched
+        }
         new_p, steps, method = _patch(a, sources, three_way, stages=mode == "commit")
         new_c = {rel: patching.from_patch_form(data, crlf[rel]) for rel, data in new_p.items()}
         stages = [

@@ -125,7 +125,8 @@ class _Bases:
                 )
             lines = collections.Counter(self.sources[rel].split(b"\n"))
             best = min(
-                have, key=lambda b: sum((lines - collections.Counter(found[b].split(b"\n"))).values())
+                have,
+                key=lambda b: sum((lines - collections.Counter(found[b].split(b"\n"))).values()),
             )
             self.release[rel] = next(
                 ", ".join(img.releases) for img in self.series.files[rel] if img.pre == best

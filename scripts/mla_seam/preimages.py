@@ -78,9 +78,7 @@ def check_entry(line_dir: Path, entry: object, wanted: Iterable[str]) -> Path:
     except OSError as exc:
         raise PreimageError(f"{FILE_NAME} cannot be read ({exc.strerror})") from None
     if digest != entry["sha256"]:
-        raise PreimageError(
-            f"{FILE_NAME} has sha256 {digest}, the manifest says {entry['sha256']}"
-        )
+        raise PreimageError(f"{FILE_NAME} has sha256 {digest}, the manifest says {entry['sha256']}")
     return path
 
 

@@ -68,7 +68,14 @@ from mla_seam.errors import (
 )
 from mla_seam.record import Applied, HeadMove, Journal, JournalEntry, State
 from mla_seam.series import json_bytes
-from mla_seam.tree import Change, MegatronTree, crash_point, fsync_dir, replace_atomic, write_durable
+from mla_seam.tree import (
+    Change,
+    MegatronTree,
+    crash_point,
+    fsync_dir,
+    replace_atomic,
+    write_durable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -527,10 +534,12 @@ class StateFolder:
             except HeadMovedError as exc:
                 moved = exc
                 if state.applied is not None:  # keep a consistent record: applied, uncommitted
-                    self.write_state(
-                        dataclasses.replace(
-                            state.applied, mode="worktree", commits=[], head_before=None,
-                            head_after=None,
+                    self.write_state(dataclasses.replace(
+                        state.applied,
+                        mode="worktree",
+                        commits=[],
+                        head_before=None,
+                        head_after=None,
                         ),  # fmt: skip
                         state.txn,
                     )

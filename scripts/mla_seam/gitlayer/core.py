@@ -232,7 +232,9 @@ def dirty_paths(repo: git.Repo, relpaths: Iterable[str]) -> List[str]:
         return []
     # The user's own configuration decides what "changed" means (core.autocrlf, core.fileMode,
     # filters): a clean checkout made with core.autocrlf=true is clean. No -c pins here.
-    out = user_command(repo).status(
+    cmd = user_command(repo)
+    cmd.update_environment(GIT_OPTIONAL_LOCKS="0")  # a look only: never take the index's lock
+    out = cmd.status(
         "--porcelain=v1",  # stable, script-oriented format
         "-z",  # NUL-separated: paths with spaces or newlines stay intact
         "--untracked-files=all",
