@@ -220,6 +220,10 @@ def do_apply(run: Run) -> int:
         f"{run.series.name} for megatron-core {run.tree.version}: {len(plan.changes)} file(s) "
         "written"
     )
+    if commits:
+        run.say(
+            f"  {len(commits)} commit(s) on {run.tree.root}: {commits[0][:12]}..{commits[-1][:12]}"
+        )
     run.lines += _plan_lines(plan)
     if plan.method == "fork":
         n = len(plan.offsets)
@@ -260,8 +264,6 @@ def _apply_commits(run: Run, a: Assessment, plan: engine.Plan) -> List[str]:
         applied = dataclasses.replace(applied, mode="worktree")
     run.folder.store_objects(plan.objects)
     run.folder.commit("apply", plan.changes, applied, head=head)
-    if ids:
-        run.say(f"  {len(ids)} commit(s) on {run.tree.root}: {ids[0][:12]}..{ids[-1][:12]}")
     return ids
 
 
