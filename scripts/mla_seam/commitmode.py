@@ -105,43 +105,47 @@ def build_commits(
     head = gitlayer.head_commit(repo)
     assert head is not None
     committer = _committer(a)
-    modes = gitlayer.file_modes(repo, head, a.series.touched)
+    entries = gitlayer.tree_entries(repo, head, [*a.series.touched, *adapter])
+    steps = [(s, stage) for s, stage in zip(plan.steps, plan.stages) if s.how != "in-fork"]
+    contents = [stage[rel] for s, stage in steps for rel in sorted(s.patch.files) if rel in stage]
+    contents += [data for rel, data in sorted(adapter.items())]
+    blobs = iter(gitlayer.store_blobs(repo, contents))
     parent = head
     ids: List[str] = []
-    for step, stage in zip(plan.steps, plan.stages):
-        if step.how == "in-fork":
-            continue
-        info = gitlayer.mailinfo(step.patch.path.read_bytes(), a.tree.root)
-        files = {
-            rel: (modes.get(rel, "100644"), gitlayer.store_blob(repo, data))
-            for rel, data in stage.items()
-            if rel in step.patch.files
-        }
-        tree = gitlayer.tree_with(repo, parent, files)
-        author = (info.get("author", committer[0]), info.get("email", committer[1]),
-                  info.get("date", ""))  # fmt: skip
-        parent = gitlayer.commit_tree(repo, tree, parent, _message(info, step), author,
-                                      committer)  # fmt: skip
-        ids.append(parent)
-    for rel, data in sorted(adapter.items()):
-        if gitlayer.tree_blobs(repo, parent, [rel]).get(rel) == gitlayer.blob_id(data):
-            continue  # the fork already commits this very adapter
-        tree = gitlayer.tree_with(repo, parent, {rel: ("100644", gitlayer.store_blob(repo, data))})
-        message = (
-            ADAPTER_SUBJECT.format(name=rel.rsplit("/", 1)[-1])
-            + f"\n\nThe one file mla-seam adds to the tree ({rel}), for {a.series.name}.\n"
-        )
-        stamp = (committer[0], committer[1], f"{int(time.time())} +0000")
-        parent = gitlayer.commit_tree(repo, tree, parent, message, stamp, committer)
-        ids.append(parent)
+    with gitlayer.TreeBuilder(repo, head) as trees:
+        for step, stage in steps:
+            info = gitlayer.mailinfo(step.patch.path.read_bytes(), a.tree.root)
+            files = {
+                rel: (entries.get(rel, ("100644", ""))[0], next(blobs))
+                for rel in sorted(step.patch.files)
+                if rel in stage
+            }
+            author = (info.get("author", committer[0]), info.get("email", committer[1]),
+                      info.get("date", ""))  # fmt: skip
+            parent = gitlayer.commit_tree(repo, trees.tree(files), parent, _message(info, step),
+                                          author, committer)  # fmt: skip
+            ids.append(parent)
+        for rel, data in sorted(adapter.items()):
+            blob = next(blobs)
+            if entries.get(rel, ("", ""))[1] == blob:
+                continue  # the fork already commits this very adapter
+            message = (
+                ADAPTER_SUBJECT.format(name=rel.rsplit("/", 1)[-1])
+                + f"\n\nThe one file mla-seam adds to the tree ({rel}), for {a.series.name}.\n"
+            )
+            stamp = (committer[0], committer[1], f"{int(time.time())} +0000")
+            tree = trees.tree({rel: ("100644", blob)})
+            parent = gitlayer.commit_tree(repo, tree, parent, message, stamp, committer)
+            ids.append(parent)
     if not ids:
         return [], None
     paths = sorted(set(a.series.touched) | set(a.series.overlay))
     return ids, HeadMove(head, parent, paths, f"apply {a.series.name}")
 
 
-def revert_preflight(a: Assessment) -> List[str]:
-    """What ``--revert --commit`` needs before anything is written; returns the series' commits.
+def revert_preflight(a: Assessment) -> Dict[str, List[str]]:
+    """What ``--revert --commit`` needs before anything is written; returns the series' commits
+    (oldest first) with the paths each one changes.
 
     Raises:
         UsageError: not a git checkout, or the tree was applied in working-tree mode.
@@ -152,7 +156,7 @@ def revert_preflight(a: Assessment) -> List[str]:
     _require_repo(a)
     applied = a.applier.record if a.applier else None
     commits: List[str] = list(applied.commits) if applied is not None else []
-    if not commits:
+    if not commits or applied is None:
         raise UsageError(
             f"--revert --commit reverts the commits of `apply --commit`; {a.tree.root} was "
             "applied in working-tree mode (nothing of the series is committed by mla-seam)",
@@ -166,7 +170,8 @@ def revert_preflight(a: Assessment) -> List[str]:
             f"history of HEAD ({(head or '')[:12]}): the branch was switched or reset",
             "check out the branch that has them and run again, or revert without --commit",
         )
-    touched = sorted({rel for c in commits for _, rel in gitlayer.changed_paths(repo, c)})
+    changes = {c: [rel for _, rel in gitlayer.changed_paths(repo, c)] for c in commits}
+    touched = sorted({rel for paths in changes.values() for rel in paths})
     work = gitlayer.tree_blobs(repo, "HEAD", touched)
     recorded = {**{r: f.post for r, f in applied.files.items()}, **applied.overlay}
     changed = [rel for rel in touched if rel in recorded and work.get(rel) != recorded[rel]]
@@ -177,33 +182,29 @@ def revert_preflight(a: Assessment) -> List[str]:
             "revert those commits first, or revert without --commit",
         )
     check_locks(a, "--revert")
-    return commits
+    return changes
 
 
 def revert_commits(
-    a: Assessment, commits: List[str], paths: List[str]
+    a: Assessment, commits: Dict[str, List[str]], paths: List[str]
 ) -> Tuple[List[str], HeadMove]:
     """One revert commit per series commit, newest first (objects only)."""
     repo = a.tree.repo
     head = gitlayer.head_commit(repo)
     assert head is not None
     committer = _committer(a)
+    subjects = gitlayer.commit_subjects(repo, list(commits))
     parent = head
     ids: List[str] = []
-    for commit in reversed(commits):
-        changed = [rel for _, rel in gitlayer.changed_paths(repo, commit)]
-        before = gitlayer.tree_blobs(repo, f"{commit}^", changed)
-        modes = gitlayer.file_modes(repo, f"{commit}^", changed)
-        files: Dict[str, Optional[Tuple[str, str]]] = {
-            rel: ((modes.get(rel, "100644"), blob) if blob else None)
-            for rel, blob in before.items()
-        }
-        tree = gitlayer.tree_with(repo, parent, files)
-        subject = gitlayer.commit_subject(repo, commit)
-        message = f'Revert "{subject}"\n\nThis reverts commit {commit}.\n'
-        stamp = (committer[0], committer[1], f"{int(time.time())} +0000")
-        parent = gitlayer.commit_tree(repo, tree, parent, message, stamp, committer)
-        ids.append(parent)
+    with gitlayer.TreeBuilder(repo, head) as trees:
+        for commit in reversed(list(commits)):
+            before = gitlayer.tree_entries(repo, f"{commit}^", commits[commit])
+            files = {rel: before.get(rel) for rel in commits[commit]}
+            message = f'Revert "{subjects.get(commit, commit)}"\n\nThis reverts commit {commit}.\n'
+            stamp = (committer[0], committer[1], f"{int(time.time())} +0000")
+            parent = gitlayer.commit_tree(repo, trees.tree(files), parent, message, stamp,
+                                          committer)  # fmt: skip
+            ids.append(parent)
     return ids, HeadMove(head, parent, sorted(set(paths)), f"revert {a.series.name}")
 
 

@@ -64,7 +64,9 @@ from mla_seam.gitlayer.history import (  # noqa: F401
 )
 from mla_seam.gitlayer.objects import (  # noqa: F401
     add_paths,
+    TreeBuilder,
     blob_bytes,
+    commit_subjects,
     commit_tree,
     commits_touching_lines,
     current_ident,
@@ -81,6 +83,8 @@ from mla_seam.gitlayer.objects import (  # noqa: F401
     scratch_repo,
     smudged,
     store_blob,
+    store_blobs,
+    tree_entries,
     tree_with,
 )
 
@@ -90,6 +94,7 @@ __all__ = [
     "PINNED_CONFIG",
     "PINNED_ENV",
     "SEAM_IDENT",
+    "TreeBuilder",
     "add_paths",
     "apply_index",
     "apply_patch",
@@ -108,6 +113,7 @@ __all__ = [
     "commit_patch_ids",
     "commit_replayed",
     "commit_subject",
+    "commit_subjects",
     "commit_tree",
     "commits_touching_lines",
     "create_tag",
@@ -146,9 +152,11 @@ __all__ = [
     "scratch_repo",
     "smudged",
     "store_blob",
+    "store_blobs",
     "tag_commit",
     "tags_at",
     "tree_blobs",
+    "tree_entries",
     "tree_with",
     "user_command",
 ]
