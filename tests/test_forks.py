@@ -8,13 +8,12 @@ patch (with its DEP-3 header) plus the adapter's, undone by revert commits.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import integrity
 import pytest
 import test_series
 from mla_seam.errors import STATUS_EXIT_CODES, PreimageMismatchError
@@ -27,21 +26,19 @@ RELEASE = "0.19.2"
 LINE = "core_v0.19"
 
 
-def _env() -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLA_SEAM_ROOT"}
-    env["PYTHONPATH"] = str(REPO_ROOT / "scripts")
-    env.update(GIT_COMMITTER_NAME="Fork Owner", GIT_COMMITTER_EMAIL="owner@fork.example")
-    return env
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mla_seam", "apply", *args],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """``mla-seam apply ARGS`` as a forked child of this process (integrity.run: the CLI's main,
+    without an interpreter start); the environment of a user: no MLA_SEAM_ROOT, own identity."""
+    env: Dict[str, Optional[str]] = {
+        "MLA_SEAM_ROOT": None,
+        "MLA_SEAM_CRASH_AT": None,
+        "GIT_COMMITTER_NAME": "Fork Owner",
+        "GIT_COMMITTER_EMAIL": "owner@fork.example",
+    }
+    done = integrity.run(["apply", *args], env)
+    assert not done.traceback, done.err
+    code = done.code if done.code is not None else -(done.signal or 0)
+    return subprocess.CompletedProcess(args, code, done.out, done.err)
 
 
 def _git(tree: Path, *args: str) -> str:
