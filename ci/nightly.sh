@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The nightly drift job, end to end on this machine: the same steps as ci/nightly.yml.
+# The nightly drift job on this machine: the phases of ci/nightly.yml, one after the other.
 #
-#   ci/nightly.sh [--megatron CLONE --remote origin] [--pre] [--gpu auto|on|off] [--out DIR] ...
+#   ci/nightly.sh [--megatron CLONE --remote origin] [--follow main,dev] [--pre]
+#                 [--gpu auto|on|off|dry-run] [--out DIR] [--state DIR] [--publish ...]
 #
-# Steps (python -m mla_seam.nightly --help has them all): discover new releases on the package
-# index, fetch new tags and main from the clone's remote (without --megatron: every known release
-# from the PyPI sdists), the drift sweep with the history file, a proposed series for each new
-# release whose hooks all apply exactly or with offsets, the tracking issue's body for the rest,
-# and the three-tree GPU suite for new or changed releases when a CUDA device is visible (else
-# skipped, said so in the summary). Everything lands in --out (default ci-out/):
-#   summary.md outcome.json drift/ proposals/ tracking-issue.md results/ history.jsonl
+# Phase all (python -m mla_seam.nightly --help has every option): the CPU phase (new releases
+# on the package index, tags and the followed branches from the clone's remote, the drift sweep,
+# a proposed series or a tracking-issue text per moving target) and the GPU phase (the proposed
+# series staged on each changed target and the three-tree suite, when a CUDA device is visible;
+# else skipped, said so). With --publish, also the publishing phases (proposal branches pushed
+# to --project-remote, pull requests and issues through `gh`; add --github-dry-run to only
+# record the GitHub calls in DIR/github-calls.jsonl). Everything lands in --out (default
+# ci-out/); the state of earlier nights is kept in --state (default ci-state/).
 #
 # Exit status: 0 nothing to do, 17 upstream drift found, 25 the overlay broke, 26 the job broke.
-# Keep MLA_SEAM_CACHE (sdists, checkouts) and the history file between nights.
+# Installs mla-seam into .venv without torch (the CPU phase imports none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_venv test || exit 26
+ensure_venv || exit 26
 args=("$@")
 case " ${args[*]} " in *" --out "*) ;; *) args+=(--out ci-out) ;; esac
+case " ${args[*]} " in *" --state "* | *" --state-branch "*) ;; *) args+=(--state ci-state) ;; esac
 "$MLA_SEAM_PY" -m mla_seam.nightly "${args[@]}"

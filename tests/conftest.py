@@ -3,23 +3,34 @@
 Checkouts come from the mla-seam cache (``$MLA_SEAM_CACHE``, else the user's normal cache
 ``~/.cache/mla-seam``), so CI reuses downloaded sdists and built checkouts across runs. The only
 network a test may need is the package registry, the first time a release is materialized.
+
+Upstream's moving targets (main, dev) have no sdist: tests of the real ``patches/main`` and
+``patches/dev`` need a git clone of NVIDIA/Megatron-LM named by ``$MLA_SEAM_UPSTREAM_CLONE``
+(a clone or a bare mirror holding the commits those series record and the ``core_v*`` tags).
+Without it they are skipped, saying so; CI has none.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import pytest
-from mla_seam import gitlayer, upstream
+from mla_seam import gitlayer, releases, upstream
 from mla_seam.paths import cache_dir
+from mla_seam.series import load_series
+
+#: A git clone (or bare mirror) of NVIDIA/Megatron-LM for the tests of main and dev.
+CLONE_ENV = "MLA_SEAM_UPSTREAM_CLONE"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    """Say which cache the upstream checkouts come from."""
+    """Say which cache the upstream checkouts come from, and which clone main and dev do."""
     origin = "MLA_SEAM_CACHE" if os.environ.get("MLA_SEAM_CACHE") else "default; MLA_SEAM_CACHE"
-    return f"mla-seam cache: {cache_dir()} ({origin} overrides)"
+    clone = os.environ.get(CLONE_ENV) or f"none: main/dev tests skip ({CLONE_ENV} names one)"
+    return f"mla-seam cache: {cache_dir()} ({origin} overrides)\nupstream clone: {clone}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,5 +89,45 @@ def fresh_checkout(seam_cache: Path) -> Callable[[str, Path], Path]:
 
     def factory(version: str, dest: Path) -> Path:
         return upstream.get(version, into=dest, cache=seam_cache)
+
+    return factory
+
+
+def recorded_commit(target: str) -> str:
+    """The upstream commit the repository's ``patches/<target>`` series was made from."""
+    return str(load_series(REPO_ROOT / "patches" / target).upstream["commit"])
+
+
+@pytest.fixture(scope="session")
+def upstream_clone() -> Path:
+    """``$MLA_SEAM_UPSTREAM_CLONE``; the test is skipped (saying why) when it is not set."""
+    path = os.environ.get(CLONE_ENV)
+    if not path:
+        pytest.skip(
+            f"{CLONE_ENV} is not set: main and dev have no sdist, so the real patches/main and "
+            "patches/dev are tested on a git clone of NVIDIA/Megatron-LM it names"
+        )
+    if not Path(path).is_dir():
+        pytest.fail(f"{CLONE_ENV}={path} is not a directory")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def target_checkout(upstream_clone: Path) -> Callable[..., Path]:
+    """Factory ``(target, dest, back=0) -> Path``: a writable checkout of upstream's moving
+    target (``main``, ``dev``) at the commit its series records, or ``back`` first-parent
+    commits before it (a commit no manifest records), on a local branch named after the target.
+    A ``git clone --shared`` of the clone: nothing is written there. Skips when the clone lacks
+    the commit."""
+
+    def factory(target: str, dest: Path, back: int = 0) -> Path:
+        assert target in releases.MOVING_TARGETS, target
+        repo = gitlayer.clone_shared(upstream_clone, dest)
+        wanted = f"{recorded_commit(target)}~{back}"
+        commit = gitlayer.resolve_commit(repo, wanted)
+        if commit is None:
+            pytest.skip(f"{upstream_clone} lacks {target}'s {wanted} (git fetch it there)")
+        gitlayer.checkout_branch(repo, target, commit)
+        return dest
 
     return factory

@@ -111,10 +111,30 @@ def test_middle_stage_guard_makes_h7_obsolete(megatron_checkout, tmp_path: Path)
     assert contracts.probe_dir(src)["tl.layer_offset_middle_stages_guarded"] is False
     root = Path(__file__).resolve().parents[1] / "patches"
     headers = sorted(root.glob("*/*-H7-*.patch"))
-    assert [h.parent.name for h in headers] == [f"core_v0.1{n}" for n in range(3, 10)]
+    # every release line and both moving targets (dev, main) carry H7
+    assert [h.parent.name for h in headers] == [f"core_v0.1{n}" for n in range(3, 10)] + [
+        "dev",
+        "main",
+    ]
     for header in headers:
         held = contracts.obsolete_if(header.read_text(), values)
         assert held == "tl.layer_offset_middle_stages_guarded=true", header
+
+
+def test_a_tree_without_the_qk_norm_resolver_makes_h9_obsolete(megatron_checkout, tmp_path):
+    """H9 works around the query-input norm of 0.19's QK-norm resolver; where the resolver file
+    is gone (dev, and every release before 0.19) the header says the patch is obsolete, which
+    is why dev's series has no H9."""
+    assert contracts.probe_dir(megatron_checkout("0.19.2"))["mla.qk_norm_resolver"] is True
+    without = contracts.probe_dir(tmp_path)
+    assert without["mla.qk_norm_resolver"] is False
+    root = Path(__file__).resolve().parents[1] / "patches"
+    headers = sorted(root.glob("*/*-H9-*.patch"))
+    assert [h.parent.name for h in headers] == ["core_v0.19", "main"]
+    for header in headers:
+        assert contracts.obsolete_if(header.read_text(), without) == "mla.qk_norm_resolver=false"
+        with_resolver = contracts.probe_dir(megatron_checkout("0.19.2"))
+        assert contracts.obsolete_if(header.read_text(), with_resolver) is None
 
 
 def test_obsolete_if_trailers():
@@ -138,3 +158,22 @@ def test_every_series_trailer_names_a_known_probe():
     for patch in root.glob("*/*.patch"):
         text = patch.read_text()
         assert contracts.unknown_probes(text) == [], patch
+
+
+def test_probe_files_are_every_file_a_probe_reads(megatron_checkout):
+    """A survey of a partial clone fetches PROBE_FILES before probing: nothing else is read."""
+
+    class Recording(contracts.DirSource):
+        def __init__(self, root):
+            super().__init__(root)
+            self.seen = set()
+
+        def read(self, relpath):
+            self.seen.add(relpath)
+            return super().read(relpath)
+
+    for release in ("0.13.1", "0.19.2"):
+        source = Recording(megatron_checkout(release))
+        contracts.probe_tree(source)
+        assert source.seen <= set(contracts.PROBE_FILES), source.seen - set(contracts.PROBE_FILES)
+    assert {p.file for p in contracts.PROBES} <= set(contracts.PROBE_FILES)

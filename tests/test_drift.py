@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -308,3 +309,64 @@ def test_bad_gpu_results_folder(combo, bundle, tmp_path):
         "--gpu-results", str(tmp_path / "none"),
     )  # fmt: skip
     assert done.returncode == 2 and "is not a folder" in done.stderr
+
+
+def test_bad_baseline_names_its_own_option(combo, bundle):
+    done = run_subprocess(
+        {"MLA_SEAM_ROOT": str(bundle)}, "drift", "--megatron", str(combo), "--tags",
+        "0.19.2..0.19.2", "--baseline", "0.99",
+    )  # fmt: skip
+    assert done.returncode == 2 and "--baseline 0.99: no such release line" in done.stderr
+    assert "--series" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_history_lines_that_are_not_records_are_skipped_with_a_message(tmp_path, caplog):
+    """A JSON list, a truncated line, a record of another version: skipped, each said why."""
+    from mla_seam.drift import history
+
+    good = {"history_version": 1, "timestamp": "2026-12-01T00:00:00+00:00", "tags": {},
+            "summary": {"tags": 0}}  # fmt: skip
+    path = tmp_path / "history.jsonl"
+    path.write_text(
+        "\n".join([json.dumps(good), "[1, 2]", '{"history_version": 1, "tim', json.dumps(
+            dict(good, history_version=9)), json.dumps(dict(good, tags={"t": {"classes": []}}))])
+        + "\n"
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        entries = history.load(path)
+    assert entries == [good]
+    assert "line 2 is a JSON list, not a history record" in caplog.text
+    assert "line 3 is not JSON" in caplog.text and "line 4 is history_version 9" in caplog.text
+    assert "line 5 is a tag record whose classes are not an object" in caplog.text
+    doc = {"run": {"timestamp": "2026-12-02T00:00:00+00:00"}, "tool": "t", "range": "a..b",
+           "summary": {"tags": 0, "supported": 0, "needs_work": 0}, "tags": []}  # fmt: skip
+    assert history.since(doc, entries[-1])["new_tags"] == []
+    path.write_text("[1, 2]\n")  # a list as the last line: appending does not crash either
+    history.append(path, doc)
+    assert [json.loads(line) for line in path.read_text().splitlines()][0] == [1, 2]
+    assert len(history.load(path)) == 1
+
+
+def test_sweep_cache_reuses_unchanged_tags(combo, bundle, tmp_path, monkeypatch, caplog):
+    """The nightly's per-tag cache: a second sweep surveys nothing and reports the same;
+    a changed series is a new key (surveyed again)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
+    cache = tmp_path / "sweeps"
+    first = drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert len(list(cache.glob("*.json"))) == 3
+    with caplog.at_level("INFO"):
+        again = drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert caplog.text.count("(unchanged: cached)") == 3
+    assert again == first and again["tags"][1]["contract_changes"]  # recomputed from the cache
+    patch = next((bundle / "patches" / "core_v0.19").glob("*H9*.patch"))
+    manifest = bundle / "patches" / "core_v0.19" / "manifest.json"
+    patch.write_bytes(patch.read_bytes().replace(b"Why:", b"Why: (edited)", 1))
+    data = json.loads(manifest.read_text())
+    for item in data["patches"]:
+        if item["name"] == patch.name:
+            item["sha256"] = hashlib.sha256(patch.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
+    assert "(unchanged: cached)" not in caplog.text and len(list(cache.glob("*.json"))) == 6

@@ -1,23 +1,28 @@
 """The nightly job (``python -m mla_seam.nightly``, ``ci/nightly.sh``, ``ci/nightly.yml``).
 
-Decisions are checked on literal inputs (the discovery JSON ``mla-seam upstream list --refresh
---json`` prints, report entries); the job runs end to end on real checkouts built from the
-PyPI sdists, with a local git remote standing in for GitHub's, and once with a remote that is
-not there (the job broke: exit 26, never drift).
+Decisions are checked on literal inputs (the discovery JSON, drift report entries); the job
+runs end to end with real git and no GitHub: a local bare "upstream" (``test_partial_clones``:
+a new release tag moving three hooks, one offset, one clean 3-way, one conflict, and ``main``
+after it), a blobless clone of it, and a local bare "origin" of this project. Night one pushes
+the proposal branch, writes the pull-request and issue texts, records the GitHub calls (the one
+thin layer, in dry-run mode) and stages the proposed series for the GPU step (dry run on the
+CPU); night two, with nothing new upstream, changes nothing and calls GitHub not once.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import git
 import pytest
-from mla_seam import drift, gitlayer, nightly
-from test_rebase import REPO, bundle  # noqa: F401 (fixture)
+from mla_seam import gitlayer, nightly, paths
+from mla_seam.nightly import cpu, github, publish, state, targets, texts
+from test_partial_clones import SPARSE, upstream_remote  # noqa: F401 (fixture)
+from test_rebase import DATE, REPO, bundle  # noqa: F401 (fixture)
 
 DISCOVERY = """[
   {"version": "0.19.2", "tag": "core_v0.19.2", "line": "0.19", "prerelease": false,
@@ -25,14 +30,18 @@ DISCOVERY = """[
   {"version": "0.20.0rc1", "tag": "core_v0.20.0rc1", "line": "0.20", "prerelease": true,
    "source": "index", "cached": false},
   {"version": "0.20.0", "tag": "core_v0.20.0", "line": "0.20", "prerelease": false,
-   "source": "index", "cached": false}
+   "source": "index", "cached": false},
+  {"version": "0.21.0rc1", "tag": "core_v0.21.0rc1", "line": "0.21", "prerelease": true,
+   "source": "index", "cached": false},
+  {"version": "0.19.1", "tag": "core_v0.19.1", "line": "0.19", "prerelease": false,
+   "source": "index", "cached": false, "yanked": true}
 ]"""
 
 
 def test_parse_discovery_sample():
     rows = nightly.parse_discovery(DISCOVERY)
-    assert [r["version"] for r in rows] == ["0.19.2", "0.20.0rc1", "0.20.0"]
-    assert [r["prerelease"] for r in rows] == [False, True, False]
+    assert [r["version"] for r in rows][:4] == ["0.19.2", "0.20.0rc1", "0.20.0", "0.21.0rc1"]
+    assert [r["prerelease"] for r in rows] == [False, True, False, True, False]
     for bad in ("not json", '{"version": "0.1"}', '[{"tag": "core_v0.1"}]'):
         with pytest.raises(nightly.JobBroke):
             nightly.parse_discovery(bad)
@@ -42,65 +51,78 @@ def _proc(code, out="", err=""):
     return subprocess.CompletedProcess([], code, out, err)
 
 
-def test_discover_filters_prereleases_and_names_an_unreachable_index():
+def test_discover_keeps_only_upcoming_prereleases_and_names_an_unreachable_index():
     calls = []
+    devs = [
+        {"version": f"0.22.0.dev{k}", "tag": "", "line": "0.22", "prerelease": True}
+        for k in range(40)
+    ]
+    sample = json.loads(DISCOVERY) + devs
 
     def fake(cmd, **kwargs):
         calls.append(cmd)
-        return _proc(0, DISCOVERY)
+        return _proc(0, json.dumps(sample))
 
     assert [r["version"] for r in nightly.discover(False, fake)] == ["0.19.2", "0.20.0"]
-    assert len(nightly.discover(True, fake)) == 3 and calls[-1][-1] == "--pre"
-    assert calls[0][-3:] == ["list", "--refresh", "--json"]
+    with_pre = [r["version"] for r in nightly.discover(True, fake)]
+    # 0.20.0rc1 is older than the 0.20.0 release; of the 41 upcoming ones the newest 3 are kept;
+    # the yanked 0.19.1 never (it would become a "new release" to propose)
+    assert with_pre == ["0.19.2", "0.20.0", "0.22.0.dev37", "0.22.0.dev38", "0.22.0.dev39"]
+    assert calls[-1][-1] == "--pre" and calls[0][-3:] == ["list", "--refresh", "--json"]
     down = lambda cmd, **kw: _proc(15, err="mla-seam upstream: pypi.org: Name or service unknown")
     with pytest.raises(nightly.JobBroke, match="package index is unreachable.*service unknown"):
         nightly.discover(False, down)
 
 
-def _entry(tag, version, served, cls, verdict="needs_work", reasons=("x",), gpu=None, hunks=()):
+def _entry(tag, version, cls, verdict="needs_work", reasons=("x",), served=False, contracts=None):
     return {
         "tag": tag,
         "version": version,
-        "line": version.rsplit(".", 1)[0],
+        "line": ".".join(version.split(".")[:2]),
+        "commit": "c" * 40,
         "series": "core_v0.19",
         "served": served,
         "verdict": verdict,
         "reasons": list(reasons),
-        "gpu": gpu,
-        "patches": [{"hook": "H1", "class": c, "hunks": list(hunks)} for c in cls],
+        "contracts": contracts,
+        "patches": [{"hook": f"H{k}", "class": c, "hunks": []} for k, c in enumerate(cls, 1)],
     }
 
 
-def test_plan_sorts_tags_by_who_has_to_act():
-    culprit = {"commit": "a" * 40, "subject": "upstream: rewrite MLA init"}
-    hunk = {"file": "mla.py", "hunk": "@@ -1 +1 @@", "base_lines": [1, 1], "culprits": [culprit]}
+def test_targets_and_what_each_needs(megatron_checkout):
+    from mla_seam import contracts
+    from mla_seam.survey import load_lines
+
+    lines = load_lines(REPO / "patches")
+    probes = contracts.probe_tree(contracts.DirSource(megatron_checkout("0.19.2")))
     report = {
         "tags": [
-            _entry("core_v0.19.2", "0.19.2", True, ["exact"], verdict="supported", reasons=()),
-            _entry("core_v0.20.0", "0.20.0", False, ["offset", "exact"]),
-            _entry("core_v0.20.1", "0.20.1", False, ["offset", "conflict"], hunks=[hunk]),
-            _entry("core_v0.19.3", "0.19.3", True, ["conflict"]),
-            _entry("upstream-main", "0.21.0", False, ["offset"]),
-            _entry(
-                "core_v0.18.2", "0.18.2", True, ["exact"], reasons=["GPU (h200, overlay_broke): x"],
-                gpu={"verdict": "overlay_broke"},
-            ),  # fmt: skip
+            _entry("core_v0.19.2", "0.19.2", ["exact"], "supported", (), served=True),
+            _entry("core_v0.19.0", "0.19.1", ["exact"], "supported", (), served=True),
+            _entry("core_v0.20.0", "0.20.0", ["offset", "three_way"]),
+            _entry("core_v0.20.1", "0.20.1", ["offset", "conflict"]),
+            _entry("core_v0.19.2rc1", "0.19.2rc1", ["conflict"]),
+            _entry("core_v0.18.2", "0.18.2", ["conflict"], served=True, reasons=["H1 broke"]),
+            _entry("upstream-main", "0.21.0", ["offset", "three_way"]),
+            _entry("upstream-dev", "0.19.0", ["three_way"]),
         ]
     }
-    new = ["core_v0.20.0", "core_v0.20.1", "upstream-main"]
-    todo = {k: [e["tag"] for e in v] for k, v in nightly.plan(report, new).items()}
-    assert todo == {
-        "propose": ["core_v0.20.0"],
-        "human": ["core_v0.20.1", "upstream-main"],
-        "overlay": ["core_v0.19.3", "core_v0.18.2"],
+    for entry in report["tags"]:
+        entry["contracts"] = probes  # what the adapter handles (no contract problem)
+    found = {t.name: t for t in nightly.moving_targets(report, ["main", "dev"], lines)}
+    assert list(found) == ["core_v0.20.0", "core_v0.20.1", "core_v0.18.2", "main", "dev"]
+    entries = {e["tag"]: e for e in report["tags"]}
+    actions = {n: nightly.plan(t, entries[t.ref], lines).action for n, t in found.items()}
+    assert actions == {
+        "core_v0.20.0": "propose",
+        "core_v0.20.1": "human",
+        "core_v0.18.2": "human",  # the overlay broke on a release the series lists
+        "main": "propose",  # 0.21: no series of that line yet
+        "dev": "human",  # says 0.19.0, a release of core_v0.19: never written over it
     }
-    body = nightly.tracking_issue(report, [report["tags"][2]], "# drift.md")
-    assert "`aaaaaaaaaaaa` upstream: rewrite MLA init" in body and body.endswith("# drift.md")
-    assert nightly.gpu_targets(report, new + ["core_v0.19.3", "core_v0.19.2"]) == [
-        "core_v0.19.3",
-        "core_v0.20.1",
-        "upstream-main",
-    ]
+    assert found["core_v0.18.2"].kind == "overlay"
+    assert "core_v0.19 series" in found["dev"].reasons[0]
+    assert found["main"].branch == "mla-seam/propose/main"
 
 
 def test_exit_code_precedence(tmp_path):
@@ -112,14 +134,59 @@ def test_exit_code_precedence(tmp_path):
     job.broke = "remote: unreachable"
     assert job.exit_code == nightly.EXIT_JOB_BROKE == 26
     assert len(set(nightly.EXIT_CODES)) == 4
+    publishing = nightly.Job(tmp_path, phase="publish", targets=[{"action": "propose"}])
+    assert publishing.exit_code == 0  # drift is the CPU phase's verdict, not publishing's
+
+
+def test_bodies_stay_under_githubs_limit():
+    huge = "x" * 50_000 + "\n" + "y" * 200_000
+    body = texts.capped(
+        [("", "intro"), ("Report", huge), ("Tail", "end")], "proposals/m/PR-full.md"
+    )
+    assert len(body) < texts.BODY_LIMIT and body.startswith("intro")
+    assert "## Tail" in body and "PR-full.md" in body and "mla-seam-drift" in body
+
+
+# --- the workflow ---------------------------------------------------------------------------------
+
+
+WORKFLOW = REPO / "ci" / "nightly.yml"
+
+
+def _run_scripts(text: str) -> list:
+    """The ``run:`` scripts of a workflow (a block scalar, or one line)."""
+    scripts, lines = [], text.splitlines()
+    for k, line in enumerate(lines):
+        match = re.match(r"^(\s*)(?:- )?run: ?(.*)$", line)
+        if not match:
+            continue
+        indent, rest = len(match.group(1)), match.group(2)
+        if rest.strip() not in ("|", ">"):
+            scripts.append(rest)
+            continue
+        body = []
+        for follow in lines[k + 1 :]:
+            if follow.strip() and len(follow) - len(follow.lstrip()) <= indent:
+                break
+            body.append(follow)
+        scripts.append("\n".join(body))
+    return scripts
 
 
 def test_workflow_copies_are_identical_and_valid():
-    ours, github = REPO / "ci" / "nightly.yml", REPO / ".github" / "workflows" / "nightly.yml"
-    assert ours.read_bytes() == github.read_bytes()
+    ours, github_copy = WORKFLOW, REPO / ".github" / "workflows" / "nightly.yml"
+    assert ours.read_bytes() == github_copy.read_bytes()
     text = ours.read_text()
-    assert "ci/nightly.sh --phase cpu" in text and "--phase gpu" in text
+    for phase in ("cpu", "publish", "gpu", "report"):
+        assert f"--phase {phase}" in text
     assert "vars.MLA_SEAM_GPU_RUNNER == 'true'" in text  # no GPU runner: the CPU report stands
+    uses = re.findall(r"uses: (\S+)", text)
+    assert uses and all(re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", u) for u in uses), uses
+    assert re.search(r"^permissions:\n  contents: read\n", text, re.M)  # read-only by default
+    gpu_job = text.split("\n  gpu:\n", 1)[1].split("\n  report:\n", 1)[0]
+    assert "permissions:\n      contents: read\n" in gpu_job and "write" not in gpu_job
+    for script in _run_scripts(text):  # no expression expanded inside a shell script
+        assert "${{" not in script, script
     pytest.importorskip("check_jsonschema")
     done = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
@@ -129,71 +196,15 @@ def test_workflow_copies_are_identical_and_valid():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# --- end to end -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clone(fresh_checkout, tmp_path):
-    """A clone of an 'upstream' repository (0.19.2, tag and main) through a local remote."""
-    upstream_repo = fresh_checkout("0.19.2", tmp_path / "upstream")
-    return Path(git.Repo.clone_from(str(upstream_repo), str(tmp_path / "clone")).working_tree_dir)
-
-
-def _nightly(*args):
-    return nightly.main([*args, "--no-discover", "--gpu", "off", "--since", "0.19"])
-
-
-@pytest.mark.slow
-def test_nightly_end_to_end(clone, bundle, tmp_path, capsys):
-    out = tmp_path / "out"
-    code = _nightly("--out", str(out), "--megatron", str(clone), "--remote", "origin")
-    text = capsys.readouterr().out
-    outcome = json.loads((out / "outcome.json").read_text())
-    assert code == outcome["exit_code"] == 0, text
-    assert [s["status"] for s in outcome["steps"]] == ["skipped", "ok", "ok", "ok", "skipped"]
-    assert gitlayer.resolve_commit(gitlayer.open_repo(clone), nightly.MAIN_BRANCH)
-    doc = json.loads((out / "drift" / "drift.json").read_text())
-    drift.validate(doc)
-    assert [e["tag"] for e in doc["tags"]] == ["core_v0.19.0", "core_v0.19.2", "upstream-main"]
-    assert outcome["gpu_targets"] == ["core_v0.19.2", "upstream-main"]  # first night: all new
-    assert "GPU suite not run (--gpu off)" in outcome["notes"][0]
-    assert "# mla-seam nightly: nothing to do (exit 0)" in text
-    assert len((out / "history.jsonl").read_text().splitlines()) == 1
-    # Second night: nothing new, nothing to test on the GPU; the history grows by one line.
-    assert _nightly("--out", str(out), "--megatron", str(clone), "--remote", "origin") == 0
-    outcome = json.loads((out / "outcome.json").read_text())
-    assert outcome["new_tags"] == [] and outcome["gpu_targets"] == []
-    assert len((out / "history.jsonl").read_text().splitlines()) == 2
-
-
-@pytest.mark.slow
-def test_new_release_is_proposed_as_a_series(clone, bundle, tmp_path, capsys):
-    """0.19.2 with no 0.19 series: every 0.18 hook applies with offsets -> a proposed line."""
-    shutil.rmtree(bundle / "patches" / "core_v0.19")
-    out = tmp_path / "out"
-    code = _nightly("--out", str(out), "--megatron", str(clone))
-    outcome = json.loads((out / "outcome.json").read_text())
-    assert code == 17, capsys.readouterr().out
-    (proposal,) = [p for p in outcome["proposals"] if p["tag"] == "core_v0.19.2"]
-    assert proposal["exit"] == 0, proposal
-    folder = Path(proposal["folder"])
-    assert (folder / "series").is_file() and (folder / "manifest.json").is_file()
-    assert "0.19.2" in json.loads((folder / "manifest.json").read_text())["releases"]
-    assert "Every hook of core_v0.18 applies to core_v0.19.2" in (folder / "PR.md").read_text()
-    assert not (bundle / "patches" / "core_v0.19").exists()  # the bundle itself is untouched
-    assert "core_v0.19.2" not in outcome["tracking_issue"]
-
-
-def test_unreachable_remote_breaks_the_job_not_drift(fresh_checkout, tmp_path, capsys):
-    tree = fresh_checkout("0.19.2", tmp_path / "tree")
-    gitlayer.open_repo(tree).git.remote("add", "origin", str(tmp_path / "no-such-remote"))
-    out = tmp_path / "out"
-    code = _nightly("--out", str(out), "--megatron", str(tree), "--remote", "origin")
-    text = capsys.readouterr().out
-    assert code == nightly.EXIT_JOB_BROKE == 26
-    outcome = json.loads((out / "outcome.json").read_text())
-    assert outcome["outcome"] == "the job broke" and "unreachable" in outcome["broke"]
-    assert "This is not drift" in text and not (out / "drift").exists()
+def test_workflow_has_no_high_zizmor_finding():
+    zizmor = shutil.which("zizmor") or str(Path(sys.executable).parent / "zizmor")
+    if not Path(zizmor).is_file():
+        pytest.skip("zizmor is not installed (.ci/run installs it from PyPI and runs it)")
+    done = subprocess.run(
+        [zizmor, "--offline", "--min-severity", "high", "--format", "plain", str(WORKFLOW)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_nightly_script_runs_the_module(tmp_path):
@@ -205,21 +216,296 @@ def test_nightly_script_runs_the_module(tmp_path):
     assert done.returncode == 2 and "--no-such-option" in done.stderr
 
 
-def test_gpu_step_stages_every_tree_then_runs_one_suite_per_device(tmp_path):
-    """Staging is serial (releases share the base tree); suites then run side by side.
+# --- publishing: the project's own remote and the GitHub layer ----------------------------------
 
-    No GPU here: each suite process exits 18, and the job says so per target instead of a
-    verdict. Branch targets are not staged by the suite.
-    """
-    results, work = tmp_path / "results", tmp_path / "trees"
-    verdicts = nightly.run_gpu(
-        ["core_v0.16.1", "core_v0.17.1", "upstream-main"], results, work, None, devices=[0, 1]
+
+@pytest.fixture
+def project(tmp_path):
+    """A bare "origin" of this project (main: patches/ and overlay/) and a checkout of it."""
+    work = tmp_path / "project-work"
+    for name in ("patches", "overlay"):
+        shutil.copytree(REPO / name, work / name)
+    (work / "README.md").write_text("mla-seam\n")
+    repo = gitlayer.init_repo(work)
+    gitlayer.commit_all(repo, "project", DATE)
+    origin = tmp_path / "origin.git"
+    gitlayer.init_bare(origin)
+    repo.git.push("--quiet", str(origin), "main:refs/heads/main")
+    gitlayer.clone(origin.as_uri(), tmp_path / "project")
+    return tmp_path / "project"
+
+
+def _refs(project_dir: Path) -> dict:
+    repo = gitlayer.open_repo(project_dir)
+    return gitlayer.ls_remote(repo, "origin", ["refs/heads/*"])
+
+
+def _proposal_target(out: Path, name: str, content: str) -> targets.Target:
+    """A proposal folder with one line folder (what the CPU phase writes), for the publisher."""
+    target = targets.Target(name, "branch", f"upstream-{name}", "f" * 40, "0.21.0", "0.21",
+                            "core_v0.19", action="propose")  # fmt: skip
+    folder = out / "proposals" / target.slug
+    line = folder / "bundle" / "patches" / "core_v0.21"
+    shutil.rmtree(folder, ignore_errors=True)
+    line.mkdir(parents=True)
+    (line / "series").write_text(content)
+    (folder / "PR.md").write_text("body\n")
+    files = {"series": content.encode()}
+    target.proposal = {
+        "ok": True, "folder": f"proposals/{target.slug}", "line_dir": "core_v0.21",
+        "fingerprint": targets.proposal_digest(files), "title": "mla-seam: serve main",
+    }  # fmt: skip
+    return target
+
+
+def test_publisher_never_pushes_over_someone_elses_commits(project, tmp_path):
+    out, data = tmp_path / "out", state.empty()
+    gh = github.GitHub("acme/mla-seam", dry_run=True)
+    repo = gitlayer.open_repo(project)
+    pub = publish.Publisher(out, data, gh, repo, "origin", "main", token_kind="github-token")
+    target = _proposal_target(out, "main", "one\n")
+    pub.proposal(target)
+    first = _refs(project)["refs/heads/mla-seam/propose/main"]
+    assert [c["argv"][3:5] for c in gh.calls] == [["GET", "repos/acme/mla-seam/pulls?state=open&head=acme:mla-seam/propose/main"], ["POST", "repos/acme/mla-seam/pulls"]]  # fmt: skip
+    assert "opened with github.token" in pub.warnings[0]  # CI will not run on it: said so
+    pub.proposal(target)  # unchanged: nothing pushed, no call
+    assert len(gh.calls) == 2 and _refs(project)["refs/heads/mla-seam/propose/main"] == first
+    # A reviewer pushes a fixup on the branch; then upstream moves and the proposal changes.
+    other = gitlayer.commit_files(repo, first, {"fixup.txt": b"mine\n"}, "reviewer fixup\n",
+                                  ("Reviewer", "r@example.com"), DATE)  # fmt: skip
+    assert gitlayer.push_ref(repo, "origin", other, "refs/heads/mla-seam/propose/main")[0]
+    pub.proposal(_proposal_target(out, "main", "two\n"))
+    assert _refs(project)["refs/heads/mla-seam/propose/main"] == other  # never pushed over
+    assert gh.calls[-1]["argv"][3:5] == ["POST", "repos/acme/mla-seam/issues/1/comments"]
+    assert "never pushes over other people's commits" in gh.calls[-1]["payload"]["body"]
+    calls = len(gh.calls)
+    pub.proposal(_proposal_target(out, "main", "two\n"))  # said once, not every night
+    assert len(gh.calls) == calls
+
+
+def test_tracking_issue_changes_notify_and_resolved_ones_close(project, tmp_path):
+    out, data = tmp_path / "out", state.empty()
+    gh = github.GitHub("acme/mla-seam", dry_run=True)
+    pub = publish.Publisher(out, data, gh, gitlayer.open_repo(project), "origin", "main")
+    target = targets.Target("dev", "branch", "upstream-dev", "d" * 40, "0.19.0", "0.19",
+                            "core_v0.19", action="human", classes={"H1": "conflict"},
+                            reasons=["H1 conflict"])  # fmt: skip
+    (out / "issues").mkdir(parents=True)
+    (out / "issues" / "dev.md").write_text("issue body\n")
+    target.issue = {"title": "t", "file": "issues/dev.md", "fingerprint": "a"}
+    pub.issue(target)
+    assert [c["argv"][3:5] for c in gh.calls][-1] == ["POST", "repos/acme/mla-seam/issues"]
+    number = data["targets"]["dev"]["issue"]["number"]
+    pub.issue(target)  # nothing new: no edit, no comment
+    calls = len(gh.calls)
+    target.issue["fingerprint"], target.classes = "b", {"H1": "conflict", "H4": "conflict"}
+    pub.issue(target)
+    new = [c["argv"][3:5] for c in gh.calls[calls:]]
+    assert ["PATCH", f"repos/acme/mla-seam/issues/{number}"] in new
+    comment = gh.calls[-1]
+    assert comment["argv"][3:5] == ["POST", f"repos/acme/mla-seam/issues/{number}/comments"]
+    assert "H4: - -> conflict" in comment["payload"]["body"]  # an edit alone notifies nobody
+    target.action = "ok"
+    pub.close_resolved({"dev": target})
+    assert gh.calls[-1]["payload"] == {"state": "closed", "state_reason": "completed"}
+    assert data["targets"]["dev"]["issue"]["open"] is False
+
+
+def test_gpu_runs_only_when_what_the_series_reads_changed(tmp_path):
+    work = tmp_path / "m"
+    (work / "megatron" / "core" / "transformer").mkdir(parents=True)
+    mla = work / "megatron/core/transformer/multi_latent_attention.py"
+    mla.write_text("x = 1\n")
+    (work / "README.md").write_text("a\n")
+    repo = gitlayer.init_repo(work)
+    first = gitlayer.commit_all(repo, "one", DATE)
+    (work / "README.md").write_text("b\n")
+    readme = gitlayer.commit_all(repo, "readme", DATE)
+    mla.write_text("x = 2\n")
+    hooked = gitlayer.commit_all(repo, "mla", DATE)
+    target = targets.Target(
+        "main", "branch", "upstream-main", first, "0.21.0", "0.21", "core_v0.19"
     )
-    assert sorted(p.name for p in work.iterdir() if p.name != "logs") == [
-        "patched-0.16.1", "patched-0.17.1", "vanilla-0.16.1", "vanilla-0.17.1"
+    prints = []
+    for commit in (first, readme, hooked):
+        target.commit = commit
+        prints.append(cpu.gpu_fingerprint(work, target, "series"))
+    assert prints[0] == prints[1] != prints[2]
+    data = {"targets": {"main": {"gpu": {"fingerprint": prints[2], "verdict": "pass"}}}}
+    target.action, target.proposal = "propose", {"fingerprint": "series"}
+    assert cpu.plan_gpu(target, work, data)["run"] is False
+    assert cpu.plan_gpu(target, work, state.empty())["run"] is True
+
+
+# --- end to end: two nights -------------------------------------------------------------------------
+
+
+def _night(tmp_path, name, clone, project):
+    out = tmp_path / name
+    common = [
+        "--out", str(out), "--megatron", str(clone), "--remote", "origin", "--since", "0.19.2",
+        "--no-discover", "--no-plot", "--follow", "main", "--project", str(project),
+        "--github", "acme/mla-seam", "--github-dry-run", "--base-branch", "main",
     ]  # fmt: skip
-    assert verdicts["upstream-main"].startswith("skipped: the suite stages releases")
-    for tag in ("core_v0.16.1", "core_v0.17.1"):
-        assert verdicts[tag].startswith("no verdict (suite exit 18)"), verdicts[tag]
-        assert "CUDA" in verdicts[tag] or "GPU" in verdicts[tag]
-    assert len(list((work / "logs").glob("*.log"))) == 2
+    codes = {
+        "cpu": nightly.main(["--phase", "cpu", "--state-branch", *common]),
+        "publish": nightly.main(["--phase", "publish", "--push-state", *common]),
+        "gpu": nightly.main(["--phase", "gpu", "--gpu", "dry-run", *common]),
+        "report": nightly.main(["--phase", "report", "--state-branch", "--push-state", *common]),
+    }
+    return out, codes
+
+
+def _calls(out: Path) -> list:
+    path = out / "github-calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_two_nights_end_to_end(upstream_remote, project, bundle, tmp_path, capsys):
+    clone = tmp_path / "megatron"
+    gitlayer.clone(upstream_remote.url, clone, filter_spec="blob:none", sparse=SPARSE)
+    repo = gitlayer.open_repo(clone)
+    gitlayer.fetch_upstream(repo, "origin", {}, unshallow=False)  # as the workflow's clone step
+
+    out, codes = _night(tmp_path, "night1", clone, project)
+    text = capsys.readouterr().out
+    assert codes == {"cpu": 17, "publish": 0, "gpu": 0, "report": 0}, text
+    plan = {t["name"]: t for t in json.loads((out / "targets.json").read_text())["targets"]}
+    assert {n: t["action"] for n, t in plan.items()} == {"core_v0.20.0": "human", "main": "propose"}
+
+    # main: every hook carries (H3 merged 3-way, recorded in its header); pushed to origin.
+    main = plan["main"]
+    assert main["classes"]["H3"] == "three_way" and main["classes"]["H4"] == "offset"
+    line = out / main["proposal"]["folder"] / "bundle" / "patches" / "core_v0.21"
+    h3 = next(line.glob("*-H3-*")).read_text()
+    assert "Merged-3way: 3-way onto upstream-main" in h3 and "Last-Update: 2026-12-01" in h3
+    refs = _refs(project)
+    head = refs["refs/heads/mla-seam/propose/main"]
+    prepo = gitlayer.open_repo(project)
+    assert (
+        gitlayer.read_file_at(prepo, head, "patches/core_v0.21/series")
+        == (line / "series").read_bytes()
+    )
+    assert "Mla-Seam-Proposal:" in gitlayer.commit_author(prepo, head)[1]
+    assert (
+        gitlayer.read_file_at(prepo, refs["refs/heads/main"], "patches/core_v0.21/series") is None
+    )
+
+    # core_v0.20.0: the conflict needs a human; the issue names the hunk, culprit and command.
+    issue = (out / "issues" / "core_v0.20.0.md").read_text()
+    assert "transformer_layer.py" in issue and upstream_remote.commits["conflict"][:12] in issue
+    assert "mla-seam rebase --megatron CLONE --onto core_v0.20.0 --from 0.19 --keep" in issue
+    assert issue.count(upstream_remote.commits["conflict"][:12]) == 1  # the culprit named once
+
+    calls = _calls(out)
+    posts = [
+        (c["argv"][4].rsplit("/", 1)[-1], c["payload"]) for c in calls if c["argv"][3] == "POST"
+    ]
+    assert [p[0] for p in posts] == ["labels", "issues", "pulls"]  # in the report's order
+    assert "core_v0.20.0" in posts[1][1]["title"] and posts[1][1]["labels"] == ["mla-seam-drift"]
+    assert posts[2][1]["head"] == "mla-seam/propose/main" and posts[2][1]["base"] == "main"
+    assert all(len(p[1].get("body", "")) < texts.BODY_LIMIT for p in posts)
+
+    # The GPU step stages the proposed series on main (dry run: no GPU here).
+    verdicts = json.loads((out / "gpu" / "verdicts.json").read_text())
+    assert list(verdicts) == ["main"] and verdicts["main"]["verdict"] == "staged"
+    assert verdicts["main"]["series"] == "proposal"
+    patched = Path(verdicts["main"]["trees"]["patched"])
+    assert (patched / paths.ADAPTER_RELPATH).is_file()
+    assert gitlayer.head_commit(gitlayer.open_repo(patched)) == upstream_remote.commits["main"]
+    saved = json.loads(
+        gitlayer.read_file_at(prepo, _refs(project)["refs/heads/" + state.BRANCH], "state.json")
+    )
+    assert saved["targets"]["main"]["proposal"]["pr"] == 2  # issues and pulls share numbers
+    assert saved["targets"]["main"]["gpu"]["verdict"] == "staged"
+    assert saved["targets"]["core_v0.20.0"]["issue"] == dict(
+        saved["targets"]["core_v0.20.0"]["issue"], number=1, open=True
+    )
+    before = _refs(project)
+
+    # Night two: nothing new upstream. Nothing is pushed, nobody is notified.
+    out2, codes = _night(tmp_path, "night2", clone, project)
+    text = capsys.readouterr().out
+    assert codes == {"cpu": 17, "publish": 0, "gpu": 0, "report": 0}, text
+    assert _calls(out2) == []
+    assert _refs(project) == before
+    outcome = json.loads((out2 / "outcome.json").read_text())
+    assert outcome["gpu_targets"] == []
+    steps = {s["name"]: s for s in outcome["steps"]}
+    assert "nothing changed since the last recorded night" in steps["drift"]["note"]
+
+
+def test_gpu_suites_without_a_gpu_say_so_per_target(tmp_path):
+    """Staged trees, one suite process per target over the devices: here no GPU, so each
+    target's record says the suite exited 18, instead of a verdict."""
+    from mla_seam.nightly import gpu
+    from mla_seam.suite import trees
+
+    work = tmp_path / "trees"
+    staged = {"a": {"trees": {k: str(v) for k, v in trees.stage("0.16.1", None, work).items()}}}
+    records = gpu.run_suites(staged, tmp_path / "results", work, devices=[0, 1])
+    assert records["a"]["verdict"] == "none"
+    assert records["a"]["error"].startswith("no verdict (suite exit 18)"), records
+    assert len(list((work / "logs").glob("*.log"))) == 1
+
+
+def test_github_layer_records_argv_and_reads_404_as_missing(tmp_path):
+    """The one layer: argv and payload recorded (and logged); GitHub's 404 on a label read is
+    'not there', any other failure a GitHubError (the job broke, exit 26)."""
+    from mla_seam.errors import GitHubError
+
+    seen = []
+
+    def runner(argv, payload):
+        seen.append((list(argv), payload))
+        if argv[4].endswith("labels/mla-seam-drift"):
+            raise GitHubError("gh api failed (exit 1): HTTP 404: Not Found")
+        if argv[4].endswith("issues"):
+            return '{"number": 7}'
+        raise GitHubError("gh api failed (exit 1): HTTP 403: Resource not accessible")
+
+    gh = github.GitHub("acme/mla-seam", runner=runner, log_path=tmp_path / "calls.jsonl")
+    with pytest.raises(GitHubError, match="403"):
+        gh.ensure_label("mla-seam-drift", "d")  # the read is a 404, the create is refused
+    assert gh.create_issue("t", "b", ["mla-seam-drift"]) == 7
+    assert [a[:5] for a, _ in seen] == [
+        ["gh", "api", "--method", "GET", "repos/acme/mla-seam/labels/mla-seam-drift"],
+        ["gh", "api", "--method", "POST", "repos/acme/mla-seam/labels"],
+        ["gh", "api", "--method", "POST", "repos/acme/mla-seam/issues"],
+    ]
+    assert json.loads(seen[-1][1]) == {"body": "b", "labels": ["mla-seam-drift"], "title": "t"}
+    assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 3
+
+
+def test_report_posts_a_gpu_verdict_once_on_the_pull_request_and_the_issue(tmp_path):
+    out = tmp_path / "out"
+    target = targets.Target("main", "branch", "upstream-main", "e" * 40, "0.21.0", "0.21",
+                            "core_v0.19", action="propose")  # fmt: skip
+    (out / "gpu").mkdir(parents=True)
+    (out / "targets.json").write_text(json.dumps({"targets": [target.to_json()]}))
+    verdict = {
+        "verdict": "overlay_broke", "counts": {"overlay broke": 1, "unchanged": 9},
+        "findings": ["overlay broke: bench thd 256: 2.1x slower patched"], "fingerprint": "g1",
+        "commit": target.commit, "base": "0.19.2", "card": "h200", "dry_run": False,
+        "at": "2026-12-03T04:00:00+00:00",
+    }  # fmt: skip
+    (out / "gpu" / "verdicts.json").write_text(json.dumps({"main": verdict}))
+    data = state.empty()
+    data["targets"]["main"] = {"proposal": {"pr": 5}, "issue": {"number": 6, "open": True}}
+    folder = out / "state"
+    state.save(folder, data)
+    gh = github.GitHub("acme/mla-seam", dry_run=True)
+    args = nightly.build_parser().parse_args(["--out", str(out), "--phase", "report"])
+    job = nightly.Job(out, phase="report")
+    publish.run_report(job, args, folder, gh)
+    posted = [(c["argv"][4], c["payload"]["body"]) for c in gh.calls]
+    assert [p[0] for p in posted] == [
+        "repos/acme/mla-seam/issues/5/comments", "repos/acme/mla-seam/issues/6/comments"
+    ]  # fmt: skip
+    assert "**overlay_broke**" in posted[0][1] and "2.1x slower patched" in posted[0][1]
+    assert job.exit_code == nightly.EXIT_OVERLAY_BROKE  # the report job fails for it
+    assert state.load(folder)["targets"]["main"]["gpu"]["fingerprint"] == "g1"
+    assert len((folder / "gpu-history.jsonl").read_text().splitlines()) == 1
+    publish.run_report(nightly.Job(out, phase="report"), args, folder, gh)
+    assert len(gh.calls) == 2  # the same verdict again: nobody is notified twice

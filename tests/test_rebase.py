@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 from mla_seam import cli, gitlayer, upstream
+from mla_seam.releases import MOVING_TARGETS
 from mla_seam.series import load_series
 from mla_seam.survey import PatchClass, split_hunks
 
@@ -199,10 +200,11 @@ def test_survey_of_one_tag_leaves_checkout_and_patches_alone(combo, capsys):
     code, out = run(
         capsys, "rebase", "--megatron", str(combo), "--onto", "core_v0.13.1", "--from", "0.19"
     )
-    assert code == 16  # H9's anchor (0.19's QK-norm resolver) does not exist on 0.13: a conflict
-    assert "H9  0008-" in out and "conflict" in out
-    assert "megatron/core/transformer/multi_latent_attention.py @@" in out
+    # 0.13 has no QK-norm resolver (0.19+), so H9 has nothing to work around there
+    assert "H9  0008-mla-seam-H9-build-DeepSeek-s-query-path-when-q_lora_.patch: obsolete: " in out
+    assert "Obsolete-If: mla.qk_norm_resolver=false holds" in out
     # H7's anchor (pp_rank, 0.15+) is 0.13's pipeline_rank after its decoder-start block
+    assert code == 16
     assert "H7  0006-" in out and "megatron/core/transformer/transformer_layer.py @@" in out
     assert "contracts core_v0.19.2 -> core_v0.13.1" in out and "mla.rope_cu_seqlens" in out
     assert repo_state(combo) == before and files_of(REPO / "patches") == patches
@@ -522,6 +524,17 @@ def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synt
         needle="sha256",
     )
     damaged.write_bytes(patches[f"core_v0.16/{damaged.name}"])
+    _refused(
+        env,
+        "--megatron",
+        str(combo),
+        "--onto",
+        "core_v0.17.1",
+        "--from",
+        "0.99",
+        code=2,
+        needle="--from 0.99: no such release line",  # its own option, not --series
+    )
     assert files_of(bundle / "patches") == patches and repo_state(combo) == state
 
 
@@ -575,9 +588,10 @@ def test_interrupted_rebase_changes_nothing(combo, bundle, point, sig, code):
 
 
 def _served() -> List[Tuple[str, str]]:
+    """Every release of every release line (main and dev: tests/test_moving_targets.py)."""
     rows = []
     for line_dir in sorted((REPO / "patches").iterdir()):
-        if (line_dir / "manifest.json").is_file():
+        if (line_dir / "manifest.json").is_file() and line_dir.name not in MOVING_TARGETS:
             for release in load_series(line_dir).releases:
                 rows.append((line_dir.name, release))
     return rows

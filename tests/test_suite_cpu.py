@@ -302,7 +302,8 @@ def test_run_suite_writes_results_golden_and_bench(tmp_path):
     assert runner.calls[-1]["tree"] == str(vanilla.resolve())
     skipped = {p["name"]: p["skipped_reason"] for p in results["phases"] if p["skipped_reason"]}
     assert set(skipped) == {"thd-sweep", "thd-sweep@vanilla", "parity", "parity@vanilla",
-                            "kernels", "kernels@vanilla", "local-vs-te"}  # fmt: skip
+                            "kernels", "kernels@vanilla", "local-vs-te", "graphs",
+                            "graphs@vanilla"}  # fmt: skip
     assert "bench_issue8.py is not in" in skipped["thd-sweep"]
     assert "MLA_SEAM_GOLDEN_REF" not in runner.calls[4]["env"]
     assert results["ok"] and results["golden"]["patched"]["status"] == "recorded"
@@ -544,3 +545,33 @@ def test_suite_needs_no_gitpython(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 18, proc.stderr
     assert "needs a CUDA device" in proc.stderr
+
+
+def test_cli_refuses_an_unpatched_tree_with_a_usage_error_not_18(tmp_path, monkeypatch, caplog):
+    """An unpatched --megatron is a usage error (exit 2) that says what to do, before the GPU
+    check: no GPU is not the problem."""
+    vanilla = _tree(tmp_path / "v", patched=False)
+    nogpu = suite.DeviceInfo(python="3.11", torch="2.13.0+cpu", cuda=False, cuda_build=None)
+    monkeypatch.setattr(suite.device, "probe_device", lambda python: nogpu)
+    code = cli.main(["suite", "--megatron", str(vanilla), "--out", str(tmp_path / "r")])
+    assert code == UsageError.exit_code == 2
+    assert "is not patched" in caplog.text and "mla-seam apply" in caplog.text
+    assert "CUDA" not in caplog.text and not (tmp_path / "r").exists()
+
+
+def test_reattribute_with_out_leaves_the_stored_run_alone(tmp_path, capsys):
+    patched = _tree(tmp_path / "patched")
+    vanilla = _tree(tmp_path / "vanilla", patched=False)
+    _, folder = _run(
+        tmp_path, megatron=patched, vanilla=vanilla, out=tmp_path / "results",
+        runner=FakeRunner([5.0, 4.0, 3.0]),
+    )  # fmt: skip
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    out = tmp_path / "again"
+    assert cli.main(["suite", "--reattribute", str(folder), "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    moved = out / folder.parent.name / folder.name
+    results = json.loads((moved / "results.json").read_text())
+    assert results["reattributed"]["mla_seam_version"] and (moved / "verdict.json").is_file()
+    assert {p.name for p in moved.iterdir()} >= set(before)  # golden values come along
+    assert "core_v0.19.2: " in capsys.readouterr().out

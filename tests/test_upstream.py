@@ -289,3 +289,36 @@ def test_cli_into_non_empty_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     assert main(["upstream", "get", "0.16.1", "0.19.2"]) == 2  # several releases need --into
     assert capsys.readouterr().out == ""
+
+
+def test_cli_bad_url_is_an_error_never_a_silent_sdist(
+    tmp_path: Path, seam_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """``--url`` named on the command line: a clone that fails is exit 15 (nothing from PyPI);
+    a release already cached from elsewhere says that the URL was not used."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MLA_SEAM_CACHE", str(cache))
+    bad = (tmp_path / "no-such-mirror.git").as_uri()
+    assert main(["upstream", "get", "0.16.1", "--url", bad]) == 15
+    assert "could not clone core_v0.16.1" in caplog.text and "nothing was fetched" in caplog.text
+    assert not (cache / "sdists").exists() and not upstream.checkout_path("0.16.1", cache).exists()
+    _seeded_cache(cache, seam_cache, "0.16.1")
+    upstream.get("0.16.1", cache=cache)  # cached from the sdist
+    caplog.clear()
+    assert main(["upstream", "get", "0.16.1", "--url", bad]) == 0
+    assert "--url " + bad + " was not used" in caplog.text
+
+
+def test_cli_url_ref_checks_out_a_branch(
+    megatron_checkout: Callable[[str], Path], tmp_path: Path, capsys
+) -> None:
+    """With --url and --into, REF may be a branch or commit of that repository (GPU staging)."""
+    mirror = megatron_checkout("0.16.1")
+    into = tmp_path / "main"
+    assert main(["upstream", "get", "main", "--url", mirror.as_uri(), "--into", str(into)]) == 0
+    assert gitlayer.head_commit(_repo(into)) == gitlayer.head_commit(_repo(mirror))
+    assert (
+        main(["upstream", "get", "nope", "--url", mirror.as_uri(), "--into", str(tmp_path / "x")])
+        == 15
+    )
+    assert not (tmp_path / "x").exists()

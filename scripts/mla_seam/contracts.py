@@ -41,6 +41,9 @@ PSP = "megatron/core/packed_seq_params.py"
 SPEC = "megatron/core/models/gpt/gpt_layer_specs.py"
 QK_NORM = "megatron/core/transformer/mla_qk_norm_config.py"
 ROPE = "megatron/core/models/common/embeddings/rope_utils.py"
+#: Every file a probe reads (a survey of a partial clone fetches exactly these; a test checks
+#: that probing reads nothing else).
+PROBE_FILES: Tuple[str, ...] = (MLA, DPA, TE, LM, TL, TC, ENUMS, PSP, SPEC, QK_NORM, ROPE)
 
 Value = Any  # JSON-able: None, bool, int, str, list of str/int, or dict of str -> str
 

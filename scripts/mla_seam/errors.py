@@ -194,6 +194,14 @@ STATUS_EXIT_CODES = {
 NIGHTLY_OVERLAY_BROKE_EXIT = 25
 NIGHTLY_JOB_BROKE_EXIT = 26
 
+
+class GitHubError(SeamError):
+    """A call to GitHub failed while the nightly job published (``gh`` missing, a token without
+    the permission, GitHub down): the job broke, never drift."""
+
+    exit_code = NIGHTLY_JOB_BROKE_EXIT
+
+
 #: 128 + SIGPIPE: the reader of our output went away before the command could report.
 BROKEN_PIPE_EXIT = 141
 

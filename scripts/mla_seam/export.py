@@ -3,9 +3,10 @@
 :func:`write_series` exports ``base..head`` of a repository into a validated line folder
 (format-patch files, ``series``, ``manifest.json`` with the pre-images of every release of the
 line, and the archive holding those pre-images' bytes); :func:`export_line` does it for a survey
-workspace; :func:`install_line` moves it into ``patches/`` in one rename, so ``patches/`` holds
-the old line folder or the whole new one, never a mix. Exports are byte-stable: the same commits
-give the same bytes, so a patch whose applied result did not change keeps its bytes.
+workspace, :func:`export_target` for a moving target (``main``, ``dev``: one release, the commit
+it was made from); :func:`install_line` moves it into ``patches/`` in one rename, so ``patches/``
+holds the old line folder or the whole new one, never a mix. Exports are byte-stable: the same
+commits give the same bytes, so a patch whose applied result did not change keeps its bytes.
 """
 
 from __future__ import annotations
@@ -295,3 +296,25 @@ def write_series(
     (out / SERIES_NAME).write_bytes("".join(p.name + "\n" for p in patches).encode())
     (out / MANIFEST_NAME).write_bytes(json_bytes(manifest))
     return load_series(out)
+
+
+def export_target(
+    ws: Workspace, base: str, head: str, onto: str, target: str, out_dir: Path
+) -> Series:
+    """Export ``base..head`` as the series of the moving target ``target`` (``main``, ``dev``).
+
+    The series serves one release, the commit it was made from (``dev@d48bd6be0a``,
+    :func:`mla_seam.releases.snapshot`); later commits of the branch are served where its hunks
+    apply strictly (:mod:`mla_seam.selection`).
+    """
+    overlay = paths.overlay_dir() / paths.ADAPTER_RELPATH
+    return write_series(
+        ws.repo,
+        base,
+        head,
+        out_dir,
+        target,
+        [releases.snapshot(target, base)],
+        {"tag": target, "commit": base, "source": f"git {onto}"},
+        {paths.ADAPTER_RELPATH: overlay},
+    )

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 import git
-from mla_seam import contracts, gitlayer, paths, releases
+from mla_seam import contracts, gitlayer, paths, releases, upstream
 from mla_seam.errors import (
     DirtyTreeError,
     InterruptedRunError,
@@ -43,16 +43,16 @@ from mla_seam.errors import (
     RebaseError,
     UsageError,
 )
-from mla_seam.export import export_line, install_line
+from mla_seam.export import _releases_of_line as releases_of_line  # one home of that list
+from mla_seam.export import export_line, export_target, install_line
 from mla_seam.overlay_refresh import refresh_overlay
 from mla_seam.series import Series, json_bytes, series_by_name
 from mla_seam.survey import (
     Survey,
     Workspace,
     load_lines,
-    series_for,
+    series_for_ref,
     survey,
-    version_at,
 )
 from mla_seam.survey.engine import series_range_diff
 from mla_seam.tree import MegatronTree, crash_point
@@ -69,10 +69,12 @@ def _emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def _pick_series(root: Path, version: str, forced: Optional[str]) -> Series:
+def _pick_series(
+    root: Path, onto: str, version: str, forced: Optional[str], repo: git.Repo
+) -> Series:
     if forced:
-        return series_by_name(forced, root)
-    return series_for(load_lines(root, strict=False), version)[0]
+        return series_by_name(forced, root, option="--from")
+    return series_for_ref(load_lines(root, strict=False), onto, version, repo)[0]
 
 
 def _user_repo(megatron: Path) -> Tuple[MegatronTree, git.Repo]:
@@ -118,6 +120,9 @@ def _report(s: Survey) -> None:
 
 def _keep_notes(ws: Workspace, s: Survey) -> None:
     gitlayer.checkout_branch(ws.repo, REBASE_BRANCH, s.new_head)
+    target = releases.moving_target(s.onto)
+    if target:  # a branch of the checkout: a clone of the kept repository must find it too
+        gitlayer.set_branch(ws.repo, target, s.onto_commit)
     notes = gitlayer.git_dir(ws.repo) / KEEP_NOTES
     notes.mkdir(exist_ok=True)
     for p in s.conflicts:
@@ -133,8 +138,9 @@ def _keep_notes(ws: Workspace, s: Survey) -> None:
             f"  write {p.hook} by hand there, then: git commit -a -F "
             f".git/{KEEP_NOTES}/{p.name}.msg  (original patch: .git/{KEEP_NOTES}/{p.name})"
         )
+    onto = target or s.onto
     _emit(
-        f"  then: mla-seam rebase --megatron {ws.root} --onto {s.onto} --from {s.series.line} "
+        f"  then: mla-seam rebase --megatron {ws.root} --onto {onto} --from {s.series.line} "
         f"--resolved {REBASE_BRANCH} --write"
     )
 
@@ -183,7 +189,13 @@ def _resolved_head(ws: Workspace, tree_repo: git.Repo, ref: str, s: Survey) -> s
 
 def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: Path) -> None:
     version = s.onto_version
-    target = root / releases.line_dir_name(releases.line_of(version))
+    moving = releases.moving_target(s.onto)
+    target = root / (moving or releases.line_dir_name(releases.line_of(version)))
+    if moving and args.releases:
+        raise UsageError(
+            f"--releases {args.releases}: the {moving} series serves the commit it is made from",
+            f"leave --releases out for --onto {s.onto}",
+        )
     if head == s.onto_commit:
         raise RebaseError(
             f"no patch is left for {target.name}: every hook is upstream or obsolete on {s.onto}",
@@ -193,7 +205,14 @@ def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: 
         staged = Path(tmp) / target.name
         only = args.releases.split(",") if args.releases else None
         try:
-            export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
+            if moving:
+                export_target(ws, s.onto_commit, head, s.onto, moving, staged)
+            else:
+                # The export reads the hooked files at every release of the line: a partial
+                # clone fetches them in one batch first.
+                others = [v for v in releases_of_line(ws, version, only) if v != version]
+                ws.ensure([ws.resolve(upstream.tag_for(v))[0] for v in others], s.series.touched)
+                export_line(ws, s.onto_commit, head, s.onto, version, staged, only)
         except PatchFailedError as err:
             raise RebaseError(
                 f"the new {target.name} series does not serve every release of the line: "
@@ -249,8 +268,8 @@ def _run_rebase(args: argparse.Namespace) -> int:
     keep = Path(args.keep) if args.keep else None
     with Workspace.create(tree.root, keep) as ws:
         onto_commit, _ = ws.resolve(args.onto)
-        version = version_at(ws.repo, onto_commit)
-        series = _pick_series(root, version, args.from_line)
+        version = ws.version_at(onto_commit)
+        series = _pick_series(root, args.onto, version, args.from_line, ws.repo)
         s = survey(ws, series, args.onto)
         head = s.new_head
         resolved: List[Dict[str, str]] = []
@@ -315,13 +334,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--megatron", metavar="DIR", help="git checkout of Megatron-LM (clean)")
-    parser.add_argument("--onto", metavar="TAG", help="tag (or ref) of the new upstream base")
+    parser.add_argument(
+        "--onto",
+        metavar="TAG",
+        help="tag (or ref) of the new upstream base; a moving target's branch (main, dev, "
+        "origin/dev) writes patches/<branch>/",
+    )
     parser.add_argument(
         "--from",
         dest="from_line",
         metavar="LINE",
-        help="release line to start from (core_v0.16 or 0.16); default: the line serving TAG, "
-        "else the newest older line",
+        help="release line to start from (core_v0.16 or 0.16, or main / dev); default: the "
+        "series of TAG when TAG names a moving target (main, dev) that has one, else the line "
+        "serving TAG, else the newest older line",
     )
     parser.add_argument(
         "--write", action="store_true", help="export the new series into patches/<line>/"

@@ -8,6 +8,12 @@ Version strings in the wild are not only PyPI's. Upstream's own tags carry other
 (``0.19.1`` at tag ``core_v0.19.0``, ``0.17.0rc0`` at ``core_v0.17.0``, ``0.20.0`` on main),
 and there are ``rc``, ``.devN`` and ``.postN`` builds: all of them belong to their
 ``MAJOR.MINOR`` line (:func:`line_of`).
+
+Beside the release lines stand upstream's moving targets (:data:`MOVING_TARGETS`: ``main`` and
+``dev``), branches served like lines, each by its own series folder named after it. Their
+version string is no guide (dev says ``0.19.0``, main ``0.20.0``): a tree gets their series by
+content (:mod:`mla_seam.selection`), and a series records the commit it was made from as its one
+release, ``dev@d48bd6be0a`` (:func:`snapshot`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from packaging.version import InvalidVersion, Version
 
@@ -26,7 +32,14 @@ PACKAGE_INFO = "megatron/core/package_info.py"
 #: Upstream's release tags: ``core_v0.19.2``; the series folders use ``core_v0.19``.
 TAG_PREFIX = "core_v"
 
+#: Upstream's moving targets, served like release lines: the branches frontier MLA models are
+#: trained on (DeepSeek-V4 and Kimi-K3 work lands on ``dev`` first; others track ``main``). Each
+#: has its own series folder, ``patches/<name>/``. The one home of which moving targets exist:
+#: every tool that lists, names or picks lines asks here.
+MOVING_TARGETS: Tuple[str, ...] = ("main", "dev")
+
 _LINE_RE = re.compile(r"^(?:core_v|v)?(\d+)\.(\d+)$")
+_SNAPSHOT_RE = re.compile(r"^([A-Za-z0-9._-]+)@([0-9a-f]{7,40})$")
 
 
 class VersionNotFound(ValueError):
@@ -120,3 +133,50 @@ def tag_of(version: str) -> str:
 def version_of_tag(tag: str) -> str:
     """``core_v0.16.1`` -> ``0.16.1`` (other strings pass through without the prefix)."""
     return tag.strip().removeprefix(TAG_PREFIX)
+
+
+# --- moving targets ------------------------------------------------------------------------
+
+
+def moving_target(ref: str) -> Optional[str]:
+    """The moving target a git ref names, else ``None``.
+
+    ``dev``, ``origin/dev``, ``refs/heads/dev`` and ``refs/remotes/upstream/dev`` name ``dev``;
+    ``feature/dev``'s deeper paths, tags and commits name none.
+    """
+    parts = ref.strip().split("/")
+    if parts[-1] not in MOVING_TARGETS:
+        return None
+    shapes = (
+        len(parts) <= 2,  # dev, origin/dev
+        len(parts) == 3 and parts[:2] == ["refs", "heads"],
+        len(parts) == 4 and parts[:2] == ["refs", "remotes"],
+    )
+    return parts[-1] if any(shapes) else None
+
+
+def snapshot(target: str, commit: str) -> str:
+    """What a moving target's series records as its release: ``dev@d48bd6be0a``, the commit
+    it was made from."""
+    return f"{target}@{commit[:10]}"
+
+
+def parse_snapshot(release: str) -> Optional[Tuple[str, str]]:
+    """``dev@d48bd6be0a`` -> ``("dev", "d48bd6be0a")``; a release version -> ``None``."""
+    match = _SNAPSHOT_RE.match(release.strip())
+    return (match.group(1), match.group(2)) if match else None
+
+
+def line_order(names: List[str]) -> List[str]:
+    """Series folder names in the order tools show them: release lines oldest first, then the
+    moving targets in :data:`MOVING_TARGETS` order, then any other folder by name."""
+
+    def key(name: str) -> Tuple[int, object]:
+        line = parse_line(name)
+        if line is not None:
+            return (0, version_key(line))
+        if name in MOVING_TARGETS:
+            return (1, MOVING_TARGETS.index(name))
+        return (2, name)
+
+    return sorted(names, key=key)

@@ -10,20 +10,28 @@ trusted. The order, first match wins:
 3. content: the touched files' blob ids (one ``git hash-object`` for all lines' files) against
    every line's manifest pre- and post-images and the post-images older mla-seam releases wrote
    (:mod:`mla_seam.released`); an exact match picks that line whatever package_info says;
-4. the release line of the version (``releases.line_of``: rc, dev, post and unlisted patch
+4. trial, when moving targets (``releases.MOVING_TARGETS``: main, dev) have series: of the
+   version's line and the moving targets, the series whose every hunk applies strictly to the
+   tree's files (the version's line first, then the moving target with the fewest hunks at an
+   offset): a later commit of main or dev, or a fork of one, whose blobs no manifest records
+   (:func:`by_trial`);
+5. the release line of the version (``releases.line_of``: rc, dev, post and unlisted patch
    releases belong to their line), applied strictly (forks: see :mod:`mla_seam.forks`);
-5. a version newer than the newest line is refused in one line naming ``--series``.
+6. a version newer than the newest line is refused in one line naming ``--series``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 from mla_seam import gitlayer, paths, released, releases
-from mla_seam.errors import UnsupportedVersionError, UsageError
+from mla_seam.assess import TreeView, _converts
+from mla_seam.errors import SeamError, UnsupportedVersionError, UsageError
 from mla_seam.record import State
 from mla_seam.series import (
     MANIFEST_NAME,
@@ -35,10 +43,13 @@ from mla_seam.series import (
 )
 from mla_seam.tree import MegatronTree
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The chosen series and why (``forced``, ``recorded``, ``content`` or ``version``)."""
+    """The chosen series and why (``forced``, ``recorded``, ``content``, ``trial`` or
+    ``version``)."""
 
     series: Series
     how: str
@@ -144,6 +155,9 @@ def select_series(
             detail += f" (package_info says {tree.version})"
         return Selection(load_series(root / chosen), "content", detail, blobs)
     own = releases.line_dir_name(releases.line_of(tree.version))
+    tried = by_trial(tree, root, own, blobs)
+    if tried.selection is not None:
+        return tried.selection
     if (root / own).is_dir():
         return Selection(
             load_series(root / own),
@@ -158,8 +172,117 @@ def select_series(
     ) > releases.version_key(newest_version):
         raise UnsupportedVersionError(
             f"megatron-core {tree.version} is newer than every series (newest: {newest}); "
-            f"to try that one, pass --series {newest}"
+            + tried.refusal(newest)
         )
     # The classic message (lists what is supported), also for a listed release whose
     # line folder is missing.
     return Selection(find_series(tree.version, root), "version", "listed release", blobs)
+
+
+# --- trial ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trial:
+    """What :func:`by_trial` found: per candidate series, the patches that do not apply
+    strictly and the hunks at an offset, and the chosen series, if any."""
+
+    failed: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    offsets: Dict[str, int] = dataclasses.field(default_factory=dict)
+    sizes: Dict[str, int] = dataclasses.field(default_factory=dict)
+    selection: Optional[Selection] = None
+
+    def why(self, name: str) -> str:
+        """``applies strictly (2 hunks at an offset)`` or ``2 of 8 patches do not apply (...)``."""
+        failed = self.failed[name]
+        if not failed:
+            return f"applies strictly ({self.offsets[name]} hunk(s) at an offset)"
+        verb = "does" if len(failed) == 1 else "do"
+        return f"{len(failed)} of {self.sizes[name]} patches {verb} not apply ({', '.join(failed)})"
+
+    def nearest(self, names: List[str]) -> Optional[str]:
+        """Of ``names`` (tried), the one with the fewest patches that do not apply (first wins)."""
+        tried = [n for n in names if n in self.failed]
+        return min(tried, key=lambda n: len(self.failed[n])) if tried else None
+
+    def refusal(self, newest: str) -> str:
+        """What to try for a version no line serves, after the moving targets were tried."""
+        moving = [n for n in self.failed if n in releases.MOVING_TARGETS]
+        if not moving:
+            return f"to try that one, pass --series {newest}"
+        reasons = "; ".join(f"{name}: {self.why(name)}" for name in moving)
+        return (
+            f"no moving target's series applies strictly ({reasons}); to try the nearest, pass "
+            f"--series {self.nearest(moving)} (--3way merges on a git checkout), or --series "
+            f"{newest} for the newest release line"
+        )
+
+
+def _candidates(root: Path, own: str) -> List[str]:
+    """The version's line (when it has a folder) and the moving targets that have a series."""
+    names = [own] if (root / own).is_dir() else []
+    return names + [n for n in releases.MOVING_TARGETS if (root / n / MANIFEST_NAME).is_file()]
+
+
+def _committed_bytes(tree: MegatronTree, rels: List[str]) -> Dict[str, Optional[bytes]]:
+    """The tree's files in their committed form (``None``: missing), as apply patches them."""
+    present = [rel for rel in rels if (tree.root / rel).is_file()]
+    view = TreeView(tree, _converts(tree, present, gitlayer.hash_blobs(tree.root, present)))
+    return {rel: view.canonical(rel) if rel in present else None for rel in rels}
+
+
+def _try(series: Series, tree: MegatronTree) -> Tuple[List[str], int]:
+    """The patches of ``series`` that do not apply strictly to the tree's files, one after the
+    other as apply runs them, and the hunks at an offset. On copies; the tree is only read."""
+    sources = _committed_bytes(tree, series.touched)
+    if any(data is None for data in sources.values()):
+        return [p.name for p in series.patches], 0  # a file is missing: nothing applies
+    with tempfile.TemporaryDirectory(prefix="mla-seam-trial-") as tmp:
+        for rel, data in sources.items():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / rel).write_bytes(data or b"")
+        results = series.apply_in(tmp, stop_on_error=False)
+    return [r.name[:4] for r in results if not r.ok], sum(len(r.offsets) for r in results)
+
+
+def by_trial(tree: MegatronTree, root: Path, own: str, blobs: Dict[str, Optional[str]]) -> Trial:
+    """Choose by trying the series on the tree's files (step 4 of the module docstring).
+
+    Candidates: the version's line ``own`` (when it has a folder) and the moving targets with a
+    series; it runs only where there is a moving target. The version's line wins when it applies
+    strictly (a fork of a release stays on its line). Else the moving target that applies
+    strictly with the fewest hunks at an offset; else, where the version has a line, the
+    candidate with the fewest patches that do not apply, when that is a moving target (apply
+    then names the hunks and the commits that moved them, and ``--3way`` merges). The trial's
+    ``selection`` is ``None`` when the version decides.
+    """
+    trial = Trial()
+    names = _candidates(root, own)
+    if not any(n in releases.MOVING_TARGETS for n in names):
+        return trial
+    loaded: Dict[str, Series] = {}
+    for name in names:
+        try:
+            loaded[name] = load_series(root / name)
+        except SeamError as err:
+            if name == own:
+                raise  # the version path reports a damaged line of the tree's own version
+            log.debug("mla-seam: trial skips %s: %s", name, err.message)
+            continue
+        trial.sizes[name] = len(loaded[name].patches)
+        trial.failed[name], trial.offsets[name] = _try(loaded[name], tree)
+        if name == own and not trial.failed[name]:
+            return trial  # the version's line applies: the version decides, as before
+    fits = [n for n in loaded if n != own and not trial.failed[n]]
+    if fits:
+        chosen = min(fits, key=lambda n: trial.offsets[n])
+        first = f"{chosen} {trial.why(chosen)}"
+    else:
+        chosen = trial.nearest(list(loaded)) if own in loaded else None
+        if chosen is None or chosen == own:
+            return trial
+        first = f"{chosen} is the nearest: {trial.why(chosen)}"
+    others = "".join(f"; {n}: {trial.why(n)}" for n in loaded if n != chosen)
+    detail = f"{first}{others}; package_info says {tree.version}"
+    trial.selection = Selection(loaded[chosen], "trial", detail, blobs)
+    return trial

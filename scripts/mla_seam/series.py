@@ -28,6 +28,7 @@ from mla_seam.errors import (
     UnsupportedVersionError,
     UsageError,
 )
+from mla_seam.releases import line_order
 
 log = logging.getLogger(__name__)
 
@@ -561,9 +562,11 @@ def _load_pre_images(
 
 
 def _line_dirs(root: Path) -> List[Path]:
+    """Line folders in the order tools show them (releases, then main and dev)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return [root / name for name in line_order(names)]
 
 
 def _releases_of(line_dir: Path) -> Optional[List[str]]:
@@ -604,8 +607,13 @@ def find_series(version: str, root: Optional[os.PathLike] = None) -> Series:
     )
 
 
-def series_by_name(name: str, root: Optional[os.PathLike] = None) -> Series:
+def series_by_name(
+    name: str, root: Optional[os.PathLike] = None, option: str = "--series"
+) -> Series:
     """The line forced with ``--series``: a folder name (``core_v0.16``) or its ``line`` (``0.16``).
+
+    ``option`` is the command-line option that named it, for the error (``--from``,
+    ``--baseline``).
 
     Raises:
         UsageError: no such line.
@@ -615,8 +623,9 @@ def series_by_name(name: str, root: Optional[os.PathLike] = None) -> Series:
         if line_dir.name in (name, f"core_v{name}"):
             return load_series(line_dir)
     raise UsageError(
-        f"--series {name}: no such release line; available: {supported_lines(root)}",
-        "pass one of the folder names under patches/ (e.g. --series core_v0.19)",
+        f"{option} {name}: no such release line; available: {supported_lines(root)}",
+        f"pass one of the folder names under patches/ (e.g. {option} core_v0.19, or {option} "
+        "main / dev for upstream's moving targets)",
     )
 
 

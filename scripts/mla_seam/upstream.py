@@ -399,12 +399,25 @@ def _build_from_git(url: str, version: str, dest: Path) -> Dict[str, str]:
     return {"source": "git", "tag": tag, "url": url, "commit": commit}
 
 
-def _build(version: str, url: Optional[str], cache: Path, dest: Path) -> Dict[str, str]:
-    """Fill the empty folder ``dest`` from ``url`` if that works, else from the sdist."""
+def _build(
+    version: str, url: Optional[str], cache: Path, dest: Path, strict: bool = False
+) -> Dict[str, str]:
+    """Fill the empty folder ``dest`` from ``url`` if that works, else from the sdist.
+
+    Raises:
+        UpstreamError: ``strict`` (a URL the user named) and the clone failed: never the sdist.
+    """
     if url:
         try:
             return _build_from_git(url, version, dest)
         except (git.GitCommandError, UpstreamError) as err:
+            if strict:
+                raise UpstreamError(
+                    f"--url {url}: could not clone {tag_for(version)} from it ({_reason(err)}); "
+                    "nothing was fetched from the package registry",
+                    "check the URL (a Megatron-LM git repository carrying the tag), or drop --url "
+                    "to build the release from its PyPI sdist",
+                ) from None
             log.warning(
                 "could not clone %s at %s (%s); building it from the PyPI sdist instead",
                 url,
@@ -427,7 +440,7 @@ def _reason(err: Exception) -> str:
     return chosen.removeprefix("stderr: '").strip("'")
 
 
-def _materialize(version: str, url: Optional[str], cache: Path) -> Path:
+def _materialize(version: str, url: Optional[str], cache: Path, strict: bool = False) -> Path:
     """The cached checkout of ``version``, built (atomically, under a lock) if missing."""
     final = checkout_path(version, cache)
     if not final.exists():
@@ -435,7 +448,18 @@ def _materialize(version: str, url: Optional[str], cache: Path) -> Path:
         with _locked(cache, tag_for(version)):
             if not final.exists():
                 _sweep(final.parent, final.name)
-                _build_atomically(version, url, cache, final)
+                _build_atomically(version, url, cache, final, strict)
+    elif strict and url:
+        source = cached_source(version, cache) or {}
+        if source.get("url") != url:
+            log.warning(
+                "%s is already cached (from %s); --url %s was not used: delete %s to clone it "
+                "from that URL",
+                tag_for(version),
+                source.get("url") or "the PyPI sdist",
+                url,
+                final,
+            )
     if not (final / ".git").is_dir():
         raise UpstreamError(
             f"cached checkout {final} is not a git repository", f"delete {final} and run again"
@@ -443,11 +467,13 @@ def _materialize(version: str, url: Optional[str], cache: Path) -> Path:
     return final
 
 
-def _build_atomically(version: str, url: Optional[str], cache: Path, final: Path) -> None:
+def _build_atomically(
+    version: str, url: Optional[str], cache: Path, final: Path, strict: bool = False
+) -> None:
     # Built next to its final place (same file system) and renamed: an entry that exists is whole.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        source = _build(version, url, cache, tmp)
+        source = _build(version, url, cache, tmp, strict)
         marker = tmp / ".git" / SOURCE_MARKER
         marker.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.rename(tmp, final)
@@ -466,6 +492,7 @@ def get(
     url: Optional[str] = None,
     *,
     cache: Optional[Path] = None,
+    strict: bool = False,
 ) -> Path:
     """A git checkout of the release ``ref`` (tag ``core_vX.Y.Z`` present, HEAD at it).
 
@@ -476,6 +503,8 @@ def get(
         url: git URL to clone the tag from first; default ``$MLA_SEAM_UPSTREAM_URL``. On failure
             a warning is logged and the PyPI sdist is used. Ignored when the release is cached.
         cache: cache folder; default :func:`mla_seam.paths.cache_dir`.
+        strict: ``url`` was named by the user: a clone that fails is an error (never the sdist),
+            and a cached release not cloned from it is reported.
 
     Returns:
         ``into``, or the cached checkout, which callers must treat as read-only.
@@ -485,9 +514,9 @@ def get(
         UsageError: ``into`` exists and is not an empty folder.
     """
     if into is not None:
-        return get_many([ref], into, url=url, cache=cache)
+        return get_many([ref], into, url=url, cache=cache, strict=strict)
     version = version_for(ref)
-    return _materialize(version, _url(url), _cache(cache))
+    return _materialize(version, _url(url), _cache(cache), strict and bool(url))
 
 
 def get_many(
@@ -496,6 +525,7 @@ def get_many(
     url: Optional[str] = None,
     *,
     cache: Optional[Path] = None,
+    strict: bool = False,
 ) -> Path:
     """ONE new checkout at ``into`` holding the tags of all ``refs``, HEAD (branch main) at the last.
 
@@ -511,7 +541,7 @@ def get_many(
         raise UsageError("no release given", "name at least one tag, version or line")
     into = Path(into)
     _check_target(into)
-    sources = {v: _materialize(v, _url(url), _cache(cache)) for v in versions}
+    sources = {v: _materialize(v, _url(url), _cache(cache), strict and bool(url)) for v in versions}
     created = _claim_target(into)
     try:
         _combine(into, sources, tag_for(versions[-1]))
@@ -519,6 +549,34 @@ def get_many(
         _release_target(into, created)
         raise
     log.info("checked out %s at %s", ", ".join(tag_for(v) for v in sources), into)
+    return into
+
+
+def get_ref(url: str, ref: str, into: Path) -> Path:
+    """A one-commit checkout of any ref of the git repository at ``url`` (a branch such as
+    ``main``, a commit id, a tag no release has) in the new or empty folder ``into``.
+
+    No cache and no sdist: the nightly job stages the trees of upstream ``main`` or of a new tag
+    this way on its GPU runner.
+
+    Raises:
+        UpstreamError: the URL is unreachable or has no such ref.
+        UsageError: ``into`` exists and is not an empty folder.
+    """
+    into = Path(into)
+    created = _claim_target(into)
+    try:
+        commit = gitlayer.clone_ref(url, ref, into)
+    except git.GitCommandError as err:
+        _release_target(into, created)
+        raise UpstreamError(
+            f"could not fetch {ref} from {url} ({_reason(err)})",
+            "check the URL and that the ref (a branch, tag or commit id) exists there",
+        ) from None
+    if not (into / "megatron" / "core").is_dir():
+        _release_target(into, created)
+        raise UpstreamError(f"{url} at {ref} has no megatron/core", "give a Megatron-LM URL")
+    log.info("checked out %s (%s) of %s at %s", ref, commit[:12], url, into)
     return into
 
 
@@ -590,7 +648,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Print the path of a git checkout of each REF (tag core_vX.Y.Z present). Without "
             "--into: the cached checkout, read-only. With --into: a new independent clone holding "
             "every REF's tag, HEAD (branch main) at the last. Source: --url (or "
-            f"${URL_ENV}) when reachable, else the PyPI megatron-core sdist."
+            f"${URL_ENV}) when reachable, else the PyPI megatron-core sdist; a --url named here "
+            "that fails is an error, never the sdist. With --url and --into, REF may also be a "
+            "branch or commit of that repository (one commit, not cached)."
         ),
     )
     get_parser.add_argument(
@@ -623,12 +683,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_get(args: argparse.Namespace) -> int:
     if len(args.refs) > 1 and args.into is None:
         raise UsageError("several releases need --into DIR", "add --into, or name one release")
-    if args.into is None:
-        path = get(args.refs[0], url=args.url)
+    if args.url and args.into is not None and len(args.refs) == 1 and not _is_release(args.refs[0]):
+        path = get_ref(args.url, args.refs[0], args.into)  # a branch or commit of --url
+    elif args.into is None:
+        path = get(args.refs[0], url=args.url, strict=bool(args.url))
     else:
-        path = get_many(args.refs, args.into, url=args.url)
+        path = get_many(args.refs, args.into, url=args.url, strict=bool(args.url))
     output.emit(str(Path(path).resolve()))
     return 0
+
+
+def _is_release(ref: str) -> bool:
+    try:
+        version_for(ref)
+    except UpstreamError:
+        return False
+    return True
 
 
 def discover(include_prereleases: bool = False) -> List[str]:

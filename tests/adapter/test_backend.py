@@ -146,3 +146,31 @@ def test_non_mla_config_is_left_alone():
         num_layers=1, hidden_size=64, num_attention_heads=4, attention_backend=AttnBackend.flash
     )
     assert mla_adapter.resolve_attention_backend(config) is None
+
+
+def test_an_attention_variant_is_decided_per_layer(monkeypatch):
+    """H3 runs before any layer exists; a config with an attention variant (0.18+ DSA, dev's
+    dsv4_hybrid) builds the variant's own core attention, which no backend flag reaches: no
+    decision at H3 (a plain MLA config with the same request is refused there), and a layer
+    that does build TE's core attention is still decided when it is built (H1)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    if "experimental_attention_variant" not in MLATransformerConfig.__dataclass_fields__:
+        pytest.skip("this release has no experimental_attention_variant (0.18+)")
+    monkeypatch.setattr(mla_adapter, "_te_version", lambda: "2.20.2")
+    monkeypatch.setattr(mla_adapter, "_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(mla_adapter, "_importable", lambda name: False)
+    monkeypatch.setattr(mla_adapter, "_cudnn_version", lambda: 91900)
+    plain = make_config(V2_LITE, attention_backend=AttnBackend.flash)
+    with pytest.raises(mla_adapter.MLACompatibilityError, match="no FlashAttention build"):
+        mla_adapter.resolve_attention_backend(plain)
+    variant = make_config(
+        V2_LITE,
+        attention_backend=AttnBackend.flash,
+        experimental_attention_variant="dsa",
+        add_bias_linear=False,
+    )
+    assert mla_adapter.resolve_attention_backend(variant) is None
+    assert mla_adapter.backend_decision(variant) is None
+    with pytest.raises(mla_adapter.MLACompatibilityError, match="no FlashAttention build"):
+        mla_adapter.resolve_attention_backend(variant, "te")

@@ -65,6 +65,47 @@ def test_bad_dims_fail_at_config(field, value):
         make_config(dict(SMALL, **{field: value}))
 
 
+@pytest.mark.parametrize("field", ["qk_head_dim", "kv_lora_rank"])
+def test_dims_a_config_may_derive_fail_when_a_layer_reads_them(field):
+    """Checked once ``__post_init__`` is done (dev's dsv4_hybrid derives them after H4): a
+    config keeps them, the layer build (H1) and the backend decision (H3) refuse them."""
+    config = make_config(dict(SMALL, **{field: 0}))
+    with pytest.raises(mla_adapter.MLACompatibilityError, match=field.replace("_", "-")):
+        mla_adapter.layer_metadata(config)
+
+
+def _config_fields() -> set:
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    return set(MLATransformerConfig.__dataclass_fields__)
+
+
+def test_head_dims_a_variant_derives_are_read_as_derived():
+    """dev's ``dsv4_hybrid`` re-derives qk_head_dim and kv_lora_rank from v_head_dim and
+    qk_pos_emb_head_dim after H4: the adapter accepts what the variant overrides and answers
+    with the widths its layers get (q/k heads v_head_dim wide)."""
+    if "csa_compress_ratios" not in _config_fields():
+        pytest.skip("this release has no dsv4_hybrid attention variant (dev's DeepSeek-V4)")
+    dims = dict(SMALL, v_head_dim=48, qk_head_dim=0, kv_lora_rank=0)
+    config = make_config(
+        dims, YARN, experimental_attention_variant="dsv4_hybrid", csa_compress_ratios=[0, 4]
+    )
+    assert config.qk_head_dim == config.kv_lora_rank == 48 - SMALL["qk_pos_emb_head_dim"]
+    meta = mla_adapter.layer_metadata(config)
+    assert meta.k_channels == meta.v_channels == config.kv_channels == 48
+    assert meta.softmax_scale == pytest.approx(deepseek_scale(48, "yarn", 40.0, 1.0), rel=1e-12)
+
+
+def test_grouped_output_projection_leaves_channels_and_scale():
+    """dev's ``o_groups`` / ``o_lora_rank`` (grouped output projection) change no head width."""
+    if "o_groups" not in _config_fields():
+        pytest.skip("this release's MLATransformerConfig has no o_groups (dev's grouped output)")
+    grouped = make_config(SMALL, YARN, o_groups=2, o_lora_rank=16)
+    plain = make_config(SMALL, YARN)
+    assert mla_adapter.layer_metadata(grouped) == mla_adapter.layer_metadata(plain)
+    assert grouped.kv_channels == plain.kv_channels == SMALL["v_head_dim"]
+
+
 def test_yarn_mscale_matches_definition():
     assert mla_adapter.yarn_mscale(1.0, 0.707) == 1.0
     assert mla_adapter.yarn_mscale(40.0, 1.0) == pytest.approx(1.0 + 0.1 * 3.6888794541139363)

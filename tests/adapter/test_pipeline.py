@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 
@@ -38,8 +39,25 @@ def _own_offset(monkeypatch, config, vp_stage, rank):
     """Upstream's own count: its function with H7's question answered ``None`` (the adapter
     out of the way), on pipeline rank ``rank``."""
     with monkeypatch.context() as patch:
-        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args, **kwargs: None)
         return upstream_offset(config, vp_stage, rank)
+
+
+def _hook_answer(monkeypatch, config, vp_stage, rank):
+    """The adapter's answer to H7 as this tree's hook asks it (with the arguments its line's
+    patch passes: 0.13's says ``rank_minus_one=True``), on pipeline rank ``rank``."""
+    answers = []
+
+    def ask(*args, **kwargs):
+        answers.append(real(*args, **kwargs))
+        return answers[-1]
+
+    real = mla_adapter.pipeline_layer_offset
+    with monkeypatch.context() as patch:
+        patch.setattr(mla_adapter, "pipeline_layer_offset", ask)
+        upstream_offset(config, vp_stage, rank)
+    assert len(answers) == 1, answers  # the hook asks once, on entry
+    return answers[0]
 
 
 def _pipeline_config(layers, pp, vp, first, last, emb=False, loss=False):
@@ -69,7 +87,7 @@ def test_layer_offset_equals_upstream(
             vp_stage = stage if vp else None
             ours = mla_adapter.layer_offset(config, vp_stage, rank)
             assert upstream_offset(config, vp_stage, rank) == ours, (rank, vp_stage)
-            answer = mla_adapter.pipeline_layer_offset(config, vp_stage, rank)
+            answer = _hook_answer(monkeypatch, config, vp_stage, rank)
             answered |= answer is not None
             try:
                 own = _own_offset(monkeypatch, config, vp_stage, rank)
@@ -152,7 +170,7 @@ def test_other_models_keep_upstreams_count(name, monkeypatch, parallel_state):
     """A non-MLA model gets upstream's own count, ZeroDivisionError and 0.13's count included."""
     gpt = make(name, mla=False)
     with monkeypatch.context() as patch:
-        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args: None)
+        patch.setattr(mla_adapter, "pipeline_layer_offset", lambda *args, **kwargs: None)
         own = offsets(gpt)
     assert offsets(gpt) == own
     if name == "pp2-vpp2-first4-last2":
@@ -188,3 +206,44 @@ def test_pipeline_offset_answer_is_logged_once_per_config(caplog, parallel_state
         "mla-seam: layer offsets from the adapter (upstream divides by zero middle stages); "
         "pipeline rank 0, virtual stage 0 starts at layer 0"
     ]
+
+
+def test_layers_numbered_by_their_caller_are_placed_once(monkeypatch, cpu_device):
+    """On a layout where H7 answers (no middle stage), a decoder layer gets the adapter's offset
+    once; an MTP layer and a hybrid stack's layer (``add_layer_offset=False`` with its own
+    ``pp_layer_offset``) are numbered by their caller and never ask (0.17+, main, dev)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if "add_layer_offset" not in inspect.signature(TransformerLayer.__init__).parameters:
+        pytest.skip("this release's TransformerLayer takes no add_layer_offset (0.17+)")
+    config = make("pp2-vpp2-first4-last2")
+    asked = []
+    real = mla_adapter.pipeline_layer_offset
+
+    def ask(cfg, vp_stage, pp_rank, *args, **kwargs):
+        asked.append((vp_stage, pp_rank))
+        return real(cfg, vp_stage, pp_rank, *args, **kwargs)
+
+    monkeypatch.setattr(mla_adapter, "pipeline_layer_offset", ask)
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True)
+    plain = build_module(spec, config=config, layer_number=1, vp_stage=1)
+    assert asked == [(1, 0)]  # pipeline rank 0 (one process), virtual stage 1: layer 3 + 1
+    assert (
+        plain.layer_number
+        == plain.self_attention.layer_number
+        == EXPECTED["pp2-vpp2-first4-last2"][(0, 1)] + 1
+    )
+    mtp = build_module(spec, config=config, layer_number=1, vp_stage=1, is_mtp_layer=True)
+    assert asked == [(1, 0)]
+    assert mtp.layer_number == mtp.self_attention.layer_number == 1
+    if "pp_layer_offset" not in inspect.signature(MLASelfAttention.__init__).parameters:
+        return  # 0.17: upstream's MLA takes no pp_layer_offset, so no hybrid stack passes one
+    hybrid = build_module(
+        spec, config=config, layer_number=6, vp_stage=1, add_layer_offset=False, pp_layer_offset=5
+    )
+    assert asked == [(1, 0)]
+    assert hybrid.layer_number == hybrid.self_attention.layer_number == 6
+    assert hybrid.self_attention._pp_layer_offset == 5  # pylint: disable=protected-access

@@ -161,10 +161,11 @@ def test_positions_are_computed_once_per_batch(parallel_state):
     apply = mla_adapter.rotary_pos_emb_fn(layer, params)
     t, freqs = torch.randn(12, 2, 16), _freqs(8)
     apply(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0))
-    cached = dict(mla_adapter.packed_batch(params).positions)
+    cached = dict(mla_adapter.packed_batch(params).cached)
     again = mla_adapter.rotary_pos_emb_fn(layer, params)
     again(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0))
-    assert mla_adapter.packed_batch(params).positions == cached and len(cached) == 1
+    assert mla_adapter.packed_batch(params).cached == cached and len(cached) == 1
+    assert next(iter(cached))[0] == "positions"
 
 
 def test_bshd_fusion_and_unnormalized_calls_get_upstream(parallel_state):

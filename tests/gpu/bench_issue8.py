@@ -17,9 +17,11 @@ auto`` unless named), forward + backward with the input gradient. Every step get
 * ``kernel_counts``: torch.profiler over ``MLA_SEAM_PROFILE_STEPS`` (5) steps, bshd (4096 x 2)
   and THD (64 sequences): GPU kernels, host-device synchronisations (``cuda*Synchronize`` and
   blocking ``cudaMemcpy`` calls), H2D and D2H copies per step. On the patched tree also the
-  adapter's own host time per layer per step (``time.perf_counter`` around every adapter entry
-  point the step runs, upstream's TE forward excluded), and the bound: that time over the
-  step time.
+  adapter's own host time per layer per step (:class:`AdapterHostTimer`: forward entry points
+  only, see there), and the bound: that time over the step time; and a torch.profiler CPU-op
+  breakdown of the adapter's share (``host_profile.py``): one ``adapter_host_profile`` record
+  per entry point and part (host us, Python us between ops, ops, launches, syncs, copies, the
+  host time of its backward functions, shares of the adapter and of the step).
 * ``bench_local_vs_te``: the local spec (SDPA) against TE unfused and TE fused, bshd and THD
   (4 sequences), patched tree only (a vanilla tree cannot build MLA with the local spec).
 """
@@ -211,6 +213,13 @@ class AdapterHostTimer:
     Wraps ``normalize_packed_seq`` (H2), ``rotary_pos_emb_fn`` and the packed RoPE it returns
     (H8), ``upstream_value_pad`` (H5) and the adapter's TE core-attention ``forward`` (H1),
     minus the time spent in upstream's ``TEDotProductAttention.forward`` under it.
+
+    What it counts: forward host time in those calls (Python and kernel launches, a blocking
+    copy's own time; not the wait for earlier kernels, each span starting on an idle GPU).
+    What it does not: the backward of the adapter's ops (autograd launches it on its own
+    thread; ``host_profile.py`` measures it), the local spec's core attention (not wrapped),
+    the build-time hooks (H1 H3 H4 H9, once), and time upstream spends because of the adapter
+    outside these calls.
     """
 
     ENTRY_POINTS = (
@@ -322,6 +331,7 @@ def test_kernel_counts(layout, megatron_env, megatron_version, record):
             adapter_host_us_per_layer=round(per_layer_us, 2),
             overhead_bound=round(per_layer_us / (step_ms * 1e3), 5),
         )
+        record_host_profile(step, steps, layout, lengths, megatron_version, record)
     record(
         case="kernel_counts",
         version=_version(megatron_version),
@@ -331,6 +341,24 @@ def test_kernel_counts(layout, megatron_env, megatron_version, record):
         steps=steps,
         **fields,
     )
+
+
+def record_host_profile(step, steps, layout, lengths, megatron_version, record) -> None:
+    """One ``adapter_host_profile`` record per labelled adapter entry point and part."""
+    from host_profile import profile_adapter  # pylint: disable=C0415
+    from megatron.core.transformer import mla_adapter  # pylint: disable=C0415
+
+    for entry, row in sorted(profile_adapter(step, steps, mla_adapter).items()):
+        record(
+            case="adapter_host_profile",
+            version=_version(megatron_version),
+            layout=layout,
+            backend="auto",
+            n_seqs=len(lengths) if lengths else None,
+            steps=steps,
+            entry=entry,
+            **row,
+        )
 
 
 IMPLS = {"local": ("local", "local"), "te_unfused": ("te", "unfused"), "te_fused": ("te", "fused")}

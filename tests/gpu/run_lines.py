@@ -11,12 +11,16 @@ run again, so a second call with the same OUT (carried back) finishes what the f
 
     python3 tests/gpu/run_lines.py --out OUT --work TREES --deadline-s 540 \\
         --release 0.18.2:0.16.1 --release 0.16.1:none --release 0.19.2:0.16.1=parity,bench \\
-        [--dist 0.16.1:2] [--gpus 0,1,2,3]
+        [--target .device/dev.tar.gz:0.19.2] [--dist 0.16.1:2] [--gpus 0,1,2,3]
 
 ``--release V:BASE[=UNITS]`` (BASE ``none``: two trees; UNITS: phase or unit names, run again
-even when done; default: what is not done yet of the whole suite but ``local-vs-te``). ``--dist V:N`` also runs the multi-GPU cases of V on N GPUs
-(``mla-seam suite --nproc N``). Writes ``OUT/run_lines.log``, ``OUT/run_lines.json`` and each
-process's output under ``OUT/logs/``.
+even when done; default: what is not done yet of the whole suite but ``local-vs-te``). ``--target
+ARCHIVE:BASE[=UNITS]`` does the same for a moving target (main, dev) carried as a ``git archive``
+of its ``megatron/`` folder (``git archive -o dev.tar.gz origin/dev megatron``): vanilla and
+patched trees are unpacked from it (:func:`mla_seam.suite.trees.stage_archive`; the series is the
+one the content selects) and the results go to ``OUT/<target>/<card>/``. ``--dist V:N`` also runs
+the multi-GPU cases of V on N GPUs (``mla-seam suite --nproc N``). Writes ``OUT/run_lines.log``,
+``OUT/run_lines.json`` and each process's output under ``OUT/logs/``.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 # pylint: disable=wrong-import-position
 from mla_seam import releases  # noqa: E402
 from mla_seam.suite import fleet  # noqa: E402
-from mla_seam.suite.trees import stage  # noqa: E402
+from mla_seam.suite.trees import inspect_tree, stage, stage_archive  # noqa: E402
 
 #: Units run together in one suite process (one merge each), in the order they are started.
 CHUNKS = (
@@ -63,23 +67,46 @@ def _say(log, text: str) -> None:
     log.flush()
 
 
-def done_units(out: Path, version: str) -> set:
-    """Units already in ``OUT/core_vV/*/results.json`` (run to the end, ok or not)."""
+def done_units(out: Path, tag: str) -> set:
+    """Units already in ``OUT/<tag>/*/results.json`` (run to the end, ok or not)."""
     done = set()
-    for path in out.glob(f"{releases.TAG_PREFIX}{version}/*/results.json"):
+    for path in out.glob(f"{tag}/*/results.json"):
         data = json.loads(path.read_text(encoding="utf-8"))
         done |= {p["name"] for p in data.get("phases", []) if not p.get("timed_out")}
     return done
 
 
+def _spec(spec: str):
+    """``WHAT:BASE[=UNITS]`` -> ``(what, base or None, wanted units or None)``."""
+    head, _, units = spec.partition("=")
+    what, _, base = head.rpartition(":") if ":" in head else (head, "", "")
+    base = None if base in ("", "none") else base
+    return what, base, ({u for u in units.split(",") if u} if units else None)
+
+
 def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[fleet.Job]:
     """The chunks still to run for ``V:BASE[=UNITS]``."""
-    head, _, units = spec.partition("=")
-    version, _, base = head.partition(":")
-    base = None if base in ("", "none") else base
+    version, base, wanted = _spec(spec)
     trees = stage(version, base, work)
-    wanted = {u for u in units.split(",") if u} if units else None
-    done = done_units(out, version)
+    return suite_jobs(trees, version, releases.tag_of(version), out, wanted, python)
+
+
+def target_jobs(spec: str, out: Path, work: Path, python: str) -> Tuple[str, List[fleet.Job]]:
+    """The results tag (``main``, ``dev``) and the chunks still to run for a moving target's
+    ``ARCHIVE:BASE[=UNITS]``."""
+    archive, base, wanted = _spec(spec)
+    trees = stage_archive(archive, work)
+    if base:
+        trees["base"] = stage(base, None, work)["patched"]
+    tag = inspect_tree(trees["patched"], "--megatron").tag
+    return tag, suite_jobs(trees, tag, tag, out, wanted, python)
+
+
+def suite_jobs(
+    trees: dict, key: str, tag: str, out: Path, wanted: Optional[set], python: str
+) -> List[fleet.Job]:
+    """One ``mla-seam suite --only`` job per chunk of units not yet in ``OUT/<tag>``."""
+    done = done_units(out, tag)
     jobs = []
     for chunk in CHUNKS:
         pick = []
@@ -103,7 +130,7 @@ def release_jobs(spec: str, out: Path, work: Path, python: str) -> List[fleet.Jo
             argv += ["--base-megatron", str(trees["base"])]
         argv += ["--only", ",".join(pick)]
         estimate = START_S + sum(ESTIMATE.get(u, 40) for u in pick)
-        jobs.append(fleet.Job(f"{version}:{'+'.join(pick)}", argv, key=version, estimate=estimate))
+        jobs.append(fleet.Job(f"{key}:{'+'.join(pick)}", argv, key=key, estimate=estimate))
     return jobs
 
 
@@ -123,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", required=True, type=Path)
     parser.add_argument("--deadline-s", type=float, default=540)
     parser.add_argument("--release", action="append", default=[], metavar="V:BASE[=UNITS]")
+    parser.add_argument("--target", action="append", default=[], metavar="ARCHIVE:BASE[=UNITS]")
     parser.add_argument("--dist", action="append", default=[], metavar="V:N")
     parser.add_argument("--gpus", help="comma-separated device indices (default: all visible)")
     args = parser.parse_args(argv)
@@ -137,15 +165,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "run_lines.log", "a", encoding="utf-8") as log:
         _say(log, f"GPUs {gpus}; deadline {args.deadline_s:.0f}s")
-        for spec in args.release:  # bases first: several releases share one base tree
-            base = spec.partition("=")[0].partition(":")[2]
-            if base not in ("", "none"):
+        for spec in args.release + args.target:  # bases first: several share one base tree
+            base = _spec(spec)[1]
+            if base:
                 stage(base, None, args.work)
         jobs: List[fleet.Job] = []
         for spec in args.dist:
             jobs.append(dist_job(spec, args.out, args.work, sys.executable, args.deadline_s / 2))
         for spec in args.release:
             jobs += release_jobs(spec, args.out, args.work, sys.executable)
+        tags = [releases.tag_of(_spec(spec)[0]) for spec in args.release]  # results folders
+        for spec in args.target:
+            tag, found = target_jobs(spec, args.out, args.work, sys.executable)
+            tags.append(tag)
+            jobs += found
         _say(
             log,
             f"staged; {len(jobs)} jobs, {sum(j.estimate * j.gpus for j in jobs):.0f} GPU-s estimated",
@@ -154,10 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in fleet.run_jobs(jobs, gpus, args.out / "logs", deadline_s=left):
             done = f"rc={job.rc} {job.seconds:.0f}s" if job.outcome == "ran" else job.outcome
             _say(log, f"{done} (est {job.estimate:.0f}s) {job.name}")
-        summary = {
-            spec.partition(":")[0]: sorted(done_units(args.out, spec.partition(":")[0]))
-            for spec in args.release
-        }
+        summary = {tag: sorted(done_units(args.out, tag)) for tag in tags}
         (args.out / "run_lines.json").write_text(
             json.dumps(summary, indent=1) + "\n", encoding="utf-8"
         )

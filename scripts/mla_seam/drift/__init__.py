@@ -97,10 +97,16 @@ def build(
     include_pre: bool = False,
     gpu_results: Optional[Path] = None,
     history_file: Optional[Path] = None,
+    pre_after: Optional[str] = None,
+    also: Sequence[str] = (),
+    sweep_cache: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Sweep ``tags`` on ``megatron`` and return the whole report (the verb without output).
 
     The history file is read (``since_previous``) but not appended to; see :func:`write_outputs`.
+    ``pre_after`` keeps only pre-releases newer than that version (with ``include_pre``);
+    ``also`` adds further refs of the checkout (branches) after the range; ``sweep_cache`` is
+    a folder of per-tag entries (:mod:`mla_seam.drift.cache`) to reuse and fill.
 
     Raises:
         UsageError: A malformed or empty range.
@@ -108,10 +114,12 @@ def build(
     """
     tree = MegatronTree.resolve(Path(megatron))
     lines = load_lines(paths.patches_dir())
-    base_series = series_by_name(baseline, paths.patches_dir()) if baseline else None
+    base_series = (
+        series_by_name(baseline, paths.patches_dir(), option="--baseline") if baseline else None
+    )
     with Workspace.create(tree.root if tree.repo is not None else None) as ws:
-        refs, skipped = tags_in_range(ws, tags, include, include_pre)
-        entries = sweep(ws, refs, lines, base_series)
+        refs, skipped = tags_in_range(ws, tags, include, include_pre, pre_after, also)
+        entries = sweep(ws, refs, lines, base_series, sweep_cache)
     doc = report(
         tags,
         entries,
@@ -138,8 +146,10 @@ def write_outputs(
     out: Path,
     with_plot: bool,
     history_file: Optional[Path] = None,
+    append: bool = True,
 ) -> List[Path]:
-    """Write drift.json, .md, .html (and the figures) into ``out``; append to the history."""
+    """Write drift.json, .md, .html (and the figures) into ``out``; append to the history
+    (unless ``append`` is false: the history is then read for the trend only)."""
     out.mkdir(parents=True, exist_ok=True)
     trend = None
     if history_file is not None:
@@ -161,7 +171,7 @@ def write_outputs(
                 (out / name).unlink(missing_ok=True)
         if not any(p.suffix == ".png" for p in written):
             log.warning("mla-seam drift: matplotlib missing (pip install mla-seam[plot]): no PNG")
-    if history_file is not None:
+    if history_file is not None and append:
         history.append(history_file, doc)
         written.append(Path(history_file))
     return written

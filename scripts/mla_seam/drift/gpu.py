@@ -7,6 +7,9 @@ with several cards, the newest run. The slot holds the verdict, card, versions, 
 trees, the attribution counts, the reasons, every finding that moved, the performance findings
 (for the per-tag ratio plot) and the golden curves of the folder (for the curve plot).
 
+A moving target's row (``main``, ``dev``) takes the verdict of ``<DIR>/<target>/`` only (dev's
+package_info says 0.19.0, which is no release of it).
+
 A GPU verdict of ``overlay_broke`` or ``upstream_changed`` makes the tag ``needs_work`` with a
 ``GPU:`` reason: drift is behaviour too. ``pass`` and ``incomplete`` leave the verdict alone
 (``incomplete`` says why in the slot).
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from mla_seam.drift.sweep import NEEDS_WORK, refresh
+from mla_seam.releases import MOVING_TARGETS, moving_target
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,10 @@ def find_verdicts(results_dir: Path) -> Dict[str, List[Path]]:
             continue
         if doc.get("kind") != "mla-seam-gpu-verdict":
             continue
-        found.setdefault(str(doc.get("version")), []).append(path)
-        found.setdefault(str(path.parent.parent.name), []).append(path)
+        folder = path.parent.parent.name
+        if folder not in MOVING_TARGETS:  # dev says 0.19.0: its results are not that release's
+            found.setdefault(str(doc.get("version")), []).append(path)
+        found.setdefault(folder, []).append(path)
     return found
 
 
@@ -160,7 +166,11 @@ def attach(report: Dict[str, Any], results_dir: Path) -> int:
     attached = 0
     cards, versions = set(), []
     for entry in report["tags"]:
-        paths = found.get(str(entry["tag"])) or found.get(str(entry["version"]))
+        target = moving_target(str(entry["tag"]))  # main, origin/dev: results/<target> only
+        if target:
+            paths = found.get(target)
+        else:
+            paths = found.get(str(entry["tag"])) or found.get(str(entry["version"]))
         doc = _newest(paths or [])
         if doc is None:
             continue

@@ -3,7 +3,7 @@
 ``--history FILE`` reads the runs recorded so far, puts into the report what changed since the
 last one (``since_previous``: new and removed tags, verdicts, GPU verdicts, patch classes and
 commits that changed) and the trend of the last runs, then appends this run. Keep the file
-between nights (the nightly job commits it beside the report, or caches it).
+between nights (the nightly job keeps it on its state branch, `mla-seam/nightly-state`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,30 @@ def entry_of(doc: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
+def problem(entry: object) -> Optional[str]:
+    """Why ``entry`` (one parsed history line) is not a usable record, or ``None``."""
+    if not isinstance(entry, dict):
+        return f"a JSON {type(entry).__name__}, not a history record (an object)"
+    if entry.get("history_version") != LINE_VERSION:
+        return f"history_version {entry.get('history_version')!r}, not {LINE_VERSION}"
+    if not isinstance(entry.get("timestamp"), str):
+        return "no timestamp"
+    tags = entry.get("tags")
+    if not isinstance(tags, dict) or not all(isinstance(v, dict) for v in tags.values()):
+        return "no tags object (tag -> record)"
+    if not all(isinstance(v.get("classes", {}), dict) for v in tags.values()):
+        return "a tag record whose classes are not an object (hook -> class)"
+    if not isinstance(entry.get("summary"), dict):
+        return "no summary object"
+    return None
+
+
 def load(path: Path) -> List[Dict[str, Any]]:
-    """Every readable history line of ``path`` (missing file: none), oldest first."""
+    """Every usable history line of ``path`` (missing file: none), oldest first.
+
+    Each line is checked (:func:`problem`); a line that is not JSON or not a history record is
+    skipped with a warning naming the file, the line and what is wrong with it.
+    """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -63,11 +85,12 @@ def load(path: Path) -> List[Dict[str, Any]]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("mla-seam drift: %s line %d is not JSON; skipped", path, number)
+        except json.JSONDecodeError as exc:
+            log.warning("mla-seam drift: %s line %d is not JSON (%s); skipped", path, number, exc)
             continue
-        if entry.get("history_version") != LINE_VERSION:
-            log.warning("mla-seam drift: %s line %d has another version; skipped", path, number)
+        why = problem(entry)
+        if why:
+            log.warning("mla-seam drift: %s line %d is %s; skipped", path, number, why)
             continue
         entries.append(entry)
     return entries
@@ -129,9 +152,11 @@ def append(path: Path, doc: Mapping[str, Any]) -> None:
         kept = []
     if kept:
         try:
-            same = json.loads(kept[-1]).get("timestamp") == doc["run"]["timestamp"]
+            last = json.loads(kept[-1])
         except json.JSONDecodeError:
-            same = False
-        if same:
+            last = None
+        if problem(last) is None and last["timestamp"] == doc["run"]["timestamp"]:
             kept = kept[:-1]
+        elif not kept[-1].endswith("\n"):
+            kept[-1] += "\n"  # a truncated last line stays apart from the new one
     path.write_text("".join(kept) + line, encoding="utf-8")

@@ -15,18 +15,19 @@ import logging
 import os
 import platform
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mla_seam import __version__, contracts, gitlayer, releases, upstream
+from mla_seam.drift import cache as entry_cache
 from mla_seam.errors import SeamError, UsageError
 from mla_seam.series import Series
 from mla_seam.survey import (
     PatchClass,
     Survey,
     Workspace,
-    series_for,
+    series_for_ref,
     survey,
-    version_at,
 )
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,23 @@ SCHEMA_VERSION = 2
 # --- the range ---------------------------------------------------------------------------------
 
 
-def known_releases(include: Sequence[str] = (), include_pre: bool = False) -> List[str]:
-    """The built-in releases plus ``include``, oldest first; pre-releases only on request."""
+def known_releases(
+    include: Sequence[str] = (), include_pre: bool = False, pre_after: Optional[str] = None
+) -> List[str]:
+    """The built-in releases plus ``include``, oldest first; pre-releases only on request
+    (and with ``pre_after`` only those newer than that version: the upcoming ones)."""
     known = set(upstream.RELEASES) | {releases.version_of_tag(v) for v in include}
     return sorted(
-        (v for v in known if include_pre or not releases.is_prerelease(v)),
-        key=releases.version_key,
+        (v for v in known if _pre_ok(v, include_pre, pre_after)), key=releases.version_key
     )
+
+
+def _pre_ok(version: str, include_pre: bool, pre_after: Optional[str]) -> bool:
+    if not releases.is_prerelease(version):
+        return True
+    if not include_pre:
+        return False
+    return pre_after is None or releases.version_key(version) > releases.version_key(pre_after)
 
 
 def _endpoint(text: str, first: bool, known: Sequence[str]) -> Optional[str]:
@@ -63,7 +74,12 @@ def _endpoint(text: str, first: bool, known: Sequence[str]) -> Optional[str]:
 
 
 def tags_in_range(
-    ws: Workspace, spec: str, include: Sequence[str] = (), include_pre: bool = False
+    ws: Workspace,
+    spec: str,
+    include: Sequence[str] = (),
+    include_pre: bool = False,
+    pre_after: Optional[str] = None,
+    also: Sequence[str] = (),
 ) -> Tuple[List[str], List[str]]:
     """The refs a ``FROM..TO`` range names, oldest first, and the pre-release tags left out.
 
@@ -72,6 +88,8 @@ def tags_in_range(
         spec: ``FROM..TO``: tags, versions or lines; TO may be any ref of the checkout.
         include: Further releases to sweep (versions the package index reported).
         include_pre: Sweep pre-releases too (``--pre``).
+        pre_after: With ``include_pre``, only pre-releases newer than this version.
+        also: Further refs of the checkout to sweep after the range (branches such as dev).
 
     Raises:
         UsageError: the range is malformed or empty.
@@ -82,29 +100,35 @@ def tags_in_range(
         raise UsageError(
             f"--tags {spec!r} is not FROM..TO", "e.g. --tags core_v0.13.1..core_v0.19.2"
         )
-    known = known_releases(include, include_pre)
+    known = known_releases(include, include_pre, pre_after)
     low, high = _endpoint(start, True, known), _endpoint(end, False, known)
     extra_end = None
     if low is None:
         ws.resolve(start)  # raises UpstreamError with the known releases
-        low = version_at(ws.repo, ws.resolve(start)[0])
+        low = ws.version_at(ws.resolve(start)[0])
     if high is None:
-        extra_end = end
-        ws.resolve(end)
-        high = None
+        commit, _ = ws.resolve(end)
+        if end.startswith(upstream.TAG_PREFIX):
+            high = ws.version_at(commit)  # a release tag of the checkout no list knows yet
+        else:
+            extra_end = end  # a branch: every tag from FROM on, then the branch
     versions = set(v for v in known if _in(v, low, high))
     skipped = []
     for tag in gitlayer.tags_at(ws.repo):
         version = tag.removeprefix(upstream.TAG_PREFIX)
         if not tag.startswith(upstream.TAG_PREFIX) or not _in(version, low, high):
             continue
-        if releases.is_prerelease(version) and not include_pre:
+        if not _pre_ok(version, include_pre, pre_after):
             skipped.append(tag)
         else:
             versions.add(version)
     refs = [f"{upstream.TAG_PREFIX}{v}" for v in sorted(versions, key=releases.version_key)]
     if extra_end:
         refs.append(extra_end)
+    for ref in also:
+        if ref not in refs:
+            ws.resolve(ref)  # raises UpstreamError for a ref the checkout lacks
+            refs.append(ref)
     if not refs:
         raise UsageError(f"--tags {spec}: no release in that range", "widen the range")
     return refs, sorted(skipped, key=lambda t: releases.version_key(releases.version_of_tag(t)))
@@ -168,17 +192,11 @@ def tag_entry(
 ) -> Dict[str, object]:
     """The drift schema's ``tags[]`` entry of one ref (``baseline``: also survey that line)."""
     commit, source = ws.resolve(ref)
-    version = version_at(ws.repo, commit)
-    s, listed = series_for(lines, version)
+    version = ws.version_at(commit)
+    s, listed = series_for_ref(lines, ref, version, ws.repo)
     sv = survey(ws, s, ref, range_diff=False)
     served = listed or _served_by_line(s, version, sv)
-    changes: List[Dict[str, object]] = []
-    if previous is not None:
-        prev_values = previous["contracts"]
-        changes = [
-            dict(c.to_json(), since=previous["tag"])
-            for c in contracts.diff(prev_values, sv.new_contracts)  # type: ignore[arg-type]
-        ]
+    changes = contract_changes(previous, sv.new_contracts)
     reasons = _reasons(sv, served, ws, listed)
     base = None
     if baseline is not None:
@@ -187,7 +205,7 @@ def tag_entry(
     return {
         "tag": ref,
         "version": version,
-        "line": releases.line_of(version),
+        "line": s.line if s.name in releases.MOVING_TARGETS else releases.line_of(version),
         "commit": commit,
         "source": source,
         "series": s.name,
@@ -201,6 +219,18 @@ def tag_entry(
         "baseline": base,
         "gpu": None,
     }
+
+
+def contract_changes(
+    previous: Optional[Mapping[str, object]], values: Mapping[str, object]
+) -> List[Dict[str, object]]:
+    """The contract changes of a tag against the tag swept before it (``[]``: the first)."""
+    if previous is None:
+        return []
+    return [
+        dict(c.to_json(), since=previous["tag"])
+        for c in contracts.diff(previous["contracts"], values)  # type: ignore[arg-type]
+    ]
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -228,8 +258,26 @@ def sweep(
     refs: Sequence[str],
     lines: Sequence[Series],
     baseline: Optional[Series] = None,
+    cache: Optional[Path] = None,
 ) -> List[Dict[str, object]]:
-    """``tag_entry`` for every ref, in order, each compared with the one before."""
+    """``tag_entry`` for every ref, in order, each compared with the one before.
+
+    With ``cache`` (a folder, :mod:`mla_seam.drift.cache`), a ref whose entry is there is not
+    surveyed again, and new entries are stored.
+    """
+    resolved = {ref: ws.resolve(ref) for ref in refs}
+    keys: Dict[str, str] = {}
+    found: Dict[str, Dict[str, object]] = {}
+    if cache is not None:
+        tags = gitlayer.tags_at(ws.user) if ws.user is not None else {}
+        for ref in refs:
+            commit, source = resolved[ref]
+            keys[ref] = entry_cache.key(ref, commit, source, tags, lines, baseline)
+            hit = entry_cache.load(cache, keys[ref])
+            if hit is not None:
+                found[ref] = hit
+    # A partial clone fetches the files every survey reads in one batch, not one per tag.
+    ws.ensure([resolved[ref][0] for ref in refs if ref not in found], ws.read_paths)
     entries: List[Dict[str, object]] = []
     bar = _progress(len(refs))
     task = bar.add_task("", total=len(refs)) if bar else None
@@ -238,11 +286,20 @@ def sweep(
             if bar:
                 bar.update(task, description=ref)
             else:
-                log.info("mla-seam drift: %s", ref)
+                log.info(
+                    "mla-seam drift: %s%s", ref, " (unchanged: cached)" if ref in found else ""
+                )
+            entry = found.get(ref)
+            if entry is None:
+                entry = tag_entry(ws, lines, ref, None, baseline)
+                if cache is not None:
+                    entry_cache.save(cache, keys[ref], entry)
             previous = entries[-1] if entries else None
-            entries.append(tag_entry(ws, lines, ref, previous, baseline))
+            entries.append(dict(entry, contract_changes=contract_changes(previous, entry["contracts"])))  # type: ignore[arg-type]
             if bar:
                 bar.advance(task)
+    if cache is not None:
+        entry_cache.prune(cache)
     return entries
 
 

@@ -52,6 +52,11 @@ def create_tag(repo: git.Repo, name: str, rev: str = "HEAD") -> None:
     repo.git.tag(name, rev)  # lightweight: never signed, no tagger line
 
 
+def set_branch(repo: git.Repo, name: str, rev: str) -> None:
+    """Point the local branch ``name`` at ``rev`` (created or moved; nothing checked out)."""
+    repo.git.branch("--force", "--no-track", name, rev)
+
+
 def tag_commit(repo: git.Repo, tag: str) -> Optional[str]:
     """The commit id ``tag`` points at, or ``None`` when the repository has no such tag."""
     status, out, _ = repo.git.execute(

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "reattribute", None):
         for folder in args.reattribute:
-            verdict = reattribute(folder)["verdict"]
+            verdict = reattribute(folder, args.out)["verdict"]
             counts = ", ".join(f"{n} {a}" for a, n in verdict["counts"].items() if n)
             sys.stdout.write(f"{verdict['tag']}: {verdict['verdict']} ({counts})\n")
         return 0
@@ -245,7 +245,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="RUN",
         help="derive the verdict of stored runs (results/<tag>/<card>) again with this "
-        "version's attribution; runs nothing, needs no GPU",
+        "version's attribution; runs nothing, needs no GPU; with --out the new files go to "
+        "<out>/<tag>/<card> and RUN is left as it was",
     )
     _add_multigpu_arguments(parser)
     parser.set_defaults(func=run)

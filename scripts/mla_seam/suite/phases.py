@@ -94,6 +94,9 @@ PHASES: Tuple[Phase, ...] = (
     ),
     Phase("kernels", SWEEP + "::test_kernel_counts", ("patched", "vanilla"), 240, optional=True),
     Phase("local-vs-te", SWEEP + "::test_local_vs_te", ("patched",), 240, optional=True),
+    # Issue 20: an MLA layer's fwd+bwd captured in a CUDA graph, replays against eager (records
+    # graph_step); on vanilla, where upstream's own MLA cannot be captured (skip reasons).
+    Phase("graphs", "test_graphs.py", ("patched", "vanilla"), 300, optional=True),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
 #: Unit names of schema-1 results and of scripts written before the roles existed.

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -62,10 +63,11 @@ def _trees(
 ) -> Dict[str, TreeInfo]:
     tree = inspect_tree(megatron, "--megatron")
     if not tree.patched:
-        log.warning(
-            "mla-seam suite: %s has no %s; it is not patched (run `mla-seam apply` first)",
-            tree.path,
-            ADAPTER_RELPATH,
+        raise UsageError(
+            f"--megatron {tree.path} is not patched (no {ADAPTER_RELPATH}): the suite measures "
+            "the patched tree against the vanilla one",
+            f"apply the series first (mla-seam apply {tree.path}), or pass this tree as "
+            "--vanilla-megatron beside a patched one",
         )
     trees = {"patched": tree}
     if vanilla:
@@ -327,14 +329,17 @@ def merge_previous(
     return merged, old_records + records, merged_golden
 
 
-def reattribute(folder: os.PathLike) -> Dict[str, Any]:
+def reattribute(folder: os.PathLike, out: Optional[os.PathLike] = None) -> Dict[str, Any]:
     """Derive a stored run's verdict again with this version's attribution (no GPU needed).
 
     The measurements stay as they were; ``verdict.json``, ``results.md`` and the ``verdict`` of
-    ``results.json`` are rewritten, and ``results.json`` records when and by which mla-seam.
+    ``results.json`` are written again, and ``results.json`` records when and by which
+    mla-seam: into the run's own folder, or with ``out`` into ``<out>/<tag>/<card>/`` (the
+    stored run is then left as it was).
 
     Args:
         folder: A run's folder (``<out>/<tag>/<card>``) or its ``results.json``.
+        out: A results folder to write to instead of the run's own.
 
     Raises:
         UsageError: No readable schema-2 ``results.json`` there.
@@ -363,8 +368,28 @@ def reattribute(folder: os.PathLike) -> Dict[str, Any]:
         "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "mla_seam_version": __version__,
     }
-    write_outputs(path.parent, results)
+    target = path.parent
+    if out is not None:
+        target = Path(out) / str(results.get("tag") or path.parent.parent.name) / path.parent.name
+        if target.resolve() == path.parent.resolve():
+            target = path.parent
+        else:
+            _copy_run_files(path.parent, target)
+    write_outputs(target, results)
     return results
+
+
+def _copy_run_files(source: Path, target: Path) -> None:
+    """The files of a stored run that reattribution does not rewrite (golden values, logs)."""
+    target.mkdir(parents=True, exist_ok=True)
+    rewritten = {"results.json", "results.md", "bench.json", "verdict.json"}
+    for item in source.iterdir():
+        if item.name in rewritten:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target / item.name)
 
 
 def write_outputs(out_dir: Path, results: Mapping[str, Any]) -> None:

@@ -9,7 +9,12 @@ Roles (:data:`ROLES`):
 
 :func:`stage` materializes all three from the mla-seam cache (``mla-seam upstream get``, PyPI
 sdists or a git URL) and applies the series (``mla-seam apply``), each as a subprocess of this
-interpreter: staging needs GitPython, running the phases does not.
+interpreter: staging needs GitPython, running the phases does not. :func:`stage_archive` does the
+same for a moving target (``main``, ``dev``) from a ``git archive`` of its ``megatron/`` folder.
+
+A tree's tag names its results folder: ``core_v<version>`` for a release, the moving target's
+name (``dev``) for a tree the series of one was applied to (the tree's mla-seam state says which;
+dev's package_info says 0.19.0, which would file its results as that release's).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -70,7 +76,32 @@ def inspect_tree(path: os.PathLike, role: str) -> TreeInfo:
         )
     version = read_version(root)
     patched = (root / ADAPTER_RELPATH).is_file()
-    return TreeInfo(str(root), version, releases.tag_of(version), patched)
+    line = applied_line(root) if patched else None
+    tag = line if line in releases.MOVING_TARGETS else releases.tag_of(version)
+    return TreeInfo(str(root), version, tag, patched)
+
+
+def applied_line(root: Path) -> Optional[str]:
+    """The series line the tree's mla-seam state records as applied (``None``: none recorded).
+
+    Read without git (the suite runs where GitPython may be missing): the state folder is
+    ``.mla-seam/`` of a plain folder, ``.git/mla-seam/`` of a checkout, or ``mla-seam/`` in the
+    git dir a worktree's ``.git`` file names.
+    """
+    dot_git = root / ".git"
+    folders = [root / ".mla-seam", dot_git / "mla-seam"]
+    if dot_git.is_file():
+        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+        if text.startswith("gitdir:"):
+            folders.append((root / text.split(":", 1)[1].strip()) / "mla-seam")
+    for folder in folders:
+        try:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        line = ((state or {}).get("applied") or {}).get("line") if isinstance(state, dict) else None
+        return line if isinstance(line, str) else None
+    return None
 
 
 def read_version(root: Path) -> str:
@@ -142,9 +173,14 @@ def choose_base(
     return DEFAULT_BASE
 
 
-def _seam(*args: str, timeout: int = 900) -> str:
-    """``python -m mla_seam ARGS``; its stdout (the last line is a path for ``upstream get``)."""
+def _seam(*args: str, timeout: int = 900, bundle: Optional[Path] = None) -> str:
+    """``python -m mla_seam ARGS``; its stdout (the last line is a path for ``upstream get``).
+
+    ``bundle``: the series and adapter to use (``MLA_SEAM_ROOT``), e.g. a proposal's.
+    """
     env = dict(os.environ)
+    if bundle is not None:
+        env["MLA_SEAM_ROOT"] = str(bundle)
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = package_parent + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
@@ -196,4 +232,96 @@ def stage(release: str, base: Optional[str], work: Path) -> Dict[str, Path]:
         trees[role] = dest
     if base and "base" not in plan:
         trees["base"] = trees["patched"]
+    return trees
+
+
+def stage_target(
+    name: str,
+    commit: str,
+    work: Path,
+    url: Optional[str],
+    bundle: Optional[Path],
+    base: Optional[str],
+    version: Optional[str] = None,
+) -> Dict[str, Path]:
+    """The three trees of a moving target (a new tag, upstream ``main``, a branch).
+
+    The target's commit is fetched from ``url`` (one commit each for the vanilla and the
+    patched tree; without a URL, the release ``version`` from the cache), the patched tree gets
+    ``bundle``'s series (a proposal's; ``None``: the installed one), and the base release is
+    staged as :func:`stage` does, with the installed series.
+
+    Returns:
+        ``{role: path}``.
+
+    Raises:
+        UpstreamError: A tree could not be fetched or patched.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+    trees: Dict[str, Path] = {}
+    for role in ("vanilla", "patched"):
+        dest = work / f"{role}-{slug}"
+        if not (dest / "megatron" / "core").is_dir():
+            log.info("mla-seam suite: staging %s (%s %s) in %s", role, name, commit[:12], dest)
+            if url:
+                _seam("upstream", "get", commit, "--url", url, "--into", str(dest))
+            elif version:
+                _seam("upstream", "get", "--into", str(dest), version)
+            else:
+                raise UsageError(
+                    f"{name}: no upstream URL and no release version to stage it from",
+                    "run the nightly's CPU phase on a clone (--megatron CLONE --remote origin)",
+                )
+        if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
+            _seam("apply", str(dest), bundle=bundle)
+        trees[role] = dest
+    if base:
+        trees["base"] = stage(base, None, work)["patched"]
+    return trees
+
+
+def stage_archive(archive: os.PathLike, work: Path) -> Dict[str, Path]:
+    """The vanilla and patched trees of a moving target from a ``git archive`` of it.
+
+    Args:
+        archive: A tar (``.tar``, ``.tar.gz``) holding ``megatron/`` at its top, as
+            ``git archive -o dev.tar.gz origin/dev megatron`` writes it.
+        work: Folder for ``vanilla-<name>`` and ``patched-<name>`` (``name``: the archive's file
+            name without its extensions); reused when already there.
+
+    Returns:
+        ``{"patched": path, "vanilla": path}``; the patched tree has the series the content
+        selects (``mla-seam apply``), which names its results folder (:func:`inspect_tree`).
+
+    Raises:
+        UsageError: The archive is unreadable or holds no ``megatron/core``.
+        UpstreamError: The series does not apply.
+    """
+    archive = Path(archive)
+    name = archive.name.split(".")[0]
+    work.mkdir(parents=True, exist_ok=True)
+    trees = {}
+    for role in ("vanilla", "patched"):
+        dest = work / f"{role}-{name}"
+        if not (dest / "megatron" / "core").is_dir():
+            log.info("mla-seam suite: unpacking %s into %s", archive, dest)
+            try:
+                # The "data" filter (no links out, no absolute paths) where Python has it.
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                with tarfile.open(archive) as tar:
+                    tar.extractall(dest, **safe)
+            except (OSError, tarfile.TarError) as exc:
+                raise UsageError(
+                    f"{archive}: not a readable tar archive ({exc})",
+                    "make it with: git archive -o NAME.tar.gz REF megatron",
+                ) from None
+            if not (dest / "megatron" / "core").is_dir():
+                raise UsageError(
+                    f"{archive} holds no megatron/core at its top",
+                    "make it with: git archive -o NAME.tar.gz REF megatron",
+                )
+        if role == "patched" and not (dest / ADAPTER_RELPATH).is_file():
+            _seam("apply", str(dest))
+        trees[role] = dest
     return trees

@@ -19,13 +19,7 @@ The :class:`Survey` also holds the contract probes of both bases and, on request
 of the old series against the new one.
 """
 
-from mla_seam.survey.engine import (
-    Workspace,
-    load_lines,
-    series_for,
-    survey,
-    version_at,
-)
+from mla_seam.survey.engine import load_lines, series_for, series_for_ref, survey
 from mla_seam.survey.model import (
     Commit,
     Hunk,
@@ -36,6 +30,7 @@ from mla_seam.survey.model import (
     hook_of,
     split_hunks,
 )
+from mla_seam.survey.workspace import Workspace, survey_paths, version_at
 
 __all__ = [
     "Commit",
@@ -48,7 +43,9 @@ __all__ = [
     "hook_of",
     "load_lines",
     "series_for",
+    "series_for_ref",
     "split_hunks",
     "survey",
+    "survey_paths",
     "version_at",
 ]

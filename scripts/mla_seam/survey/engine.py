@@ -1,16 +1,15 @@
-"""The survey engine: the scratch :class:`Workspace` and :func:`survey` (see the package doc)."""
+"""The survey engine: :func:`survey` of one series on one new base (see the package doc)."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import git
-from mla_seam import contracts, gitlayer, releases, upstream
-from mla_seam.errors import RebaseError, SeamError, SeriesCorruptError, UpstreamError, UsageError
+from mla_seam import contracts, gitlayer, releases
+from mla_seam.errors import SeamError, UsageError
 from mla_seam.releases import PACKAGE_INFO
 from mla_seam.series import PatchEntry, Series, load_series
 from mla_seam.survey.model import (
@@ -24,168 +23,14 @@ from mla_seam.survey.model import (
     offsets_of,
     split_hunks,
 )
+from mla_seam.survey.workspace import (  # noqa: F401 (re-exported)
+    Workspace,
+    commit_mail,
+    survey_paths,
+    version_at,
+)
 
 log = logging.getLogger(__name__)
-
-
-def version_at(repo: git.Repo, rev: str) -> str:
-    """``MAJOR.MINOR.PATCH[PRE_RELEASE]`` from ``package_info.py`` at ``rev`` (parsed, not run)."""
-    try:
-        text = gitlayer.read_blob(repo, rev, PACKAGE_INFO).decode("utf-8")
-    except KeyError:
-        raise RebaseError(
-            f"{rev} has no {PACKAGE_INFO}: not a megatron-core tree",
-            "name a Megatron-LM tag or commit",
-        ) from None
-    try:
-        return releases.parse_package_info(text)
-    except (SyntaxError, ValueError) as exc:
-        raise RebaseError(
-            f"{PACKAGE_INFO} at {rev} names no version ({exc})", "name a Megatron-LM tag or commit"
-        ) from None
-
-
-# --- the scratch repository --------------------------------------------------------------------
-
-
-class Workspace:
-    """A scratch repository for surveys: a shared clone of the user's checkout, or empty.
-
-    Refs the user's checkout lacks are fetched from the mla-seam cache (releases materialized
-    from PyPI sdists). Removed by :meth:`close` unless created with ``keep``.
-    """
-
-    def __init__(
-        self, root: Path, repo: git.Repo, user: Optional[git.Repo], scratch: Optional[Path]
-    ) -> None:
-        self.root = root
-        self.repo = repo
-        self.user = user
-        self.scratch = scratch  # removed on close; None for a kept workspace
-        self.sources: Dict[str, str] = {}
-        self._old_heads: Dict[str, Tuple[str, str, List[str]]] = {}
-        self._probes: Dict[str, Dict[str, object]] = {}
-
-    @classmethod
-    def create(cls, user_root: Optional[Path], keep: Optional[Path] = None) -> "Workspace":
-        """A new workspace cloned from ``user_root`` (a git work tree) or empty.
-
-        With ``keep`` the repository is made at that (new or empty) folder and left there.
-        """
-        if keep is not None:
-            keep = Path(keep).resolve()
-            if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
-                raise UsageError(f"--keep {keep} exists and is not empty", "give a new folder")
-            scratch, root = None, keep
-        else:
-            scratch = Path(tempfile.mkdtemp(prefix="mla-seam-rebase-"))
-            root = scratch / "tree"
-        try:
-            user = gitlayer.open_repo(user_root) if user_root is not None else None
-            if user is not None:
-                repo = gitlayer.clone_shared(user_root, root)
-            else:
-                repo = gitlayer.init_repo(root)
-        except BaseException:
-            shutil.rmtree(scratch or root, ignore_errors=True)
-            raise
-        return cls(root, repo, user, scratch)
-
-    def close(self) -> None:
-        """Delete the scratch repository (a kept one stays)."""
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-
-    def __enter__(self) -> "Workspace":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- refs --
-
-    def resolve(self, ref: str) -> Tuple[str, str]:
-        """``(commit, source)`` of ``ref``: the user's checkout first, then the cache.
-
-        Raises:
-            UpstreamError: neither the checkout nor the known releases have ``ref``.
-        """
-        for candidate in (f"refs/tags/{ref}", ref, f"origin/{ref}"):
-            commit = gitlayer.resolve_commit(self.repo, candidate)
-            if commit:
-                self.sources.setdefault(commit, "checkout")
-                return commit, self.sources[commit]
-        try:
-            version = upstream.version_for(ref)
-        except UpstreamError as err:
-            where = "the checkout" if self.user is not None else "the cache"
-            raise UpstreamError(
-                f"unknown tag {ref!r}: not a ref of {where} and not a known megatron-core "
-                f"release ({err.message.split('; ', 1)[-1]})",
-                "name a tag of the checkout (git tag -l 'core_v*') or a known release",
-            ) from None
-        tag = upstream.tag_for(version)
-        commit = gitlayer.resolve_commit(self.repo, f"refs/tags/{tag}")
-        if commit is None:
-            cached = upstream.get(version)
-            gitlayer.fetch_tags(self.repo, cached, [tag])
-            commit = gitlayer.tag_commit(self.repo, tag)
-            if commit is None:
-                raise UpstreamError(f"could not fetch {tag} from {cached}", "see the log above")
-            origin = (upstream.cached_source(version) or {}).get("source", "sdist")
-            self.sources[commit] = f"mla-seam cache ({origin})"
-        self.sources.setdefault(commit, "checkout")
-        return commit, self.sources[commit]
-
-    def probes(self, commit: str) -> Dict[str, object]:
-        """Contract probes of ``commit`` (cached)."""
-        if commit not in self._probes:
-            self._probes[commit] = contracts.probe_rev(self.repo, commit)
-        return self._probes[commit]
-
-    # -- the old series replayed --
-
-    def old_series(self, series: Series) -> Tuple[str, str, List[str]]:
-        """``(base commit, base tag, [commit per patch])`` of ``series`` replayed on its base.
-
-        Raises:
-            SeriesCorruptError: the series does not apply to its own base.
-        """
-        if series.name in self._old_heads:
-            return self._old_heads[series.name]
-        tag = str(series.upstream.get("tag") or "")
-        base = gitlayer.resolve_commit(self.repo, f"refs/tags/{tag}") if tag else None
-        if base is None:
-            base = gitlayer.resolve_commit(self.repo, str(series.upstream.get("commit") or ""))
-        if base is None:
-            base, _ = self.resolve(tag or series.line)
-        gitlayer.checkout_detached(self.repo, base)
-        commits = []
-        for patch in series.patches:
-            info = gitlayer.mailinfo(patch.path.read_bytes(), self.root)
-            ok, report = gitlayer.apply_index(self.root, patch.path)
-            if not ok:
-                raise SeriesCorruptError(
-                    f"{series.name}/{patch.name} does not apply to its own base {tag}: "
-                    f"{report.strip().splitlines()[-1] if report.strip() else 'git apply failed'}",
-                    "the series folder and its manifest disagree with upstream; restore patches/ "
-                    "from the mla-seam repository",
-                )
-            commits.append(_commit(self.repo, info))
-        self._old_heads[series.name] = (base, tag, commits)
-        return self._old_heads[series.name]
-
-
-def _commit(repo: git.Repo, info: Mapping[str, str]) -> str:
-    message = info.get("subject", "") + "\n" + ("\n" + info["body"] if info.get("body") else "")
-    return gitlayer.commit_replayed(
-        repo,
-        message,
-        info.get("author") or gitlayer.SEAM_IDENT["name"],
-        info.get("email") or gitlayer.SEAM_IDENT["email"],
-        info.get("date") or "2000-01-01T00:00:00+00:00",
-    )
-
 
 # --- the survey --------------------------------------------------------------------------------
 
@@ -198,8 +43,28 @@ class _Surveyor:
         self.series = series
         self.onto = onto
         self.onto_commit, self.onto_source = ws.resolve(onto)
+        ws.need(series.touched)
+        ws.ensure([self.onto_commit], list(series.touched) + [PACKAGE_INFO])
         self.base, self.old_tag, self.old_commits = ws.old_series(series)
-        self.history = gitlayer.is_ancestor(ws.repo, self.base, self.onto_commit)
+        # Upstream history (culprits, patch-ids) is read between the checkout's own tag of the
+        # line and the target, never from a release root commit built from an sdist.
+        self.history_tag, self.history_why = ws.history_base(series, self.onto_commit)
+        self.history_start: Optional[str] = None
+        if self.history_tag:
+            tag_commit = gitlayer.resolve_commit(ws.repo, f"refs/tags/{self.history_tag}")
+            self.history_start = tag_commit
+        elif gitlayer.is_ancestor(ws.repo, self.base, self.onto_commit):
+            self.history_start = self.base  # synthetic history on top of a materialized release
+            self.history_tag = self.old_tag
+            self.history_why = f"{self.old_tag} is an ancestor of {onto}"
+        self.history = self.history_start is not None
+        if not self.history:
+            self.history_why += (
+                "; culprits: the release commit (a release built from a PyPI sdist is one root "
+                "commit: the whole upstream change between two releases)"
+                if gitlayer.is_root(ws.repo, self.onto_commit)
+                else "; no culprits can be named"
+            )
         self.values = ws.probes(self.onto_commit)
         self._patch_ids: Optional[Dict[str, str]] = None
 
@@ -214,13 +79,15 @@ class _Surveyor:
             old_head=self.old_commits[-1] if self.old_commits else self.base,
             onto=self.onto,
             onto_commit=self.onto_commit,
-            onto_version=version_at(self.ws.repo, self.onto_commit),
+            onto_version=self.ws.version_at(self.onto_commit),
             onto_source=self.onto_source,
             history=self.history,
             patches=reports,
             old_contracts=self.ws.probes(self.base),
             new_contracts=self.values,
             new_head=head,
+            history_base=self.history_tag if self.history else None,
+            history_detail=self.history_why,
         )
 
     def _one(self, patch: PatchEntry) -> PatchReport:
@@ -236,7 +103,7 @@ class _Surveyor:
             report.offsets = offsets_of(text)
             report.cls = PatchClass.OFFSET if report.offsets else PatchClass.EXACT
             report.detail = _offset_detail(report.offsets)
-            report.commit = _commit(self.ws.repo, info)
+            report.commit = commit_mail(self.ws.repo, self._ported(info, report))
             return report
         found = self._already_upstream(patch, info)
         if found is not None:
@@ -246,10 +113,11 @@ class _Surveyor:
         report.hunks = tuple(self._failed_hunks(info["diff"]))
         ok, text = gitlayer.apply_index(self.ws.root, patch.path, three_way=True)
         if ok:
-            report.cls, report.commit = PatchClass.THREE_WAY, _commit(self.ws.repo, info)
+            report.cls = PatchClass.THREE_WAY
             report.detail = "3-way merge needed, review: " + "; ".join(
                 h.describe(self.old_tag) for h in report.hunks
             )
+            report.commit = commit_mail(self.ws.repo, self._ported(info, report))
             return report
         gitlayer.reset_hard(self.ws.repo)
         report.cls = PatchClass.CONFLICT
@@ -258,6 +126,26 @@ class _Surveyor:
             + (text.strip().splitlines() or ["git apply failed"])[-1]
         )
         return report
+
+    def _ported(self, info: Mapping[str, str], report: PatchReport) -> Dict[str, str]:
+        """The patch's mail with its header brought up to date for the new base.
+
+        A patch whose hunks moved (offset) or were merged 3-way gets ``Last-Update:`` set to the
+        date of the newest upstream commit that changed its files as of the new base
+        (deterministic: the same target gives the same bytes), and a 3-way merge is recorded in
+        a ``Merged-3way:`` line naming the target and the hunks to review. An exact patch is
+        carried verbatim.
+        """
+        if report.cls is PatchClass.EXACT:
+            return dict(info)
+        date = gitlayer.last_change_date(self.ws.repo, self.onto_commit, list(report.files))
+        merged = None
+        if report.cls is PatchClass.THREE_WAY:
+            hunks = ", ".join(f"{h.file.rsplit('/', 1)[-1]} {h.header}" for h in report.hunks)
+            merged = f"3-way onto {self.onto} ({self.onto_commit[:12]}) from {self.old_tag}" + (
+                f"; review {hunks}" if hunks else ""
+            )
+        return dict(info, body=port_header(info.get("body", ""), date, merged))
 
     # -- already upstream --
 
@@ -297,14 +185,24 @@ class _Surveyor:
         gitlayer.reset_hard(self.ws.repo)
         return True
 
+    def _history_range(self, paths: Sequence[str]) -> Optional[str]:
+        """``start..target`` for history queries over ``paths`` (their blobs fetched), or
+        ``None`` when the checkout holds no history between the line and the target."""
+        if self.history_start is None:
+            return None
+        self.ws.ensure_range(self.history_start, self.onto_commit, list(paths))
+        return f"{self.history_start}..{self.onto_commit}"
+
     def _patch_id_match(self, diff: str, files: Sequence[str]) -> Optional[Commit]:
         pid = gitlayer.patch_id(diff.encode("utf-8"), self.ws.root)
         if pid is None:
             return None
         if self._patch_ids is None:
-            rev_range = f"{self.base}..{self.onto_commit}"
             touched = sorted({f for p in self.series.patches for f in p.files})
-            self._patch_ids = gitlayer.commit_patch_ids(self.ws.repo, rev_range, touched)
+            rev_range = self._history_range(touched)
+            self._patch_ids = (
+                gitlayer.commit_patch_ids(self.ws.repo, rev_range, touched) if rev_range else {}
+            )
         sha = self._patch_ids.get(pid)
         return Commit(sha, gitlayer.commit_subject(self.ws.repo, sha)) if sha else None
 
@@ -313,12 +211,11 @@ class _Surveyor:
             ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and ln[1:2] != "+"
         ]
         added = [ln for ln in added if len(ln) > 8]
-        if not added:
+        rev_range = self._history_range(list(files)) if added else None
+        if not added or rev_range is None:
             return None
         needle = max(added, key=len)
-        rows = gitlayer.log_touching(
-            self.ws.repo, f"{self.base}..{self.onto_commit}", list(files), 1, needle
-        )
+        rows = gitlayer.log_touching(self.ws.repo, rev_range, list(files), 1, needle)
         return Commit(*rows[0]) if rows else None
 
     # -- conflicts --
@@ -336,38 +233,97 @@ class _Surveyor:
         return failed
 
     def _hunk_report(self, hunk: Hunk) -> HunkReport:
-        lines = self._base_lines(hunk)
-        return HunkReport(hunk.file, hunk.header, lines, tuple(self._culprits(hunk.file, lines)))
+        lines = _find_lines(self._file_at(self.base, hunk.file), hunk)
+        culprits = self._culprits(hunk)
+        return HunkReport(hunk.file, hunk.header, lines, tuple(culprits))
 
-    def _base_lines(self, hunk: Hunk) -> Tuple[int, int]:
-        """Where the hunk's pre-image sits in the old base file (its header's lines if unsure)."""
-        pre = hunk.preimage
+    def _file_at(self, rev: str, path: str) -> str:
+        self.ws.ensure([rev], [path])
         try:
-            text = gitlayer.read_blob(self.ws.repo, self.base, hunk.file).decode("utf-8")
+            return gitlayer.read_blob(self.ws.repo, rev, path).decode("utf-8")
         except KeyError:
-            text = ""
-        lines = text.splitlines()
-        for start in range(len(lines) - len(pre) + 1) if pre else ():
-            if lines[start : start + len(pre)] == pre:
-                return start + 1, start + len(pre)
-        return hunk.old_start, hunk.old_start + max(len(pre), 1) - 1
+            return ""
 
-    def _culprits(self, path: str, lines: Tuple[int, int]) -> List[Commit]:
-        repo, end = self.ws.repo, self.onto_commit
-        if self.history:
+    def _culprits(self, hunk: Hunk) -> List[Commit]:
+        """The upstream commits between the line's tag and the target that changed the hunk's
+        pre-image lines, each once, oldest first.
+
+        ``git blame --reverse`` from the merge base of the checkout's tag and the target (release
+        tags sit on release branches) finds, for each pre-image line, the last commit that still
+        had it; the commit after it on the way to the target changed it. A commit also on the
+        release branch (same patch-id as one between the merge base and the tag) was already in
+        the old base and is left out. No shared history: the target itself when it is a release
+        root commit (an sdist: the whole release), else none.
+        """
+        repo, end, path = self.ws.repo, self.onto_commit, hunk.file
+        start = self.history_start
+        if start is None:
+            if gitlayer.is_root(repo, end) and self.base != end:
+                return [Commit(end, gitlayer.commit_subject(repo, end))]  # a release root commit
+            return []
+        fork = gitlayer.merge_base(repo, start, end) or start
+        rev_range = self._history_range([path])
+        assert rev_range is not None
+        self.ws.ensure_range(fork, end, [path])
+        lines = _find_lines(self._file_at(fork, path), hunk, exact=True)
+        culprits: Dict[str, Commit] = {}
+        if lines is not None:
             try:
-                last_seen = gitlayer.blame_reverse(repo, self.base, end, path, *lines)
+                last_seen = gitlayer.blame_reverse(repo, fork, end, path, *lines)
             except git.GitCommandError:
                 last_seen = []
-            culprits: Dict[str, Commit] = {}
             for commit in dict.fromkeys(c for c in last_seen if c != end):
                 found = gitlayer.first_descendant_touching(repo, commit, end, path)
                 if found:
                     culprits.setdefault(found[0], Commit(*found))
-            if culprits:
-                return list(culprits.values())
-        rows = gitlayer.log_touching(repo, f"{self.base}..{end}", [path], 5)
-        return [Commit(*row) for row in rows]
+        if not culprits:
+            rows = gitlayer.log_touching(repo, rev_range, [path], 5)
+            culprits = {sha: Commit(sha, subject) for sha, subject in reversed(rows)}
+        if fork != start:
+            self.ws.ensure_range(fork, start, [path])
+            released = set(gitlayer.commit_patch_ids(repo, f"{fork}..{start}", [path]))
+            mine = gitlayer.commit_patch_ids(repo, f"{fork}..{end}", [path])
+            already = {sha for pid, sha in mine.items() if pid in released}
+            culprits = {sha: c for sha, c in culprits.items() if sha not in already}
+        return list(culprits.values())
+
+
+def _find_lines(text: str, hunk: Hunk, exact: bool = False) -> Optional[Tuple[int, int]]:
+    """Where the hunk's pre-image sits in ``text`` (1-based, inclusive); its header's lines when
+    not found, or ``None`` with ``exact``."""
+    pre = hunk.preimage
+    lines = text.splitlines()
+    for start in range(len(lines) - len(pre) + 1) if pre else ():
+        if lines[start : start + len(pre)] == pre:
+            return start + 1, start + len(pre)
+    if exact:
+        return None
+    return hunk.old_start, hunk.old_start + max(len(pre), 1) - 1
+
+
+def port_header(body: str, date: str, merged: Optional[str]) -> str:
+    """A patch message body with ``Last-Update:`` set to ``date`` and, when given, a
+    ``Merged-3way:`` line (replacing an older one) right after it."""
+    out, seen = [], False
+    skipping = False
+    for line in body.splitlines(keepends=True):
+        if skipping and line.startswith(" "):
+            continue  # the continuation of a replaced Merged-3way line
+        skipping = False
+        if line.startswith("Merged-3way:"):
+            skipping = True
+            continue
+        if line.startswith("Last-Update:"):
+            seen = True
+            out.append(f"Last-Update: {date}\n")
+            if merged:
+                out.append(f"Merged-3way: {merged}\n")
+            continue
+        out.append(line)
+    if not seen:
+        extra = f"Last-Update: {date}\n" + (f"Merged-3way: {merged}\n" if merged else "")
+        out.append(extra)
+    return "".join(out)
 
 
 def _offset_detail(offsets: Sequence[int]) -> str:
@@ -468,3 +424,28 @@ def series_for(lines: Sequence[Series], version: str) -> Tuple[Series, bool]:
         s for s in lines if releases.version_key(max(s.releases, key=releases.version_key)) <= key
     ]
     return (older[-1] if older else lines[0]), False
+
+
+def series_for_ref(
+    lines: Sequence[Series], ref: str, version: str, repo: Optional[git.Repo] = None
+) -> Tuple[Series, bool]:
+    """:func:`series_for`, except that a ref naming a moving target (``main``, ``origin/dev``)
+    that has a series gets that series and ``True`` (its version string is no guide), where
+    ``repo`` (when given) holds the commit the series was made from; else the release lines'
+    answer, with a warning."""
+    target = releases.moving_target(ref)
+    for s in lines:
+        if target is None or s.name != target:
+            continue
+        commit = str(s.upstream.get("commit") or "")
+        if repo is None or gitlayer.resolve_commit(repo, commit):
+            return s, True
+        log.warning(
+            "mla-seam: %s: the %s series was made from %s, which this checkout lacks; "
+            "surveying a release line instead (fetch that commit to survey the %s series)",
+            ref,
+            target,
+            commit[:12],
+            target,
+        )
+    return series_for([s for s in lines if s.name not in releases.MOVING_TARGETS], version)

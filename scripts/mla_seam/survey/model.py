@@ -143,6 +143,8 @@ class Survey:
     new_contracts: Dict[str, object]
     new_head: str = ""
     range_diff: str = ""
+    history_base: Optional[str] = None  # the checkout's tag culprits are read from
+    history_detail: str = ""  # why there is (no) history
 
     @property
     def changes(self) -> List[contracts.Change]:
@@ -161,14 +163,14 @@ class Survey:
 
     @property
     def history_note(self) -> str:
-        """Whether culprits are commits or whole releases."""
+        """Where culprits come from: commits between the line's tag and the target, whole
+        releases, or nowhere (and why)."""
         if self.history:
-            return f"{self.old_tag} is an ancestor of {self.onto}: culprits are upstream commits"
-        return (
-            f"no shared history between {self.old_tag} and {self.onto} in this checkout (a "
-            "checkout built from PyPI sdists has one root commit per release): a culprit is the "
-            "release commit, i.e. the whole upstream change between the two releases"
-        )
+            return (
+                f"culprits are the upstream commits between {self.history_base} and {self.onto} "
+                f"({self.history_detail})"
+            )
+        return f"no shared history between {self.old_tag} and {self.onto}: {self.history_detail}"
 
     def counts(self) -> Dict[str, int]:
         """Patches per class."""
@@ -190,6 +192,7 @@ class Survey:
                 "source": self.onto_source,
             },
             "history": self.history,
+            "history_base": self.history_base,
             "history_note": self.history_note,
             "patches": [p.to_json() for p in self.patches],
             "counts": self.counts(),

@@ -2,53 +2,60 @@
 
 """Multi-Latent Attention (MLA) adapter: every MLA compatibility decision in one place.
 
-Megatron's generic attention code assumes that query, key and value heads have one width
-(``kv_channels``), that RoPE covers the whole head, and that any attention backend can run any
-layer. MLA breaks all three: q/k heads are ``qk_head_dim + qk_pos_emb_head_dim`` wide (192 for
-DeepSeek-V2/V3), v heads ``v_head_dim`` (128), only the ``qk_pos_emb_head_dim`` slice carries
-RoPE, and the softmax scale depends on YaRN's ``mscale_all_dim``.
+MLA's q/k heads are ``qk_head_dim + qk_pos_emb_head_dim`` wide (192 for DeepSeek-V2/V3), its v
+heads ``v_head_dim`` (128), only the ``qk_pos_emb_head_dim`` slice carries RoPE, and the softmax
+scale depends on YaRN's ``mscale_all_dim``; Megatron's generic attention code assumes one head
+width, RoPE over the whole head and any backend for any layer. This module answers four
+questions at that boundary, one section each, in this order:
 
-This module answers four boundary questions and nothing else:
+1. Layer metadata: head widths, softmax scale, the ``kv_channels`` other code reads, and which
+   latent/query norms the layer has.
+2. Packed (THD) sequences: a batch's parameters prepared once, RoPE over the whole packed
+   batch, V padded only for kernels that need equal head dims.
+3. Attention backend: is ``--attention-backend`` an MLA path on this TE / GPU, decided at model
+   build (else an :class:`MLACompatibilityError` naming the flag), and the core attention that
+   runs it.
+4. Pipeline offsets: the layer offset of every pipeline stage, per-layer lists by layer number.
 
-1. Layer metadata (:func:`layer_metadata`, :func:`resolve_qk_norms`): k/v channels, the softmax
-   scale by the DeepSeek / HuggingFace formula, the ``kv_channels`` value other Megatron code
-   reads, and which latent/query norms the layer has.
-2. Packed sequences (:func:`normalize_packed_seq`, :func:`rotary_pos_emb_fn`,
-   :func:`upstream_value_pad`): THD parameters normalized for the RoPE slice, RoPE applied to the
-   whole packed batch in one pass, and V padded only when the selected kernel needs equal head
-   dims.
-3. Backend (:func:`resolve_attention_backend`): is ``--attention-backend`` a supported MLA path
-   on this Transformer Engine / GPU? Decided at model build, with a reason, or an
-   :class:`MLACompatibilityError` that names the restriction and the flag.
-4. Pipeline offsets (:func:`layer_offset`, :func:`pipeline_layer_offset`,
-   :func:`per_layer_value`): layer numbering and per-layer lists normalized before pipeline and
-   recompute accounting.
+Megatron calls in through one-line hooks (``patches/core_v0.NN``); each imports this module
+inside the function it hooks, so no hunk touches an import block:
 
-Megatron calls in through one-line hooks (the mla-seam patch series):
+==== ======================================================= ============================= ====
+Hook Upstream call site                                      Entry point                   Q
+==== ======================================================= ============================= ====
+H1   ``MultiLatentAttention.__init__`` (core attention)      ``core_attention_spec``       1, 3
+H2   ``MLASelfAttention.get_query_key_value_tensors`` (top)  ``normalize_packed_seq``      2
+H3   ``LanguageModule._set_attention_backend``               ``resolve_attention_backend`` 3
+H4   ``MLATransformerConfig.__post_init__``                  ``check_config``              1
+H5   ``_prepare_mla_core_attention_value`` (0.18+)           ``upstream_value_pad``        2
+H6   ``TransformerLayer.__init__`` (up to 0.16)              ``per_layer_value``           4
+H7   ``get_transformer_layer_offset`` (on entry)             ``pipeline_layer_offset``     4
+H8   ``MLASelfAttention.get_query_key_value_tensors``        ``rotary_pos_emb_fn``         2
+H9   ``MLASelfAttention._resolve_qk_norm_config`` (0.19+)    ``resolve_qk_norms``          1
+==== ======================================================= ============================= ====
 
-* H1 ``MultiLatentAttention.__init__``: ``core_attention_spec(self, submodules.core_attention)``
-* H2 ``MLASelfAttention.get_query_key_value_tensors``: ``normalize_packed_seq(...)``
-* H3 ``LanguageModule._set_attention_backend``: ``resolve_attention_backend(self.config)``
-* H4 ``MLATransformerConfig.__post_init__``: ``check_config(self)``
-* H5 (release lines that pad V themselves) ``upstream_value_pad(...)``
-* H6 (release lines that index per-layer lists off by one) ``per_layer_value(...)``
-* H7 ``get_transformer_layer_offset`` (on entry): ``pipeline_layer_offset(config, vp_stage, ...)``
-* H8 ``MLASelfAttention.get_query_key_value_tensors``: ``rotary_pos_emb_fn(self, ...)``
-* H9 (release lines with the QK-norm resolver) ``resolve_qk_norms(self, ...)``
+H9 says which norms the layer has (question 1). H1 sets the layer's softmax scale (1) and builds
+the core attention the backend decision picked (3); it lives in section 3 with its two classes,
+since all they add is how the chosen backend runs MLA (k/v widths, FlashAttention-2's V pad,
+the local class's SDPA and THD paths).
 
-Each hook imports this module where it calls it (``from megatron.core.transformer import
-mla_adapter`` inside the function), so a hook's hunk never touches an import block that
-upstream reorders from release to release.
+Code that exists only until upstream fixes something sits between ``# >>> until upstream:`` and
+``# <<<`` lines giving its patch's ``Obsolete-If`` (a contract probe of ``mla-seam drift``;
+where it holds, ``mla-seam rebase`` drops the hook) or, where the patch has none yet, its
+``Drop-When``, and the upstream issue or PR. Facts about a release come from the hook (an
+argument its line's patch passes) or from capability checks (``hasattr``, signatures,
+``is_te_min_version``), never from reading source.
 
-State: the adapter keeps one attribute on a config, ``config._mla_seam`` (an
-:class:`MLASeamState`), and one on a THD ``PackedSeqParams``, ``_mla_seam`` (the per-batch
-work, :class:`PackedBatch`). Upstream features are detected by inspection (signatures,
-attributes), never by version.
+State: one attribute, ``_mla_seam``, on a config (:class:`MLASeamState`) and on a THD
+``PackedSeqParams`` (:class:`PackedBatch`, the batch's work shared by every layer); and, held
+weakly per RoPE table (it lives as long as upstream keeps the table), its cos/sin
+(:func:`rotation_table`). Nothing made during a CUDA graph capture is kept.
 """
 
 from __future__ import annotations
 
-import ast
+import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -57,17 +64,17 @@ import inspect
 import logging
 import math
 import os
-import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.utils import log_single_rank
+from megatron.core.utils import is_te_min_version, log_single_rank
 
 try:
     import transformer_engine  # pylint: disable=unused-import
@@ -86,19 +93,33 @@ if TYPE_CHECKING:
     )
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+__all__ = [
+    # The hook entry points, H1 .. H9.
+    "core_attention_spec",
+    "normalize_packed_seq",
+    "resolve_attention_backend",
+    "check_config",
+    "upstream_value_pad",
+    "per_layer_value",
+    "pipeline_layer_offset",
+    "rotary_pos_emb_fn",
+    "resolve_qk_norms",
+    # What their callers handle.
+    "MLACompatibilityError",
+    "BackendDecision",
+]
+
 logger = logging.getLogger(__name__)
 
-#: Environment variable choosing what happens when the requested backend cannot run MLA:
-#: ``strict`` (default) raises at model build, ``fallback`` switches to the fastest supported
-#: backend and logs a warning.
+#: ``strict`` (default): an ``--attention-backend`` with no MLA path fails at model build;
+#: ``fallback``: the fastest supported backend runs instead, with a warning (question 3).
 POLICY_ENV = "MLA_SEAM_BACKEND_POLICY"
 
-#: Environment variable choosing the query path of ``q_lora_rank=None`` layers where Megatron's
-#: QK-norm resolver (0.19+) fuses an RMSNorm into ``linear_q_proj``: ``deepseek`` (default) builds
-#: DeepSeek's layer, a plain query projection; ``upstream`` keeps upstream's query-input norm.
+#: ``deepseek`` (default): a ``q_lora_rank=None`` layer gets DeepSeek's plain query projection;
+#: ``upstream``: the query-input RMSNorm of Megatron's QK-norm resolver (0.19+; question 1, H9).
 QUERY_NORM_ENV = "MLA_SEAM_QUERY_NORM"
 
-#: The one attribute the adapter sets on a config and on a THD ``PackedSeqParams``.
+#: The one attribute the adapter sets, on a config and on a THD ``PackedSeqParams``.
 STATE_ATTR = "_mla_seam"
 
 _BACKEND_FLAG = "--attention-backend"
@@ -115,26 +136,18 @@ class MLASeamState:
 
     Attributes:
         backend: The backend decision (question 3), once made.
-        query_norm: ``"deepseek"`` or ``"upstream"`` once :func:`resolve_qk_norms` ran, else
-            ``None`` (the release builds the query path without a resolver).
-        offset_logged: Whether a pipeline offset answered by the adapter (H7) was logged for
-            this config.
+        offset_logged: Whether an offset answered by the adapter (H7) was logged for the config.
+        thd_shapes: THD batch shapes whose offsets were checked on the host (question 2), least
+            recently seen first, at most ``_SHAPES_KEPT``.
     """
 
-    backend: Optional["BackendDecision"] = None
-    query_norm: Optional[str] = None
+    backend: Optional[BackendDecision] = None
     offset_logged: bool = False
+    thd_shapes: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
 
-def state(config: TransformerConfig) -> MLASeamState:
-    """The adapter's state on ``config`` (created on first use).
-
-    Args:
-        config: A ``TransformerConfig``.
-
-    Returns:
-        Its :class:`MLASeamState`.
-    """
+def _state(config: TransformerConfig) -> MLASeamState:
+    """The adapter's state on ``config``, created on first use."""
     found = getattr(config, STATE_ATTR, None)
     if not isinstance(found, MLASeamState):
         found = MLASeamState()
@@ -142,29 +155,23 @@ def state(config: TransformerConfig) -> MLASeamState:
     return found
 
 
-def backend_decision(config: TransformerConfig) -> Optional["BackendDecision"]:
-    """The backend decision made for ``config``, or ``None`` before the model was built.
-
-    Args:
-        config: A ``TransformerConfig``.
-
-    Returns:
-        The :class:`BackendDecision` or ``None``.
-    """
-    found = getattr(config, STATE_ATTR, None)
-    return found.backend if isinstance(found, MLASeamState) else None
-
-
 def _log_once(level: int, message: str) -> None:
     """Log ``message`` on rank 0, once per process."""
-    if message in _LOGGED:
-        return
-    _LOGGED.add(message)
-    log_single_rank(logger, level, message)
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log_single_rank(logger, level, message)
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported here (a capability check; nothing is imported)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
-# Question 1: layer metadata
+# Question 1: layer metadata (H4; H9: which norms the layer has; H1 sets the scale, section 3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -174,15 +181,13 @@ class MLAMetadata:
 
     Attributes:
         k_channels: Width of a query/key head (``qk_head_dim + qk_pos_emb_head_dim``).
-        v_channels: Width of a value head (``v_head_dim``).
-        kv_channels: The value ``config.kv_channels`` should hold for code that reads one width.
+        v_channels: Width of a value head (``v_head_dim``), also the ``kv_channels`` H4 sets.
         softmax_scale: Scale applied to ``q @ k^T`` before the softmax.
         scale_source: How ``softmax_scale`` was obtained, for the build log.
     """
 
     k_channels: int
     v_channels: int
-    kv_channels: int
     softmax_scale: float
     scale_source: str
 
@@ -197,64 +202,72 @@ def yarn_mscale(scaling_factor: float, mscale: float) -> float:
     Returns:
         ``0.1 * mscale * ln(scaling_factor) + 1`` for factors above 1, else 1.
     """
-    if scaling_factor <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scaling_factor) + 1.0
+    return 0.1 * mscale * math.log(scaling_factor) + 1.0 if scaling_factor > 1 else 1.0
 
 
-def softmax_scale(config: MLATransformerConfig) -> Tuple[float, str]:
-    """The MLA softmax scale and where it came from.
+#: Head widths a config gives as they are (checked at H4) and widths a config may still derive
+#: later in its ``__post_init__`` (dev's ``dsv4_hybrid``: from the first two; checked by
+#: :func:`layer_metadata`, once the config is complete).
+_GIVEN_WIDTHS = ("qk_pos_emb_head_dim", "v_head_dim")
+_DERIVABLE_WIDTHS = ("qk_head_dim", "kv_lora_rank")
 
-    An explicit ``config.softmax_scale`` wins (Megatron's MLA ignores it upstream). Otherwise
-    ``1/sqrt(k_channels)``, multiplied by ``yarn_mscale(factor, mscale_all_dim)^2`` for YaRN
-    RoPE only, as the DeepSeek / HuggingFace definition does; plain RoPE gets no YaRN factor.
 
-    Args:
-        config: An ``MLATransformerConfig``.
-
-    Returns:
-        ``(scale, source)``.
-    """
-    explicit = getattr(config, "softmax_scale", None)
-    if explicit is not None:
-        return float(explicit), "config.softmax_scale"
-    k_channels = config.qk_head_dim + config.qk_pos_emb_head_dim
-    scale = 1.0 / math.sqrt(k_channels)
-    mscale_all_dim = getattr(config, "mscale_all_dim", 0.0) or 0.0
-    if config.rope_type == "yarn" and mscale_all_dim:
-        factor = yarn_mscale(config.rotary_scaling_factor, mscale_all_dim)
-        return scale * factor * factor, (
-            f"yarn mscale_all_dim={mscale_all_dim:g} factor={config.rotary_scaling_factor:g}"
-        )
-    return scale, f"1/sqrt({k_channels})"
+def _check_widths(config: MLATransformerConfig, fields: Tuple[str, ...]) -> None:
+    """Raise :class:`MLACompatibilityError` naming the first of ``fields`` that is no positive
+    integer (and its flag)."""
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value <= 0:
+            flag = field.replace("_", "-")
+            raise MLACompatibilityError(
+                f"MLA needs a positive integer {field}, got {value!r}; set --{flag}."
+            )
 
 
 def layer_metadata(config: MLATransformerConfig) -> MLAMetadata:
-    """Answer question 1 for ``config``.
+    """Answer question 1 for ``config``: head widths and softmax scale.
+
+    An explicit ``config.softmax_scale`` wins (upstream's MLA ignores it, PR #3698); else
+    ``1/sqrt(k_channels)``, times ``yarn_mscale(factor, mscale_all_dim)^2`` for YaRN RoPE only
+    (DeepSeek / HuggingFace).
+
+    Read when a layer is built (H1) or the backend decided (H3), once ``__post_init__`` has
+    finished: a config that derives head widths itself after H4 (dev's ``dsv4_hybrid`` variant
+    re-derives ``qk_head_dim`` and ``kv_lora_rank`` from ``v_head_dim`` and
+    ``qk_pos_emb_head_dim``) is read with the widths its layers get, and those widths are
+    checked here, not at H4.
 
     Args:
         config: An ``MLATransformerConfig``.
 
     Returns:
         The layer's :class:`MLAMetadata`.
+
+    Raises:
+        MLACompatibilityError: ``qk_head_dim`` or ``kv_lora_rank`` is not a positive integer.
     """
-    scale, source = softmax_scale(config)
-    return MLAMetadata(
-        k_channels=config.qk_head_dim + config.qk_pos_emb_head_dim,
-        v_channels=config.v_head_dim,
-        kv_channels=config.v_head_dim,
-        softmax_scale=scale,
-        scale_source=source,
-    )
+    _check_widths(config, _DERIVABLE_WIDTHS)
+    k_channels = config.qk_head_dim + config.qk_pos_emb_head_dim
+    scale, source = 1.0 / math.sqrt(k_channels), f"1/sqrt({k_channels})"
+    mscale_all_dim = getattr(config, "mscale_all_dim", 0.0) or 0.0
+    if getattr(config, "softmax_scale", None) is not None:
+        scale, source = float(config.softmax_scale), "config.softmax_scale"
+    elif config.rope_type == "yarn" and mscale_all_dim:
+        factor = yarn_mscale(config.rotary_scaling_factor, mscale_all_dim)
+        scale = scale * factor * factor
+        source = f"yarn mscale_all_dim={mscale_all_dim:g} factor={config.rotary_scaling_factor:g}"
+    return MLAMetadata(k_channels, config.v_head_dim, scale, source)
 
 
 def check_config(config: MLATransformerConfig) -> None:
     """Hook H4: validate MLA fields in ``MLATransformerConfig.__post_init__``.
 
-    ``kv_channels`` defaults to ``hidden_size // num_attention_heads``, which for MLA is not a
-    head width at all (64 for 32 heads of 2048, while v heads are 128). When it still holds that
-    default, it is set to ``v_head_dim``: the width the attention output, the local core
-    attention and KV-cache sizing need.
+    ``kv_channels`` defaults to ``hidden_size // num_attention_heads``, no MLA head width; where
+    it still does, it becomes ``v_head_dim`` (attention output, local core attention, KV cache;
+    also the head width of dev's ``dsv4_hybrid`` layers, whose q/k heads are ``v_head_dim``
+    wide). The hook runs right after the base class's ``__post_init__``, before the rest of
+    MLA's: ``qk_head_dim`` and ``kv_lora_rank``, which that rest may still derive, are checked
+    when a layer reads them (:func:`layer_metadata`).
 
     Args:
         config: The config being initialized.
@@ -264,12 +277,7 @@ def check_config(config: MLATransformerConfig) -> None:
     """
     if not getattr(config, "multi_latent_attention", False):
         return
-    for field in ("qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "kv_lora_rank"):
-        value = getattr(config, field)
-        if not isinstance(value, int) or value <= 0:
-            raise MLACompatibilityError(
-                f"MLA needs a positive integer {field}, got {value!r}; set --{_flag(field)}."
-            )
+    _check_widths(config, _GIVEN_WIDTHS)
     if config.rope_type not in ("rope", "yarn"):
         raise MLACompatibilityError(
             f"MLA rope_type must be 'rope' or 'yarn', got {config.rope_type!r} (--rope-type)."
@@ -279,19 +287,15 @@ def check_config(config: MLATransformerConfig) -> None:
         config.kv_channels = config.v_head_dim
 
 
-def _flag(field: str) -> str:
-    return field.replace("_", "-")
+# >>> until upstream: the query-input norm of the QK-norm resolver (H9) -----------------------
+# Obsolete-If: mla.qk_norm_resolver=false. Drop-When: the resolver builds no query-input norm
+#     for q_lora_rank=None. Upstream: none filed; the resolver is NVIDIA/Megatron-LM PR #4452
+#     (core_v0.19.0); upstream main still adds the norm, dev removed the resolver (2026-08:
+#     dev's series has no H9).
 
 
-def query_norm_policy() -> str:
-    """``upstream`` when the user asked for upstream's query-input norm, else ``deepseek``.
-
-    Returns:
-        The policy read from :data:`QUERY_NORM_ENV`.
-
-    Raises:
-        MLACompatibilityError: The variable holds another value.
-    """
+def _query_norm_policy() -> str:
+    """``upstream`` when the user asked for upstream's query-input norm, else ``deepseek``."""
     value = os.environ.get(QUERY_NORM_ENV, "deepseek").strip().lower() or "deepseek"
     if value not in ("deepseek", "upstream"):
         raise MLACompatibilityError(
@@ -307,14 +311,11 @@ def resolve_qk_norms(
 ) -> Dict[str, Any]:
     """Hook H9: the q/kv norms and projections an MLA layer builds (QK-norm resolver lines).
 
-    Megatron's resolver (``mla_qk_norm_config.QKNormConfigResolver``, 0.19+) builds
-    ``linear_q_proj`` as a fused RMSNorm+linear when ``qk_layernorm=True`` and
-    ``q_lora_rank=None``: a norm on the query input that DeepSeek's layer does not have (an HF
-    checkpoint has no weight for it), and it rejects the local spec's query norm outright. Here
-    such a layer gets DeepSeek's query path: the spec's plain ``linear_q_proj`` and no query norm;
-    the kv latent norm and everything else is upstream's resolution. ``MLA_SEAM_QUERY_NORM=
-    upstream`` keeps upstream's answer. Layers with a query LoRA, without QK norm, with an
-    explicitly fused ``linear_q_proj`` in the spec, or DSA layers are upstream's unchanged.
+    For ``qk_layernorm=True`` and ``q_lora_rank=None`` upstream's resolver fuses an RMSNorm into
+    ``linear_q_proj``, a query-input norm DeepSeek's layer lacks (HF checkpoints have no weight
+    for it), and rejects the local spec. Such a layer gets the spec's plain ``linear_q_proj`` and
+    no query norm, the rest as upstream resolves it (``MLA_SEAM_QUERY_NORM=upstream``: all of
+    it). Other layers (query LoRA, no QK norm, a spec fusing ``linear_q_proj``, DSA) are upstream's.
 
     Args:
         attention: The ``MLASelfAttention`` being built.
@@ -322,23 +323,20 @@ def resolve_qk_norms(
         resolver_cls: Upstream's resolver class.
 
     Returns:
-        The resolver's mapping (``linear_q_proj``, ``linear_q_up_proj``, ``linear_kv_up_proj``,
-        ``q_layernorm``, ``kv_layernorm``).
+        The resolver's mapping (``linear_q_proj``, ``linear_q_up_proj``, ``q_layernorm``, ...).
     """
     config = attention.config
     resolver = resolver_cls(config, submodules)
+    fused = getattr(resolver, "fused_norm_linear_impl", None)
+    spec = submodules.linear_q_proj
     applies = (
         config.q_lora_rank is None
         and config.qk_layernorm
         and not getattr(config, "qk_l2_norm", False)
         and getattr(config, "experimental_attention_variant", None) is None
-        and not _is_fused_norm_linear(resolver, submodules.linear_q_proj)
+        and not (fused is not None and getattr(spec, "module", spec) is fused)
     )
-    if not applies:
-        return resolver.resolve()
-    policy = query_norm_policy()
-    state(config).query_norm = policy
-    if policy == "upstream":
+    if not applies or _query_norm_policy() == "upstream":
         return resolver.resolve()
     # The kv side does not depend on the query LoRA; only the no-LoRA branch adds the query
     # norm. Resolve the layer as if it had a query LoRA and keep the kv answer.
@@ -346,57 +344,178 @@ def resolve_qk_norms(
     with_q_lora.q_lora_rank = config.kv_lora_rank
     resolved = resolver_cls(with_q_lora, submodules).resolve()
     resolved.update(
-        linear_q_proj=submodules.linear_q_proj or resolver.linear_impl,
+        linear_q_proj=spec or resolver.linear_impl,
         linear_q_up_proj=IdentityOp,
         q_layernorm=IdentityOp,
     )
     return resolved
 
 
-def _is_fused_norm_linear(resolver: Any, spec: Any) -> bool:
-    fused = getattr(resolver, "fused_norm_linear_impl", None)
-    return fused is not None and getattr(spec, "module", spec) is fused
+def _describe_query_norm(config: MLATransformerConfig) -> str:
+    """The build log's ``query_norm=..`` part, on releases whose resolver could add the norm."""
+    if config.q_lora_rank is not None or not config.qk_layernorm:
+        return ""
+    if not _importable("megatron.core.transformer.mla_qk_norm_config"):
+        return ""
+    if _query_norm_policy() == "upstream":
+        return f"query_norm=upstream ({QUERY_NORM_ENV}=upstream: fused RMSNorm on the query input) "
+    return "query_norm=none (DeepSeek: no query-input norm without q_lora_rank) "
+
+
+# <<< the query-input norm of the QK-norm resolver (H9) ---------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
-# Question 2: packed (THD) sequences
+# Question 2: packed (THD) sequences (H2, H8, H5)
 # ---------------------------------------------------------------------------------------------
+
+_OFFSETS = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
+
+#: Checked THD batch shapes a config remembers (:attr:`MLASeamState.thd_shapes`).
+_SHAPES_KEPT = 256
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (nothing may be read back then)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclasses.dataclass
 class PackedBatch:
-    """The adapter's work for one THD batch, done once and shared by every layer.
+    """The adapter's work for one THD batch (on its ``PackedSeqParams``, as ``_mla_seam``).
 
-    Kept on the batch's ``PackedSeqParams`` (attribute ``_mla_seam``).
+    A batch that carries ``max_seqlen_q/kv``, of a shape checked before, costs no host read:
+    what the layers need from its offsets is computed on the device, once per batch
+    (:meth:`memo`), or per layer call while a CUDA graph is captured. A batch is its
+    ``PackedSeqParams`` object: offsets rewritten in place belong to the next one.
 
     Attributes:
-        rope_params: The parameters QKV and RoPE use (a copy whose ``cu_seqlens_*`` are the
-            padded offsets where they differ, else the batch's own parameters).
-        offsets_q: ``cu_seqlens_q`` on the host.
-        offsets_kv: ``cu_seqlens_kv`` on the host.
-        padded_q: The padded q offsets (``cu_seqlens_q`` where there are none) on the host.
-        padded_kv: The padded kv offsets on the host.
-        positions: RoPE position of every local token, per (offsets tensor, tokens, CP size,
-            CP rank): ``(offsets, positions)``.
-        tables: The whole RoPE table of a module that cuts it per CP rank, per (module,
-            length): ``(module, table)``.
+        rope_params: The parameters QKV and RoPE use: a copy whose ``cu_seqlens_*`` are the
+            padded offsets where those are other tensors, else the batch's own parameters.
+        captured: Prepared during a CUDA graph capture; nothing is kept on such a batch.
+        host: The offsets on the host per ``PackedSeqParams`` field, once read (the batch's
+            checks, or the local spec's per-sequence path), else ``None``.
+        cached: Per key: ``(sources, value)``, a device tensor made from the offsets (RoPE
+            positions, the local spec's gather indices, a whole RoPE table), reused while its
+            sources are the same objects.
     """
 
     rope_params: Any
-    offsets_q: List[int]
-    offsets_kv: List[int]
-    padded_q: List[int]
-    padded_kv: List[int]
-    positions: Dict[Tuple[int, int, int, int], Tuple[torch.Tensor, torch.Tensor]] = (
-        dataclasses.field(default_factory=dict)
-    )
-    tables: Dict[Tuple[int, int], Tuple[torch.nn.Module, torch.Tensor]] = dataclasses.field(
-        default_factory=dict
-    )
+    captured: bool = False
+    host: Optional[Dict[str, Optional[List[int]]]] = None
+    cached: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def prepare(
+        cls,
+        config: MLATransformerConfig,
+        params: PackedSeqParams,
+        hidden_states: Optional[torch.Tensor],
+    ) -> PackedBatch:
+        """Complete, check and record THD ``params``: the one preparation step of a batch.
+
+        A missing kv side mirrors the q side; dtype and rank of every offsets tensor are checked.
+        The checks that need the offsets' values bring them to the host (one copy per tensor:
+        a device sync) for the first batch of each shape (:func:`_batch_shape`, remembered on
+        the config) and for every batch without ``max_seqlen_q/kv``, whose sizes they fill
+        (logged once). Inside a CUDA graph capture nothing is read: the sizes must be given.
+        The work is recorded on ``params`` (and its RoPE view), where later layers find it
+        (:func:`packed_batch`). Whatever a batch needs beyond this (another context-parallel
+        layout, separate q/kv sizes) belongs here.
+
+        Returns:
+            The batch's work.
+        """
+        if params.cu_seqlens_q is None:
+            raise MLACompatibilityError(
+                "PackedSeqParams(qkv_format='thd') without cu_seqlens_q: build it from the "
+                "per-sequence lengths (cumulative sum starting at 0, int32)."
+            )
+        if params.cu_seqlens_kv is None:
+            params.cu_seqlens_kv = params.cu_seqlens_q
+        if getattr(params, "cu_seqlens_kv_padded", None) is None:
+            params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
+        for name in _OFFSETS:
+            _check_offsets_tensor(name, getattr(params, name, None))
+        sized = params.max_seqlen_q is not None and params.max_seqlen_kv is not None
+        capturing = _capturing()
+        shapes = _state(config).thd_shapes
+        shape = _batch_shape(params, hidden_states)
+        host = None
+        if sized and shape in shapes:
+            shapes.move_to_end(shape)
+        elif capturing and sized:
+            _log_once(
+                logging.WARNING,
+                "mla-seam: a THD batch shape first seen inside a CUDA graph capture was not "
+                "checked (a capture cannot read its offsets); run one eager step of that shape "
+                "first to have them checked.",
+            )
+        else:
+            host = _read_offsets(params, "without max_seqlen_q/max_seqlen_kv it sizes the batch")
+            if not sized:
+                _log_once(
+                    logging.WARNING,
+                    "mla-seam: THD batches without max_seqlen_q/max_seqlen_kv: the adapter "
+                    "reads cu_seqlens on the host to size them (one device sync per batch, no "
+                    "CUDA graph capture); pass both (Megatron's data path does) for none.",
+                )
+            _check_offsets(config, params, host, hidden_states)
+            if sized:
+                shapes[shape] = None
+                if len(shapes) > _SHAPES_KEPT:
+                    shapes.popitem(last=False)
+        rope_params = _rope_view(params) or params
+        batch = cls(rope_params, captured=capturing, host=host)
+        setattr(params, STATE_ATTR, batch)
+        if batch.rope_params is not params:
+            setattr(batch.rope_params, STATE_ATTR, batch)
+        return batch
+
+    def memo(
+        self, key: tuple, sources: tuple, make: Callable[[], Any], local: Optional[dict] = None
+    ) -> Any:
+        """``make()``, kept on the batch per ``key`` while ``sources`` are the same objects.
+
+        During a CUDA graph capture (or on a batch prepared in one) it is kept in ``local``
+        (one layer call's dict) instead: a tensor made in a capture holds its values only on
+        replay, and one made before it would be a constant of the graph.
+
+        Args:
+            key: What the value is (kind and sizes).
+            sources: The objects it is made from (offsets tensors, a RoPE module).
+            make: Makes the value.
+            local: The dict of the current layer call, or ``None``: not kept.
+
+        Returns:
+            The value.
+        """
+        store = local if self.captured or _capturing() else self.cached
+        if store is None:
+            return make()
+        found = store.get(key)
+        if found is None or any(a is not b for a, b in zip(found[0], sources)):
+            found = (sources, make())
+            store[key] = found
+        return found[1]
+
+    def offsets_on_host(self, params: PackedSeqParams, why: str) -> Dict[str, Optional[List[int]]]:
+        """The batch's offsets on the host, read once (a device sync) where not read yet.
+
+        Args:
+            params: The batch's ``PackedSeqParams``.
+            why: What needs them, for the error inside a CUDA graph capture.
+
+        Returns:
+            Per ``PackedSeqParams`` field, its offsets (``None`` where absent).
+        """
+        if self.host is None:
+            self.host = _read_offsets(params, why)
+        return self.host
 
 
 def packed_batch(packed_seq_params: Optional[PackedSeqParams]) -> Optional[PackedBatch]:
-    """The :class:`PackedBatch` of THD parameters already normalized, else ``None``.
+    """The :class:`PackedBatch` of THD parameters already prepared, else ``None``.
 
     Args:
         packed_seq_params: ``PackedSeqParams`` or ``None``.
@@ -415,18 +534,12 @@ def normalize_packed_seq(
 ) -> Optional[PackedSeqParams]:
     """Hook H2: the packed-sequence parameters MLA's QKV/RoPE code may rely on.
 
-    Non-THD packed parameters carry nothing for RoPE or the QKV shapes (upstream squeezes
-    dim 1 for any packed parameters and sizes RoPE from ``max_seqlen``), so they become
-    ``None`` here; the caller still hands the original object to core attention. THD
-    parameters are completed and checked once per batch (later layers reuse the work, and the
-    one host copy of the offsets it takes): a missing kv side mirrors the q side, missing
-    ``max_seqlen_*`` come from the (padded) ``cu_seqlens``.
-
-    Tokens of a padded THD batch sit at the padded offsets, so RoPE must split them there.
-    Release lines that hand RoPE the unpadded ``cu_seqlens_q``/``kv`` (0.13.x) would rotate
-    every sequence after the first one at the wrong positions; when padded offsets differ from
-    the actual ones, the QKV/RoPE code therefore gets a copy whose ``cu_seqlens_*`` ARE the
-    padded offsets (lines that already prefer the padded ones compute the same thing).
+    Non-THD packed parameters carry nothing for RoPE or the QKV shapes (upstream squeezes dim 1
+    and sizes RoPE from ``max_seqlen`` for any of them): ``None``; core attention still gets the
+    original. THD parameters are prepared once per batch (:meth:`PackedBatch.prepare`). Their
+    tokens sit at the padded offsets, where RoPE must split them; 0.13.x hands RoPE the unpadded
+    ones (fixed in core_v0.14.0), so QKV/RoPE get a copy whose ``cu_seqlens_*`` ARE the padded
+    offsets where those are given (later lines compute the same).
 
     Args:
         attention: The MLA module (for its config).
@@ -443,29 +556,80 @@ def normalize_packed_seq(
         return None
     batch = packed_batch(packed_seq_params)
     if batch is None:
-        batch = _prepare_thd(attention.config, packed_seq_params, hidden_states)
+        batch = PackedBatch.prepare(attention.config, packed_seq_params, hidden_states)
     return batch.rope_params
 
 
-def _prepare_thd(
-    config: MLATransformerConfig, params: PackedSeqParams, hidden_states: Optional[torch.Tensor]
-) -> PackedBatch:
-    if params.cu_seqlens_q is None:
+def _batch_shape(params: PackedSeqParams, hidden_states: Optional[torch.Tensor]) -> tuple:
+    """What a batch's host checks depend on besides its values: tokens, offsets sizes, sharing.
+
+    Two batches of one shape differ only in the values of their offsets and sizes; the checks
+    run on the first batch of each shape (and every batch without sizes).
+    """
+    tensors = [getattr(params, name, None) for name in _OFFSETS]
+    sizes = tuple(None if t is None else t.numel() for t in tensors)
+    shared = tuple(tensors[i] is tensors[j] for i in range(4) for j in range(i + 1, 4))
+    tokens = None if hidden_states is None else hidden_states.size(0)
+    return (tokens, sizes, shared)
+
+
+def _check_offsets_tensor(name: str, offsets: Optional[torch.Tensor]) -> None:
+    """What ``offsets`` must be without reading it: an int32 tensor, 1-D, two entries or more."""
+    if offsets is None:
+        return
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32:
+        kind = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
         raise MLACompatibilityError(
-            "PackedSeqParams(qkv_format='thd') without cu_seqlens_q: build it from the "
-            "per-sequence lengths (cumulative sum starting at 0, int32)."
+            f"PackedSeqParams.{name} must be an int32 tensor (the attention kernels read it as "
+            f"int32), got {kind}; build it with dtype=torch.int32."
         )
-    if params.cu_seqlens_kv is None:
-        params.cu_seqlens_kv = params.cu_seqlens_q
-    if getattr(params, "cu_seqlens_kv_padded", None) is None:
-        params.cu_seqlens_kv_padded = getattr(params, "cu_seqlens_q_padded", None)
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per sequence "
+            f"plus one, got shape {tuple(offsets.shape)}."
+        )
+
+
+def _read_offsets(params: PackedSeqParams, why: str) -> Dict[str, Optional[List[int]]]:
+    """Every offsets field of ``params`` on the host: one copy (a device sync) per tensor."""
+    if _capturing():
+        raise MLACompatibilityError(
+            "The MLA adapter needs this THD batch's cu_seqlens on the host, which a CUDA graph "
+            f"capture cannot read ({why}). Capture THD batches with max_seqlen_q/max_seqlen_kv "
+            "given, after one eager step of the same shape."
+        )
     host: Dict[str, Optional[List[int]]] = {}
-    copied: Dict[int, Optional[List[int]]] = {}  # one host copy per tensor (kv is often q's)
-    for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+    copied: Dict[int, Optional[List[int]]] = {}  # kv is often q's tensor, padded the actual one
+    for name in _OFFSETS:
         offsets = getattr(params, name, None)
         if id(offsets) not in copied:
-            copied[id(offsets)] = _host_offsets(name, offsets)
+            copied[id(offsets)] = None if offsets is None else offsets.tolist()
         host[name] = copied[id(offsets)]
+    return host
+
+
+def _check_offsets(
+    config: MLATransformerConfig,
+    params: PackedSeqParams,
+    host: Dict[str, Optional[List[int]]],
+    hidden_states: Optional[torch.Tensor],
+) -> None:
+    """The checks of a batch that need its offsets' values; fills missing ``max_seqlen_*``."""
+    for name in _OFFSETS:
+        values = host[name]
+        if values is None:
+            continue
+        if values[0] != 0:
+            raise MLACompatibilityError(
+                f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per "
+                f"sequence plus one, got {values[:8]}..."
+            )
+        for index, (start, end) in enumerate(zip(values, values[1:])):
+            if end < start:
+                raise MLACompatibilityError(
+                    f"PackedSeqParams.{name} must never decrease, but entry {index + 1} ({end}) "
+                    f"is below entry {index} ({start}): {values[:8]}..."
+                )
     for side in ("q", "kv"):
         actual = host[f"cu_seqlens_{side}"]
         padded = host[f"cu_seqlens_{side}_padded"] or actual
@@ -475,43 +639,7 @@ def _prepare_thd(
     padded_q = host["cu_seqlens_q_padded"] or host["cu_seqlens_q"]
     padded_kv = host["cu_seqlens_kv_padded"] or host["cu_seqlens_kv"]
     _check_thd_shape(config, params, padded_q, padded_kv, hidden_states)
-    _check_thd_backend(config, params)
-    batch = PackedBatch(
-        rope_params=_rope_view(params) or params,
-        offsets_q=host["cu_seqlens_q"],
-        offsets_kv=host["cu_seqlens_kv"],
-        padded_q=padded_q,
-        padded_kv=padded_kv,
-    )
-    setattr(params, STATE_ATTR, batch)
-    if batch.rope_params is not params:
-        setattr(batch.rope_params, STATE_ATTR, batch)
-    return batch
-
-
-def _host_offsets(name: str, offsets: Optional[torch.Tensor]) -> Optional[List[int]]:
-    """``offsets`` on the host, checked: int32, 1-D, starting at 0, never decreasing."""
-    if offsets is None:
-        return None
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int32:
-        kind = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
-        raise MLACompatibilityError(
-            f"PackedSeqParams.{name} must be an int32 tensor (the attention kernels read it as "
-            f"int32), got {kind}; build it with dtype=torch.int32."
-        )
-    values = offsets.tolist()
-    if offsets.dim() != 1 or len(values) < 2 or values[0] != 0:
-        raise MLACompatibilityError(
-            f"PackedSeqParams.{name} must be 1-D, start at 0 and have one entry per sequence "
-            f"plus one, got {values[:8]}..."
-        )
-    for index, (start, end) in enumerate(zip(values, values[1:])):
-        if end < start:
-            raise MLACompatibilityError(
-                f"PackedSeqParams.{name} must never decrease, but entry {index + 1} ({end}) is "
-                f"below entry {index} ({start}): {values[:8]}..."
-            )
-    return values
+    _check_thd_backend(config, host)
 
 
 def _lengths(offsets: List[int]) -> List[int]:
@@ -562,36 +690,15 @@ def _check_thd_shape(
         )
 
 
-def _rope_view(params: PackedSeqParams) -> Optional[PackedSeqParams]:
-    """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*``, or ``None``.
-
-    ``None`` when no side is padded differently from its actual offsets (nothing to fix).
-    """
-    changes = {}
-    for side in ("q", "kv"):
-        padded = getattr(params, f"cu_seqlens_{side}_padded", None)
-        actual = getattr(params, f"cu_seqlens_{side}")
-        if padded is not None and padded is not actual and not torch.equal(padded, actual):
-            changes[f"cu_seqlens_{side}"] = padded
-    if not changes:
-        return None
-    view = copy.copy(params)  # a shallow copy: no __post_init__ recomputation
-    for name, value in changes.items():
-        setattr(view, name, value)
-    return view
-
-
-def _effective_cu_seqlens(params: PackedSeqParams, side: str) -> torch.Tensor:
-    padded = getattr(params, f"cu_seqlens_{side}_padded", None)
-    return padded if padded is not None else getattr(params, f"cu_seqlens_{side}")
-
-
-def _check_thd_backend(config: MLATransformerConfig, params: PackedSeqParams) -> None:
+def _check_thd_backend(config: MLATransformerConfig, host: Dict[str, Optional[List[int]]]) -> None:
     decision = backend_decision(config)
-    padded = getattr(params, "cu_seqlens_q_padded", None)
+    padded = host["cu_seqlens_q_padded"]
     if decision is None or decision.backend != "unfused" or padded is None:
         return
-    if torch.equal(padded, params.cu_seqlens_q) or not _te_unfused_rejects_padded_thd():
+    # TE 2.16 turns UnfusedDotProductAttention off for THD with padding between sequences
+    # (NVIDIA/TransformerEngine PR #2596). TE has no public query for its backend filters, so
+    # its version tells (a 2.16 dev build reads as older: TE's own NoBackend error then says it).
+    if padded == host["cu_seqlens_q"] or not (HAVE_TE and is_te_min_version("2.16.0")):
         return
     raise MLACompatibilityError(
         f"{_BACKEND_FLAG} unfused cannot run THD batches with padding between sequences "
@@ -601,19 +708,101 @@ def _check_thd_backend(config: MLATransformerConfig, params: PackedSeqParams) ->
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _te_unfused_rejects_padded_thd() -> bool:
-    """Whether TE's backend selection turns unfused attention off for padded THD batches."""
-    if not HAVE_TE:
-        return False
-    try:
-        # pylint: disable=import-outside-toplevel
-        from transformer_engine.pytorch.attention.dot_product_attention import utils as te_utils
+def _rope_view(params: PackedSeqParams) -> Optional[PackedSeqParams]:
+    """A copy of THD ``params`` with the padded offsets as ``cu_seqlens_*`` (``None``: same).
 
-        source = inspect.getsource(te_utils.get_attention_backend)
-    except Exception:  # pylint: disable=broad-except
-        return False
-    return "Disabling UnfusedDotProductAttention for pad_between_seqs" in source
+    Where the padded offsets are another tensor they are used, equal or not (no comparison:
+    that would read both back); the positions are the same when they are equal.
+    """
+    changes = {}
+    for side in ("q", "kv"):
+        padded = getattr(params, f"cu_seqlens_{side}_padded", None)
+        if padded is not None and padded is not getattr(params, f"cu_seqlens_{side}"):
+            changes[f"cu_seqlens_{side}"] = padded
+    if not changes:
+        return None
+    view = copy.copy(params)  # a shallow copy: no __post_init__ recomputation
+    for name, value in changes.items():
+        setattr(view, name, value)
+    return view
+
+
+def thd_tokens(
+    cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of a rank's THD tokens sits, on the offsets' device, no host read.
+
+    Args:
+        cu_seqlens: Global (padded) offsets, ``[sequences + 1]`` int32.
+        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
+        cp_size: Context-parallel size (a rank holds ``1 / cp_size`` of every sequence).
+
+    Returns:
+        ``(sequence, local, offsets)``: per token its sequence (int64) and its index among the
+        rank's tokens of that sequence (``[tokens]``, the offsets' dtype), and the rank's
+        offsets (``cu_seqlens / cp_size``).
+    """
+    offsets = cu_seqlens
+    if cp_size > 1:
+        offsets = torch.div(cu_seqlens, cp_size, rounding_mode="floor")
+    sequences = offsets.numel() - 1
+    index = torch.arange(tokens, device=offsets.device, dtype=offsets.dtype)
+    sequence = torch.searchsorted(offsets.narrow(0, 1, sequences), index, right=True)
+    sequence = sequence.clamp_(max=sequences - 1)  # tokens past the last offset: the last one
+    return sequence, index - offsets.index_select(0, sequence), offsets
+
+
+def _zigzag_positions(
+    local: torch.Tensor, length: torch.Tensor, cp_size: int, cp_rank: int
+) -> torch.Tensor:
+    """Megatron's load-balanced THD split: a rank holds chunks ``cp_rank`` and
+    ``2 * cp_size - 1 - cp_rank`` of every (padded) sequence; ``length`` is the rank's share."""
+    half = length // 2
+    return torch.where(
+        local < half, cp_rank * half + local, cp_size * length - (cp_rank + 2) * half + local
+    )
+
+
+#: Context-parallel THD layouts: name -> the global positions of a rank's local tokens, from
+#: ``(local index, the rank's share of the sequence, cp_size, cp_rank)``.
+CP_LAYOUTS: Dict[str, Callable[..., torch.Tensor]] = {"zigzag": _zigzag_positions}
+
+
+def thd_positions(
+    cu_seqlens: torch.Tensor,
+    tokens: int,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    cp_layout: str = "zigzag",
+) -> torch.Tensor:
+    """The RoPE position of every local token of a THD batch, on the offsets' device, no host read.
+
+    Positions restart at 0 at every sequence. Under context parallelism a rank's tokens get
+    their global positions by ``cp_layout`` (:data:`CP_LAYOUTS`; Megatron's load-balanced split
+    is ``zigzag``).
+
+    Args:
+        cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
+        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
+        cp_size: Context-parallel size.
+        cp_rank: This rank in the context-parallel group.
+        cp_layout: How sequences are split over the context-parallel ranks.
+
+    Returns:
+        ``[tokens]`` positions (the offsets' dtype).
+    """
+    sequence, local, offsets = thd_tokens(cu_seqlens, tokens, cp_size)
+    if cp_size == 1:
+        return local
+    share = torch.diff(offsets).index_select(0, sequence)
+    return CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
+
+
+# >>> until upstream: THD RoPE one sequence at a time (H8) -----------------------------------
+# Obsolete-If: none in the patch yet. Drop-When: rope_utils' THD path is vectorized.
+# Upstream: none filed; upstream main replaced the loop (NVIDIA/Megatron-LM PR #5944), no
+#     release has it yet. The whole-table part (0.13's YaRN cuts its table per CP rank for
+#     packed batches too) goes with the last line whose rotary forward lacks ``packed_seq``.
 
 
 def rotary_pos_emb_fn(
@@ -621,18 +810,14 @@ def rotary_pos_emb_fn(
 ) -> Callable[..., torch.Tensor]:
     """Hook H8: the function MLA's QKV code applies RoPE with, for this batch.
 
-    Release lines up to 0.19 apply RoPE to a THD batch through ``rope_utils`` one sequence at a
-    time in Python (0.19: a launch sequence and a narrow copy per sequence; earlier lines: a
-    frequency slice per sequence and a host copy of the offsets per call), so a layer's cost
-    grows with the number of packed sequences. For a THD batch normalized by
-    :func:`normalize_packed_seq` (and RoPE fusion off: the fused MLA kernels already take the
-    offsets), the returned function builds every token's position once per batch on the device
-    (CP-aware, padded offsets) and rotates the packed tensor in one pass: the same arithmetic
-    as upstream's per-sequence path, with MLA's de-interleaving and ``rotary_interleaved``
-    respected. Positions restart at every sequence, as for per-sequence bshd. Where the
-    layer's RoPE module cuts its table to the rank's bshd chunks under context parallelism even
-    for packed batches (0.13's YaRN), the rotation uses the whole table. Anything else gets
-    upstream's ``apply_rotary_pos_emb`` (the one MLA's module imported).
+    Up to 0.19 ``rope_utils`` rotates a THD batch one sequence at a time in Python, so a layer's
+    cost grows with the number of sequences. For a prepared THD batch with RoPE fusion off (the
+    fused kernels take the offsets themselves) the returned function rotates the whole batch in
+    one pass with upstream's arithmetic: positions made on the device once per batch
+    (:func:`thd_positions`), the cos/sin of the table (:func:`rotation_table`, once per table)
+    gathered at them once for the layer's q and k; where the RoPE module cuts its table per CP
+    rank even for packed batches (0.13's YaRN), with the whole table. Otherwise: upstream's
+    ``apply_rotary_pos_emb``.
 
     Args:
         attention: The MLA module.
@@ -642,9 +827,8 @@ def rotary_pos_emb_fn(
         A function with upstream's ``apply_rotary_pos_emb`` signature.
 
     Raises:
-        MLACompatibilityError: RoPE fusion on a THD batch under context parallelism where the
-            release cuts the table per rank (the fused kernels would rotate at wrong
-            positions).
+        MLACompatibilityError: RoPE fusion on a THD batch where the release cuts the table per
+            CP rank (the fused kernels would rotate at wrong positions).
     """
     # pylint: disable=import-outside-toplevel
     from megatron.core.transformer import multi_latent_attention
@@ -665,16 +849,16 @@ def rotary_pos_emb_fn(
             )
         return upstream
     rotary = attention.rotary_pos_emb if sliced else None
-    return functools.partial(_packed_rotary_pos_emb, batch, upstream, rotary)
+    # The dict is this layer call's: its q and k share what it keeps (a capture keeps nothing
+    # on the batch, see PackedBatch.memo).
+    return functools.partial(_packed_rotary_pos_emb, batch, upstream, rotary, {})
 
 
 def _slices_packed_tables(attention: MultiLatentAttention) -> bool:
     """Whether the layer's RoPE module cuts its table per CP rank for packed batches too.
 
-    Under context parallelism a bshd rank holds two chunks of the sequence, so a rotary module
-    keeps only those chunks of its table. A THD rank holds two chunks of every packed sequence,
-    which need the whole table. Releases that know this take a ``packed_seq`` argument; a
-    module with a CP group and no such argument (0.13's YaRN) cuts the table regardless.
+    A THD rank holds two chunks of every sequence and needs the whole table; rotary modules that
+    know it take ``packed_seq``, one with a CP group and no such argument (0.13's YaRN) cuts.
     """
     rotary = getattr(attention, "rotary_pos_emb", None)
     group = getattr(rotary, "cp_group", None)
@@ -685,33 +869,28 @@ def _slices_packed_tables(attention: MultiLatentAttention) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _forward_takes_packed_seq(cls: type) -> bool:
-    """Whether ``cls.forward`` has a ``packed_seq`` parameter (read once per class)."""
     return "packed_seq" in inspect.signature(cls.forward).parameters
 
 
-def _whole_table(batch: PackedBatch, rotary: torch.nn.Module, length: int) -> torch.Tensor:
-    """``rotary``'s table of ``length`` positions, not cut per CP rank (once per batch)."""
-    key = (id(rotary), length)
-    cached = batch.tables.get(key)
-    if cached is None or cached[0] is not rotary:
-        # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which
-        # would hand back the cut table: call the function under the cache.
-        forward = inspect.unwrap(type(rotary).forward)
-        group = rotary.cp_group
-        rotary.cp_group = None  # the module cuts the table only when it has a CP group
-        try:
-            table = forward(rotary, length)
-        finally:
-            rotary.cp_group = group
-        cached = (rotary, table[0] if isinstance(table, tuple) else table)
-        batch.tables[key] = cached
-    return cached[1]
+def _whole_table(rotary: torch.nn.Module, length: int) -> torch.Tensor:
+    """``rotary``'s table of ``length`` positions, not cut per CP rank."""
+    # The module's forward may memoize per length (0.13's YaRN: ``lru_cache``), which would
+    # hand back the cut table: call the function under the cache.
+    forward = inspect.unwrap(type(rotary).forward)
+    group = rotary.cp_group
+    rotary.cp_group = None  # the module cuts the table only when it has a CP group
+    try:
+        table = forward(rotary, length)
+    finally:
+        rotary.cp_group = group
+    return table[0] if isinstance(table, tuple) else table
 
 
 def _packed_rotary_pos_emb(
     batch: PackedBatch,
     upstream: Callable[..., torch.Tensor],
     rotary: Optional[torch.nn.Module],
+    layer_call: dict,
     t: torch.Tensor,
     freqs: torch.Tensor,
     config: TransformerConfig,
@@ -731,62 +910,115 @@ def _packed_rotary_pos_emb(
         cp_group = parallel_state.get_context_parallel_group()
     if mla_rotary_interleaved is None:
         mla_rotary_interleaved = config.multi_latent_attention
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
     if rotary is not None:  # the table MLA computed is this rank's bshd chunks only
-        freqs = _whole_table(batch, rotary, freqs.size(0) * cp_group.size())
-    positions = _packed_positions(batch, cu_seqlens, t.size(0), cp_group.size(), cp_group.rank())
-    return apply_rotary_packed(
-        t,
-        freqs,
-        positions,
-        rotary_interleaved=config.rotary_interleaved,
-        mla_rotary_interleaved=mla_rotary_interleaved,
-        mscale=mscale,
-    )
+        length = freqs.size(0) * cp_size
+        key = ("table", id(rotary), length)
+        freqs = batch.memo(key, (rotary,), lambda: _whole_table(rotary, length), layer_call)
+    table_len, tokens = freqs.size(0), t.size(0)
+
+    def _positions() -> torch.Tensor:  # padding tokens past the table take its last row
+        return thd_positions(cu_seqlens, tokens, cp_size, cp_rank).clamp_(max=table_len - 1)
+
+    key = ("positions", tokens, cp_size, cp_rank, table_len)
+    at = batch.memo(key, (cu_seqlens,), _positions, layer_call)
+    key = ("rotation", t.dtype, mscale, config.rotary_interleaved)
+    rotation = layer_call.get(key)
+    if rotation is None or rotation[0] is not freqs or rotation[1] is not at:
+        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved)
+        rotation = layer_call[key] = (freqs, at, table.index_select(0, at))
+    return rotate_packed(t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved)
 
 
-def _packed_positions(
-    batch: PackedBatch, cu_seqlens: torch.Tensor, tokens: int, cp_size: int, cp_rank: int
+#: Per RoPE table (upstream's memoized ``freqs``, or the tensor a slice of it views): per view
+#: and arithmetic, its :func:`rotation_table`. An entry lives as long as its table.
+_ROTATIONS = WeakIdKeyDictionary()
+
+
+def rotation_table(
+    freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0, rotary_interleaved: bool = False
 ) -> torch.Tensor:
-    key = (id(cu_seqlens), tokens, cp_size, cp_rank)
-    cached = batch.positions.get(key)
-    if cached is None or cached[0] is not cu_seqlens:
-        cached = (cu_seqlens, thd_positions(cu_seqlens, tokens, cp_size, cp_rank))
-        batch.positions[key] = cached
-    return cached[1]
+    """cos and sin of every position of ``freqs``, as :func:`rotate_packed` takes them.
 
-
-def thd_positions(
-    cu_seqlens: torch.Tensor, tokens: int, cp_size: int = 1, cp_rank: int = 0
-) -> torch.Tensor:
-    """The RoPE position of every local token of a THD batch, on the offsets' device.
-
-    Positions restart at 0 at every sequence. Under context parallelism each rank holds two
-    chunks of every (padded) sequence, chunk ``cp_rank`` and chunk ``2 * cp_size - 1 - cp_rank``,
-    and gets their global positions. No host synchronisation.
+    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``), side by side:
+    ``[cos, sin]`` with sin negated where the rotation negates ``x`` (exactly: negation rounds
+    nowhere), so a rotation is one product and one sum. Kept per table while it lives (made
+    outside CUDA graph capture only; its values depend on the table alone).
 
     Args:
-        cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
-        tokens: Local token count (``cu_seqlens[-1] / cp_size``).
-        cp_size: Context-parallel size.
-        cp_rank: This rank in the context-parallel group.
+        freqs: ``[max_len, 1, 1, rot_dim]`` frequencies.
+        dtype: The dtype of the tensors it rotates.
+        mscale: YaRN's cos/sin scale.
+        rotary_interleaved: Rotate interleaved pairs instead of halves.
 
     Returns:
-        ``[tokens]`` int64 positions.
+        ``[max_len, 2 * rot_dim]`` in ``dtype``.
     """
-    offsets = cu_seqlens.to(torch.int64)
-    lengths = (offsets[1:] - offsets[:-1]) // cp_size
-    local_ends = torch.cumsum(lengths, 0)
-    index = torch.arange(tokens, device=cu_seqlens.device, dtype=torch.int64)
-    sequence = torch.searchsorted(local_ends, index, right=True)
-    sequence = sequence.clamp_(max=lengths.numel() - 1)
-    local = index - (local_ends - lengths)[sequence]
-    if cp_size == 1:
-        return local
-    length = lengths[sequence]
-    half = length // 2
-    return torch.where(
-        local < half, cp_rank * half + local, cp_size * length - (cp_rank + 2) * half + local
-    )
+    base = freqs if freqs._base is None else freqs._base  # pylint: disable=protected-access
+    view = (freqs.storage_offset(), tuple(freqs.shape), freqs.stride())
+    key = (view, dtype, mscale, rotary_interleaved)
+    kept = _ROTATIONS.get(base)
+    found = None if kept is None else kept.get(key)
+    if found is not None and found[0] == base._version:
+        return found[1]
+    rot_dim = freqs.size(-1)
+    angles = freqs.reshape(freqs.size(0), rot_dim)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if mscale != 1.0:  # x * 1.0 == x: upstream's product by 1 changes no bit
+        cos, sin = cos * mscale, sin * mscale
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    if rotary_interleaved:  # x -> (-x1, x0, -x3, x2, ...)
+        even, odd = sin.unflatten(-1, (-1, 2)).unbind(-1)
+        table = torch.cat((cos, torch.stack((-even, odd), dim=-1).flatten(-2)), dim=-1)
+    else:  # x -> (-x2, x1)
+        first, second = sin.chunk(2, dim=-1)
+        table = torch.cat((cos, -first, second), dim=-1)
+    if not _capturing():
+        _ROTATIONS.setdefault(base, {})[key] = (base._version, table)
+    return table
+
+
+def rotate_packed(
+    t: torch.Tensor,
+    rotation: torch.Tensor,
+    rotary_interleaved: bool = False,
+    mla_rotary_interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotate a packed ``[tokens, heads, dim]`` tensor by :func:`rotation_table`'s rows.
+
+    ``x * cos + rotate(x) * sin`` as upstream computes it, each product rounded to ``t``'s
+    dtype before the sum: the products of ``[x, swap(x)]`` with ``[cos, +-sin]``, added.
+
+    Args:
+        t: ``[tokens, heads, dim]`` (or ``[tokens, 1, dim]``); the first ``rot_dim`` channels
+            rotate, the rest pass.
+        rotation: ``[tokens, 2 * rot_dim]``: each token's row of :func:`rotation_table`.
+        rotary_interleaved: Rotate interleaved pairs instead of halves.
+        mla_rotary_interleaved: MLA's layout: de-interleave the rotary channels first.
+
+    Returns:
+        The rotated tensor, same shape and dtype.
+    """
+    rot_dim = rotation.size(-1) // 2
+    x = t if t.size(-1) == rot_dim else t.narrow(-1, 0, rot_dim)
+    pairs = x.shape[:-1] + (rot_dim // 2, 2)  # views, not Python indexing: no host work
+    if mla_rotary_interleaved:
+        even, odd = x.reshape(pairs).unbind(-1)
+        parts = [even, odd]
+    else:
+        parts = [x]
+    if not rotary_interleaved:  # (x1, x2) -> (x2, x1)
+        first, second = (even, odd) if mla_rotary_interleaved else x.chunk(2, dim=-1)
+        both = torch.cat(parts + [second, first], dim=-1)
+    else:  # (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)
+        x = torch.cat(parts, dim=-1) if mla_rotary_interleaved else x
+        even, odd = x.reshape(pairs).unbind(-1)
+        both = torch.cat((x, torch.stack((odd, even), dim=-1).flatten(-2)), dim=-1)
+    products = both * rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
+    out = torch.add(*products.view(products.shape[:-1] + (2, rot_dim)).unbind(-2))
+    if t.size(-1) == rot_dim:
+        return out
+    return torch.cat((out, t.narrow(-1, rot_dim, t.size(-1) - rot_dim)), dim=-1)
 
 
 def apply_rotary_packed(
@@ -799,8 +1031,9 @@ def apply_rotary_packed(
 ) -> torch.Tensor:
     """Rotate a packed ``[tokens, heads, dim]`` tensor, each token at its own position.
 
-    Upstream's RoPE arithmetic (cos/sin of the frequencies scaled by ``mscale`` and rounded to
-    ``t``'s dtype, ``t * cos + rotate_half(t) * sin``), applied to every token in one pass.
+    Upstream's arithmetic (cos/sin of ``freqs`` scaled by ``mscale``, rounded to ``t``'s dtype,
+    ``t * cos + rotate_half(t) * sin``) for every token in one pass: :func:`rotation_table` at
+    the positions, then :func:`rotate_packed`.
 
     Args:
         t: ``[tokens, heads, dim]`` (or ``[tokens, 1, dim]``).
@@ -813,62 +1046,62 @@ def apply_rotary_packed(
     Returns:
         The rotated tensor, same shape and dtype.
     """
-    rot_dim = freqs.size(-1)
     positions = positions.clamp(max=freqs.size(0) - 1)  # padding tokens past the table
-    angles = freqs.reshape(freqs.size(0), rot_dim).index_select(0, positions)
-    angles = angles.view(t.size(0), *([1] * (t.dim() - 2)), rot_dim)
-    x, passed = t[..., :rot_dim], t[..., rot_dim:]
-    if mla_rotary_interleaved:
-        x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-    cos = (torch.cos(angles) * mscale).to(t.dtype)
-    sin = (torch.sin(angles) * mscale).to(t.dtype)
-    if rotary_interleaved:
-        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    else:
-        first, second = torch.chunk(x, 2, dim=-1)
-        rotated = torch.cat((-second, first), dim=-1)
-    out = x * cos + rotated * sin
-    return torch.cat((out, passed), dim=-1) if passed.size(-1) else out
+    table = rotation_table(freqs, t.dtype, mscale, rotary_interleaved)
+    return rotate_packed(
+        t, table.index_select(0, positions), rotary_interleaved, mla_rotary_interleaved
+    )
+
+
+# <<< THD RoPE one sequence at a time (H8) ---------------------------------------------------
+
+
+# >>> until upstream: the unconditional V pad of packed batches (H5) -------------------------
+# Obsolete-If: mla.value_pad_helper=false. Drop-When: upstream gates the pad on the selected
+#     attention backend. Upstream: NVIDIA/Megatron-LM PR #3003 (the pad, core_v0.18.0).
 
 
 def upstream_value_pad(attention: MultiLatentAttention, need_v_pad: bool) -> bool:
-    """Hook H5: keep upstream's own V padding off; the adapter pads only where needed.
+    """Hook H5: keep upstream's V pad (every THD call, 0.18+) off; the adapter pads where needed.
 
-    Release lines from 0.18 pad V to the q/k width for every THD call, which only FlashAttention
-    -2 needs and which costs time on cuDNN (fused) and unfused attention. The adapter's core
-    attention pads for the backends that need it (see :class:`BackendDecision`).
+    Only FlashAttention-2 needs equal head dims; the pad costs time on cuDNN and unfused
+    attention. The adapter's core attention pads as :attr:`BackendDecision.pad_value` says.
 
     Args:
         attention: The MLA module.
         need_v_pad: Upstream's own verdict.
 
     Returns:
-        Always ``False`` when the core attention was built through the adapter.
+        ``False`` when the core attention was built through the adapter, else ``need_v_pad``.
     """
     if getattr(attention.core_attention, "_mla_pad_value", None) is None:
         return need_v_pad
     return False
 
 
-# # Question 3: attention backend
+# <<< the unconditional V pad of packed batches (H5) -----------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Question 3: attention backend (H3; H1 and the core attention it builds)
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendFacts:
-    """What the backend decision depends on, probed once per process.
+    """What the backend decision depends on, probed when it is made.
 
     Attributes:
         te_version: Transformer Engine version string, or ``None`` when TE is not importable.
         compute_capability: ``(major, minor)`` of the current CUDA device, or ``None``.
         flash_attn_2: Whether a FlashAttention-2 build (``flash_attn``) is importable.
         flash_attn_3: Whether a FlashAttention-3 build (``flash_attn_interface``) is importable.
-        cudnn_version: cuDNN version as an integer (90500 for 9.5.0), or ``None`` when unknown.
-        te_pads_for_flash: Whether TE itself pads q/k/v to one head width for FlashAttention-2.
         k_channels: q/k head width.
         v_channels: v head width.
         context_parallel: Context-parallel size.
         spec: ``"te"``, ``"local"`` or ``"other"``: which core attention the layer spec builds.
+        cudnn_version: cuDNN version as an integer (90500 for 9.5.0), or ``None`` when unknown.
+        te_pads_for_flash: Whether TE itself pads q/k/v to one head width for FlashAttention-2.
     """
 
     te_version: Optional[str]
@@ -893,6 +1126,7 @@ class BackendDecision:
         reason: One sentence for the build log.
         pad_value: Whether V is padded to the q/k width (kernels needing equal head dims only).
         fallback: Whether ``backend`` replaced an unsupported request.
+        spec: The layer spec's core attention (``"te"`` or ``"local"``) the decision is for.
     """
 
     requested: str
@@ -901,6 +1135,10 @@ class BackendDecision:
     pad_value: bool = False
     fallback: bool = False
     spec: str = "te"
+
+
+class _BackendUnsupported(Exception):
+    """The requested TE backend has no MLA path here; carries the restriction."""
 
 
 #: Training with q/k 192 and v 128 through cuDNN: Hopper from cuDNN 9.5, Blackwell from 9.11.
@@ -931,31 +1169,68 @@ def _flash_path(facts: BackendFacts) -> Optional[Tuple[bool, str]]:
     return None
 
 
-def _unsupported(requested: str, facts: BackendFacts, restriction: str, choices: str) -> str:
-    return (
-        f"{_BACKEND_FLAG} {requested} cannot run Multi-Latent Attention here: {restriction} "
-        f"(MLA head dims: q/k {facts.k_channels} vs v {facts.v_channels}; TE "
-        f"{facts.te_version or 'not installed'}; GPU "
-        f"{'sm%d%d' % facts.compute_capability if facts.compute_capability else 'none visible'})."
-        f" Use {choices}, or set {POLICY_ENV}=fallback to switch to the fastest supported "
-        f"backend automatically."
-    )
+def decide_backend(requested: str, facts: BackendFacts, policy: str = "strict") -> BackendDecision:
+    """Question 3 as a pure function of the probed facts.
 
+    Args:
+        requested: ``flash``, ``fused``, ``unfused``, ``local`` or ``auto``.
+        facts: What the decision depends on.
+        policy: ``strict`` raises for an unsupported request; ``fallback`` takes the fastest
+            supported backend (fused, FlashAttention, unfused).
 
-def _decide_local_spec(requested: str, facts: BackendFacts) -> BackendDecision:
-    if facts.context_parallel > 1:
-        raise MLACompatibilityError(
-            "The local layer spec (Megatron's DotProductAttention) does not support context "
-            "parallelism; use the Transformer Engine spec (--transformer-impl "
-            "transformer_engine) or --context-parallel-size 1."
+    Returns:
+        The decision.
+
+    Raises:
+        MLACompatibilityError: The request cannot run MLA (``strict``), or contradicts the spec.
+    """
+    if facts.spec == "local":
+        if facts.context_parallel > 1:
+            raise MLACompatibilityError(
+                "The local layer spec (Megatron's DotProductAttention) does not support context "
+                "parallelism; use the Transformer Engine spec (--transformer-impl "
+                "transformer_engine) or --context-parallel-size 1."
+            )
+        note = "" if requested in ("local", "auto") else f"; {_BACKEND_FLAG} {requested} is ignored"
+        return BackendDecision(
+            requested, "local", f"local spec: Megatron DotProductAttention{note}"
         )
-    note = "" if requested in ("local", "auto") else f"; {_BACKEND_FLAG} {requested} is ignored"
-    return BackendDecision(requested, "local", f"local spec: Megatron DotProductAttention{note}")
+    if facts.spec == "te" and facts.te_version is None:
+        raise MLACompatibilityError(
+            "The layer spec builds TEDotProductAttention but Transformer Engine is not "
+            "importable; install transformer-engine or use --transformer-impl local."
+        )
+    try:
+        return _decide_te(requested, facts)
+    except _BackendUnsupported as exc:
+        if policy == "fallback":
+            chosen = _fastest_supported(facts)
+            why = f"fallback from {requested} ({exc}): {chosen.reason}"
+            return dataclasses.replace(chosen, requested=requested, fallback=True, reason=why)
+        cc = facts.compute_capability
+        choices = [f"{_BACKEND_FLAG} fused"] if _fused_supports_mla(facts) else []
+        choices += [f"{_BACKEND_FLAG} flash"] if _flash_path(facts) is not None else []
+        choices += [f"{_BACKEND_FLAG} auto", f"{_BACKEND_FLAG} unfused"]
+        raise MLACompatibilityError(
+            f"{_BACKEND_FLAG} {requested} cannot run Multi-Latent Attention here: {exc} "
+            f"(MLA head dims: q/k {facts.k_channels} vs v {facts.v_channels}; TE "
+            f"{facts.te_version or 'not installed'}; GPU "
+            f"{'sm%d%d' % cc if cc else 'none visible'}). Use {' or '.join(choices)}, or set "
+            f"{POLICY_ENV}=fallback to switch to the fastest supported backend automatically."
+        ) from None
+
+
+def _fastest_supported(facts: BackendFacts) -> BackendDecision:
+    for candidate in ("fused", "flash", "unfused"):
+        try:
+            return _decide_te(candidate, facts)
+        except _BackendUnsupported:
+            continue
+    raise AssertionError("unfused attention always runs")  # pragma: no cover
 
 
 def _decide_te(requested: str, facts: BackendFacts) -> BackendDecision:
-    fused_ok = _fused_supports_mla(facts)
-    flash = _flash_path(facts)
+    """The decision for the TE spec; raises :class:`_BackendUnsupported` with the restriction."""
     if requested == "local":
         raise MLACompatibilityError(
             f"{_BACKEND_FLAG} local turns every Transformer Engine backend off, but the layer "
@@ -965,110 +1240,37 @@ def _decide_te(requested: str, facts: BackendFacts) -> BackendDecision:
         )
     if requested == "unfused":
         return BackendDecision(requested, "unfused", "TE unfused attention runs any head dims")
+    no_device = facts.compute_capability is None
+    flash = _flash_path(facts)
     if requested == "fused":
-        if fused_ok or facts.compute_capability is None:
-            why = "cuDNN fused attention runs q/k != v head dims on sm90+"
-            if facts.compute_capability is None:
-                why = "no CUDA device visible at build; TE checks cuDNN support at first step"
+        if no_device:
+            why = "no CUDA device visible at build; TE checks cuDNN support at first step"
             return BackendDecision(requested, "fused", why)
-        raise _Unsupported(
+        if _fused_supports_mla(facts):
+            why = "cuDNN fused attention runs q/k != v head dims on sm90+"
+            return BackendDecision(requested, "fused", why)
+        raise _BackendUnsupported(
             "cuDNN fused attention trains q/k != v head dims only on sm90 (cuDNN >= 9.5) and "
             f"sm100+ (cuDNN >= 9.11); cuDNN here: {facts.cudnn_version or 'unknown'}"
         )
     if requested == "flash":
         if flash is not None:
             return BackendDecision(requested, "flash", flash[1], pad_value=flash[0])
-        raise _Unsupported(
+        fa3 = "installed" if facts.flash_attn_3 else "not installed"
+        fa2 = "installed" if facts.flash_attn_2 else "not installed"
+        raise _BackendUnsupported(
             "no FlashAttention build here runs MLA head dims (FlashAttention-3 on sm90: "
-            f"{_installed(facts.flash_attn_3)}; FlashAttention-2 with V padded on sm80+: "
-            f"{_installed(facts.flash_attn_2)})"
+            f"{fa3}; FlashAttention-2 with V padded on sm80+: {fa2})"
         )
-    return _decide_auto(facts, fused_ok, flash)
-
-
-def _installed(flag: bool) -> str:
-    return "installed" if flag else "not installed"
-
-
-def _decide_auto(
-    facts: BackendFacts, fused_ok: bool, flash: Optional[Tuple[bool, str]]
-) -> BackendDecision:
-    if fused_ok or facts.compute_capability is None:
+    if no_device or _fused_supports_mla(facts):
         return BackendDecision("auto", "auto", "TE picks per call; cuDNN fused runs MLA dims")
     if flash is not None:
         return BackendDecision("auto", "auto", f"TE picks per call; {flash[1]}", flash[0])
     return BackendDecision("auto", "auto", "TE picks per call; only unfused runs MLA dims here")
 
 
-class _Unsupported(Exception):
-    """Internal: the requested backend cannot run; carries the restriction text."""
-
-
-def decide_backend(requested: str, facts: BackendFacts, policy: str = "strict") -> BackendDecision:
-    """Question 3 as a pure function of the probed facts.
-
-    Args:
-        requested: ``flash``, ``fused``, ``unfused``, ``local`` or ``auto``.
-        facts: What the decision depends on.
-        policy: ``strict`` raises for an unsupported request; ``fallback`` picks the fastest
-            supported backend instead (fused, then FlashAttention, then unfused).
-
-    Returns:
-        The decision.
-
-    Raises:
-        MLACompatibilityError: The request cannot run MLA (under ``strict``), or the spec and
-            the request contradict each other.
-    """
-    if facts.spec == "local":
-        return _decide_local_spec(requested, facts)
-    if facts.spec == "te" and facts.te_version is None:
-        raise MLACompatibilityError(
-            "The layer spec builds TEDotProductAttention but Transformer Engine is not "
-            "importable; install transformer-engine or use --transformer-impl local."
-        )
-    try:
-        return _decide_te(requested, facts)
-    except _Unsupported as exc:
-        choices = _working_choices(facts)
-        if policy != "fallback":
-            raise MLACompatibilityError(_unsupported(requested, facts, str(exc), choices)) from None
-        chosen = _fastest_supported(facts)
-        return dataclasses.replace(
-            chosen,
-            requested=requested,
-            fallback=True,
-            reason=f"fallback from {requested} ({exc}): {chosen.reason}",
-        )
-
-
-def _working_choices(facts: BackendFacts) -> str:
-    names = [f"{_BACKEND_FLAG} fused"] if _fused_supports_mla(facts) else []
-    if _flash_path(facts) is not None:
-        names.append(f"{_BACKEND_FLAG} flash")
-    names += [f"{_BACKEND_FLAG} auto", f"{_BACKEND_FLAG} unfused"]
-    return " or ".join(names)
-
-
-def _fastest_supported(facts: BackendFacts) -> BackendDecision:
-    for candidate in ("fused", "flash", "unfused"):
-        try:
-            return _decide_te(candidate, facts)
-        except _Unsupported:
-            continue
-    raise AssertionError("unfused attention always runs")  # pragma: no cover
-
-
-def probe_facts(config: MLATransformerConfig, spec: str) -> BackendFacts:
-    """Probe this process for :class:`BackendFacts` (TE, GPU, FlashAttention builds).
-
-    Args:
-        config: An ``MLATransformerConfig``.
-        spec: ``"te"``, ``"local"`` or ``"other"``.
-
-    Returns:
-        The facts.
-    """
+def _probe_facts(config: MLATransformerConfig, spec: str) -> BackendFacts:
+    """This process's :class:`BackendFacts`: TE, GPU, cuDNN, FlashAttention builds."""
     meta = layer_metadata(config)
     return BackendFacts(
         te_version=_te_version(),
@@ -1080,7 +1282,10 @@ def probe_facts(config: MLATransformerConfig, spec: str) -> BackendFacts:
         context_parallel=getattr(config, "context_parallel_size", 1) or 1,
         spec=spec,
         cudnn_version=_cudnn_version(),
-        te_pads_for_flash=_te_pads_for_flash(),
+        # TE 2.17 pads q/k/v to one head width itself for FlashAttention-2 when q/k and v
+        # widths differ (NVIDIA/TransformerEngine PR #2629). No public flag says so, its version
+        # does (a 2.17 dev build reads as older, and the adapter pads V itself: still right).
+        te_pads_for_flash=HAVE_TE and is_te_min_version("2.17.0"),
     )
 
 
@@ -1093,34 +1298,12 @@ def _te_version() -> Optional[str]:
     return str(getattr(transformer_engine, "__version__", "unknown"))
 
 
-def _cudnn_version() -> Optional[int]:
-    if not torch.cuda.is_available():
-        return None
-    return torch.backends.cudnn.version()
-
-
-def _te_pads_for_flash() -> bool:
-    """Whether TE's DotProductAttention pads q/k/v itself for FlashAttention-2 MLA."""
-    try:
-        from transformer_engine.pytorch.attention.dot_product_attention import (  # noqa: C0415
-            dot_product_attention as te_dpa,
-        )
-    except Exception:  # pylint: disable=broad-except
-        return False
-    return hasattr(te_dpa, "_pad_qkv_head_dim")
-
-
 def _compute_capability() -> Optional[Tuple[int, int]]:
-    if not torch.cuda.is_available():
-        return None
-    return tuple(torch.cuda.get_device_capability())
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+def _cudnn_version() -> Optional[int]:
+    return torch.backends.cudnn.version() if torch.cuda.is_available() else None
 
 
 def resolve_attention_backend(
@@ -1128,10 +1311,11 @@ def resolve_attention_backend(
 ) -> Optional[BackendDecision]:
     """Hook H3 (and H1): decide the MLA attention path before Megatron sets NVTE_* variables.
 
-    Called from ``LanguageModule._set_attention_backend`` (spec unknown: inferred from the
-    request) and again when MLA builds its core attention (spec known). Under the fallback
-    policy ``config.attention_backend`` is rewritten, so Megatron exports the NVTE_* flags of
-    the backend that will actually run.
+    Called from ``LanguageModule._set_attention_backend`` (spec inferred from the request) and
+    when MLA builds its core attention (spec known). Under the fallback policy it rewrites
+    ``config.attention_backend``, so Megatron exports the flags of the backend that runs. A
+    config with an ``experimental_attention_variant`` is decided per layer only (H1): the
+    variant's layers build their own core attention.
 
     Args:
         config: The model config (non-MLA configs are left alone).
@@ -1143,6 +1327,11 @@ def resolve_attention_backend(
     if not getattr(config, "multi_latent_attention", False):
         return None
     requested = _backend_name(config.attention_backend)
+    if spec is None and getattr(config, "experimental_attention_variant", None) is not None:
+        # An attention variant builds its own core attention (0.19+ DSA's DSAttention, dev's
+        # dsv4_hybrid CompressedSparseAttention), which no backend flag reaches; a layer that
+        # still builds (TE)DotProductAttention is decided by H1 when it is built.
+        return None
     if spec is None:
         # Called before any layer exists: only "local" names its spec; otherwise assume the
         # TE spec where TE is importable and leave the rest to the core-attention hook (H1).
@@ -1153,220 +1342,41 @@ def resolve_attention_backend(
     if known is not None and known.spec == spec and known.backend == requested:
         return known
     policy = os.environ.get(POLICY_ENV, "strict").strip().lower()
-    decision = dataclasses.replace(
-        decide_backend(requested, probe_facts(config, spec), policy), spec=spec
-    )
+    decision = decide_backend(requested, _probe_facts(config, spec), policy)
+    decision = dataclasses.replace(decision, spec=spec)
     if decision.fallback:
         _log_once(logging.WARNING, f"mla-seam: {decision.reason}")
         config.attention_backend = getattr(AttnBackend, decision.backend)
-    state(config).backend = decision
+    _state(config).backend = decision
     return decision
+
+
+def backend_decision(config: TransformerConfig) -> Optional[BackendDecision]:
+    """The backend decision made for ``config``, or ``None`` before the model was built.
+
+    Args:
+        config: A ``TransformerConfig``.
+
+    Returns:
+        The :class:`BackendDecision` or ``None``.
+    """
+    found = getattr(config, STATE_ATTR, None)
+    return found.backend if isinstance(found, MLASeamState) else None
 
 
 def _backend_name(value: Any) -> str:
     return value.name if isinstance(value, AttnBackend) else str(value).split(".")[-1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Question 4: pipeline offsets and per-layer lists
-# ---------------------------------------------------------------------------------------------
+# --- H1: the core attention MLA builds -------------------------------------------------------
 
-
-def _stage_layer_counts(config: TransformerConfig) -> List[int]:
-    """Layers in one virtual chunk of each pipeline rank (same for every virtual stage)."""
-    pp = config.pipeline_model_parallel_size
-    vp = config.virtual_pipeline_model_parallel_size or 1
-    first = config.num_layers_in_first_pipeline_stage
-    last = config.num_layers_in_last_pipeline_stage
-    if first is None and last is None:
-        total = config.num_layers
-        total += int(bool(getattr(config, "account_for_embedding_in_pipeline_split", False)))
-        total += int(bool(getattr(config, "account_for_loss_in_pipeline_split", False)))
-        return [total // pp // vp] * pp
-    middle_ranks = pp - (first is not None) - (last is not None)
-    middle_layers = config.num_layers - (first or 0) - (last or 0)
-    per_middle = (middle_layers // vp) // middle_ranks if middle_ranks > 0 else 0
-    counts = [per_middle] * pp
-    if first is not None:
-        counts[0] = first // vp
-    if last is not None:
-        counts[-1] = last // vp
-    return counts
-
-
-def layer_offset(config: TransformerConfig, vp_stage: Optional[int], pp_rank: int) -> int:
-    """Global index of the first layer held by ``(pp_rank, vp_stage)``.
-
-    Layers are laid out chunk by chunk: virtual stage 0 of ranks 0..pp-1, then virtual stage 1,
-    and so on, each rank's chunk holding the counts of :func:`_stage_layer_counts`. A virtual
-    embedding layer (``account_for_embedding_in_pipeline_split``) occupies the first slot.
-
-    Args:
-        config: The model config.
-        vp_stage: Virtual pipeline stage (``None`` without interleaving).
-        pp_rank: Pipeline rank.
-
-    Returns:
-        The offset to add to a 1-based local layer number.
-    """
-    if config.pipeline_model_parallel_size <= 1:
-        return 0
-    layout = getattr(config, "pipeline_model_parallel_layout", None)
-    if layout:
-        from megatron.core.transformer.enums import LayerType  # pylint: disable=C0415
-
-        return layout.get_layer_offset(layer_type=LayerType.decoder, vp_stage=vp_stage)
-    vp = config.virtual_pipeline_model_parallel_size
-    if vp is not None and vp_stage is None:
-        raise MLACompatibilityError("vp_stage is required when virtual pipelining is on")
-    counts = _stage_layer_counts(config)
-    stage = vp_stage or 0
-    offset = stage * sum(counts) + sum(counts[:pp_rank])
-    embedding = getattr(config, "account_for_embedding_in_pipeline_split", False)
-    if embedding and config.num_layers_in_first_pipeline_stage is None:
-        if config.num_layers_in_last_pipeline_stage is None and (stage, pp_rank) != (0, 0):
-            offset -= 1
-    return offset
-
-
-def pipeline_layer_offset(
-    config: TransformerConfig, vp_stage: Optional[int], pp_rank: int
-) -> Optional[int]:
-    """Hook H7: the layer offset of a pipeline stage where upstream's own count fails.
-
-    Upstream's ``get_transformer_layer_offset`` asks here first, as soon as it knows its
-    pipeline rank, and returns the answer when there is one. The adapter answers only for MLA
-    models whose uneven split (first or last stage size set) with virtual stages upstream gets
-    wrong (:func:`_upstream_offset_failure`): no middle stage (upstream divides by zero), or
-    the middle stages counted from rank 1 (0.13.x). The answer is :func:`layer_offset`'s.
-
-    Args:
-        config: The model config.
-        vp_stage: Virtual pipeline stage (``None`` without interleaving).
-        pp_rank: The pipeline rank upstream computes the offset for.
-
-    Returns:
-        The offset to add to a 1-based local layer number, or ``None``: upstream's own code
-        computes it (every other model, a pipeline layout, an encoder-decoder split and every
-        case upstream counts right).
-    """
-    if not getattr(config, "multi_latent_attention", False):
-        return None
-    if config.pipeline_model_parallel_size <= 1:
-        return None
-    if getattr(config, "pipeline_model_parallel_layout", None):
-        return None
-    failure = _upstream_offset_failure(config)
-    if failure is None or _decoder_start() is not None:
-        return None
-    ours = layer_offset(config, vp_stage, pp_rank)
-    if not state(config).offset_logged:
-        state(config).offset_logged = True
-        # Every pipeline rank has its own offsets: logged on each rank, not on rank 0 only.
-        logger.warning(
-            "mla-seam: layer offsets from the adapter (upstream %s); pipeline rank %d, virtual "
-            "stage %s starts at layer %d",
-            failure,
-            pp_rank,
-            vp_stage,
-            ours,
-        )
-    return ours
-
-
-def _upstream_offset_failure(config: TransformerConfig) -> Optional[str]:
-    """How upstream's uneven-split + virtual-stage offset fails for ``config`` (``None``: right).
-
-    Upstream's branch for ``num_layers_in_first/last_pipeline_stage`` with virtual stages
-    divides the middle layers by the number of middle stages without checking it (zero on PP=2
-    with both stage sizes set: ZeroDivisionError on the last pipeline rank, every release up to
-    0.19.x; the branch without virtual stages checks), and on 0.13.x counts the middle stages
-    from rank 1 when the first stage is not customized.
-    """
-    if config.virtual_pipeline_model_parallel_size is None:
-        return None
-    first = config.num_layers_in_first_pipeline_stage
-    last = config.num_layers_in_last_pipeline_stage
-    if first is None and last is None:
-        return None
-    middle_ranks = config.pipeline_model_parallel_size - (first is not None) - (last is not None)
-    if middle_ranks == 0:
-        return "divides by zero middle stages"
-    if first is None and _upstream_counts_middle_from_rank_one():
-        return "counts the middle stages from rank 1"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _upstream_counts_middle_from_rank_one() -> bool:
-    """Whether upstream's virtual-stage offset counts middle stages from rank 1 (0.13.x).
-
-    Read from the source of ``get_transformer_layer_offset``: a ``rank - 1`` outside the
-    ``middle_pipeline_rank`` assignment (which subtracts one only when the first stage is
-    customized). ``False`` where the source cannot be read.
-    """
-    from megatron.core.transformer import transformer_layer  # pylint: disable=C0415
-
-    try:
-        source = inspect.getsource(transformer_layer.get_transformer_layer_offset)
-        tree = ast.parse(textwrap.dedent(source))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    counted = set()
-    for node in ast.walk(tree):
-        targets = getattr(node, "targets", [])
-        if any(getattr(target, "id", None) == "middle_pipeline_rank" for target in targets):
-            counted.update(id(sub) for sub in ast.walk(node.value))
-    return any(
-        isinstance(node, ast.BinOp)
-        and isinstance(node.op, ast.Sub)
-        and getattr(node.left, "id", None) in ("pipeline_rank", "pp_rank")
-        and getattr(node.right, "value", None) == 1
-        and id(node) not in counted
-        for node in ast.walk(tree)
-    )
-
-
-def _decoder_start() -> Optional[int]:
-    """The pipeline rank where an encoder-decoder model's decoder starts (``None``: no split)."""
-    getter = getattr(parallel_state, "get_pipeline_model_parallel_decoder_start", None)
-    if getter is None:
-        return None
-    try:
-        return getter()
-    except (AssertionError, RuntimeError, AttributeError):
-        return None
-
-
-def per_layer_value(values: Any, layer_number: int) -> Any:
-    """Hook H6: the entry of a per-layer setting (e.g. ``cp_comm_type``) for a layer.
-
-    Args:
-        values: One value for all layers, or a list with one entry per layer.
-        layer_number: Megatron's 1-based global layer number.
-
-    Returns:
-        The value for that layer.
-
-    Raises:
-        MLACompatibilityError: The list does not cover the layer.
-    """
-    if not isinstance(values, (list, tuple)):
-        return values
-    if not 1 <= layer_number <= len(values):
-        raise MLACompatibilityError(
-            f"per-layer list has {len(values)} entries but layer {layer_number} (1-based) was "
-            "asked for; give one entry per layer (--num-layers)."
-        )
-    return values[layer_number - 1]
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# Hook H1: the core attention built by MLA
-# ---------------------------------------------------------------------------------------------
+# >>> until upstream: local DotProductAttention cannot run MLA (H1) ---------------------------
+# Obsolete-If: none in the patch yet (contract dpa.local_accepts_k_channels watches its first
+#     half). Drop-When: local DotProductAttention takes k_channels/v_channels and MLA honours
+#     config.softmax_scale. Upstream: NVIDIA/Megatron-LM issue #1589, PR #6564 (k/v channels),
+#     PR #3698 (softmax_scale). The SDPA path is the local backend's speed; the THD path stands
+#     in for packed sequences, which upstream's class refuses (it asserts packed_seq_params is
+#     None on main and dev, 2026-08; none filed upstream).
 
 
 @functools.lru_cache(maxsize=None)
@@ -1386,15 +1396,50 @@ def _sdpa_takes_scale() -> bool:
         return True  # a builtin without a Python signature: torch >= 2.1 has ``scale``
 
 
+#: The local spec runs a THD batch as one padded SDPA batch while that holds at most this many
+#: slots per token (``sequences * max_seqlen <= 2 * tokens``); beyond, one call per sequence.
+_PADDED_SLOTS = 2
+
+
+def _padded_layout(
+    cu_seqlens: torch.Tensor, padded: Optional[torch.Tensor], tokens: int, longest: int
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Indices between a THD batch and its ``[longest, sequences]`` padded form, on the device.
+
+    Args:
+        cu_seqlens: Offsets of the sequences.
+        padded: Padded offsets (where the sequences start), or ``None``.
+        tokens: Tokens of the THD tensors.
+        longest: Slots per sequence (``max_seqlen_q``).
+
+    Returns:
+        ``(gather, scatter, kept)``: per slot (row-major ``[longest, sequences]``) the token it
+        takes (padding slots: token 0); per token its slot; per token whether it is a
+        sequence's own (``[tokens, 1]`` bool; ``None`` without padded offsets: every token).
+    """
+    starts = cu_seqlens if padded is None else padded
+    sequences = cu_seqlens.numel() - 1
+    lengths = torch.diff(cu_seqlens)
+    slot = torch.arange(longest, device=cu_seqlens.device, dtype=cu_seqlens.dtype).unsqueeze(1)
+    gather = starts.narrow(0, 0, sequences).unsqueeze(0) + slot
+    gather = torch.where(slot < lengths.unsqueeze(0), gather, 0).view(-1).clamp_(max=tokens - 1)
+    sequence, local, _ = thd_tokens(starts, tokens)
+    scatter = local.clamp(max=longest - 1) * sequences + sequence
+    if padded is None:
+        return gather, scatter, None
+    return gather, scatter, (local < lengths.index_select(0, sequence)).unsqueeze(1)
+
+
 class MLADotProductAttention(DotProductAttention):
     """Megatron's local ``DotProductAttention`` for MLA.
 
-    Accepts ``k_channels``/``v_channels`` (passed on only where upstream accepts them) and sizes
-    the output from ``v_channels`` instead of ``config.kv_channels``. Causal self-attention runs
-    through ``torch.nn.functional.scaled_dot_product_attention``, which computes the same
-    function (the adapter's softmax scale, causal mask, attention dropout) in fused kernels;
-    other masks, sliding windows, softmax variants and grouped queries keep Megatron's own path.
-    THD packed batches run sequence by sequence at the padded offsets, padding slots zero.
+    Takes ``k_channels``/``v_channels`` (passed on where upstream accepts them) and sizes the
+    output from ``v_channels``. Causal self-attention runs through ``scaled_dot_product_attention``
+    (the same function: the adapter's scale, causal mask, dropout); other masks, windows, softmax
+    variants and grouped queries keep Megatron's path. THD batches (question 2) with their sizes
+    run as one right-padded SDPA batch, indices made on the device (no host read, capturable);
+    others, and batches whose padded form would exceed ``_PADDED_SLOTS`` x their tokens, run
+    sequence by sequence at the padded offsets (offsets read once per batch). Padding slots: 0.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -1431,33 +1476,32 @@ class MLADotProductAttention(DotProductAttention):
     def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Causal attention through SDPA: ``[s, b, heads, dim]`` in, ``[s, b, heads * v]`` out."""
         seq, batch = query.size(0), query.size(1)
-        coeff = getattr(self.scale_mask_softmax, "scale", None) or 1.0
+        scale = self.softmax_scale * (getattr(self.scale_mask_softmax, "scale", None) or 1.0)
         dropout = self.attention_dropout.p if self.training else 0.0
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        rng = contextlib.nullcontext()
         if dropout and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale * coeff
-                )
-        else:
+            rng = tensor_parallel.get_cuda_rng_tracker().fork()
+        with rng:
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale * coeff
+                q, k, v, dropout_p=dropout, is_causal=True, scale=scale
             )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
 
     def _forward_thd(self, query, key, value, packed: PackedSeqParams) -> torch.Tensor:
+        """A THD batch: all sequences in one SDPA call where it fits, else one by one."""
         batch = packed_batch(packed)
+        if self._thd_in_one_call(query, key, packed):
+            return self._forward_thd_padded(query, key, value, packed, batch)
+        why = "the local spec runs this THD batch one sequence at a time"
         if batch is not None:
-            cu_q, cu_kv, pad_q, pad_kv = (
-                batch.offsets_q,
-                batch.offsets_kv,
-                batch.padded_q,
-                batch.padded_kv,
-            )
-        else:
-            cu_q, cu_kv = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_kv.tolist()
-            pad_q = _effective_cu_seqlens(packed, "q").tolist()
-            pad_kv = _effective_cu_seqlens(packed, "kv").tolist()
+            host = batch.offsets_on_host(packed, why)
+        else:  # parameters that did not pass H2 (a caller outside MLA's forward)
+            host = _read_offsets(packed, why)
+        cu_q = host["cu_seqlens_q"]
+        cu_kv = host["cu_seqlens_kv"] or cu_q
+        pad_q = host["cu_seqlens_q_padded"] or cu_q
+        pad_kv = host["cu_seqlens_kv_padded"] or cu_kv
         width = self.hidden_size_per_partition
         pieces = []
         for i in range(len(cu_q) - 1):
@@ -1477,6 +1521,54 @@ class MLADotProductAttention(DotProductAttention):
                 pieces.append(out.new_zeros(gap, width))
         return torch.cat(pieces, dim=0)
 
+    def _thd_in_one_call(self, query, key, packed: PackedSeqParams) -> bool:
+        """Whether the batch runs as one padded SDPA batch (:meth:`_forward_thd_padded`).
+
+        Causal self-attention over the same (q = kv) offsets with ``max_seqlen_q`` known, when
+        the padded batch holds at most ``_PADDED_SLOTS`` times the tokens (always inside a CUDA
+        graph capture, which cannot run sequence by sequence). All host-known sizes: no read.
+        """
+        longest = packed.max_seqlen_q
+        if (
+            longest is None
+            or packed.cu_seqlens_kv is not packed.cu_seqlens_q
+            or getattr(packed, "cu_seqlens_kv_padded", None)
+            is not getattr(packed, "cu_seqlens_q_padded", None)
+            or not self._sdpa_computes_this(query, key)
+        ):
+            return False
+        slots = (packed.cu_seqlens_q.numel() - 1) * longest
+        return slots <= _PADDED_SLOTS * query.size(0) or _capturing()
+
+    def _forward_thd_padded(
+        self, query, key, value, packed: PackedSeqParams, batch: Optional[PackedBatch]
+    ) -> torch.Tensor:
+        """All sequences of a THD batch as one ``[max_seqlen, sequences]`` causal SDPA batch.
+
+        Each sequence is gathered into its column, right-padded; a causal row of a sequence
+        sees only its own earlier tokens, so the padding (rows past a sequence, and the slots
+        between padded offsets) changes no row that is kept. Padding rows are dropped on the
+        way back (zeros where the offsets leave gaps) and get no gradient.
+        """
+        sequences = packed.cu_seqlens_q.numel() - 1
+        longest, tokens = packed.max_seqlen_q, query.size(0)
+        padded = getattr(packed, "cu_seqlens_q_padded", None)
+
+        def _layout():
+            return _padded_layout(packed.cu_seqlens_q, padded, tokens, longest)
+
+        what = ("padded-layout", tokens, longest)
+        gather, scatter, kept = (
+            _layout() if batch is None else batch.memo(what, (packed.cu_seqlens_q, padded), _layout)
+        )
+        q, k, v = (
+            x.index_select(0, gather).view(longest, sequences, *x.shape[1:])
+            for x in (query, key, value)
+        )
+        out = self._sdpa(q, k, v).view(longest * sequences, self.hidden_size_per_partition)
+        out = out.index_select(0, scatter)
+        return out if kept is None else torch.where(kept, out, 0.0)
+
     def _sequence_mask(self, n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
         """Megatron's boolean mask (True = masked) for one sequence of a THD batch."""
         causal = self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
@@ -1485,6 +1577,9 @@ class MLADotProductAttention(DotProductAttention):
         else:
             mask = torch.zeros(n_q, n_kv, device=device, dtype=torch.bool)
         return mask.view(1, 1, n_q, n_kv)
+
+
+# <<< local DotProductAttention cannot run MLA (H1) -------------------------------------------
 
 
 if HAVE_TE:
@@ -1505,9 +1600,11 @@ if HAVE_TE:
             width = value.size(-1) if value is not None else None
             if not self._mla_pad_value or value is None or width == query.size(-1):
                 return self._te_forward(query, key, value, *args, **kwargs)
-            value = F.pad(value, (0, query.size(-1) - width))
-            out = self._te_forward(query, key, value, *args, **kwargs)
-            return _trim_heads(out, query.size(-1), width)
+            padded = query.size(-1)
+            out = self._te_forward(query, key, F.pad(value, (0, padded - width)), *args, **kwargs)
+            heads = out.shape[-1] // padded
+            trimmed = out.reshape(*out.shape[:-1], heads, padded)[..., :width]
+            return trimmed.reshape(*out.shape[:-1], heads * width)
 
         def _te_forward(self, query, key, value, *args: Any, **kwargs: Any):
             try:
@@ -1515,54 +1612,28 @@ if HAVE_TE:
             except ValueError as exc:
                 if "No dot product attention backend" not in str(exc):
                     raise
+                decision = backend_decision(self.config)
+                layout = getattr(kwargs.get("packed_seq_params"), "qkv_format", None) or "sbhd"
+                shape = f"q {tuple(query.shape)} k {tuple(key.shape)} v {tuple(value.shape)}"
+                chosen = f"{decision.backend} ({decision.reason})" if decision else "unknown"
                 raise MLACompatibilityError(
-                    _no_backend_message(self.config, query, key, value, kwargs)
+                    "Transformer Engine found no attention backend for this MLA call: layout "
+                    f"{layout}, {shape}, {_BACKEND_FLAG} decided as {chosen}. The build-time "
+                    "decision holds for typical training shapes; this call's shape is outside "
+                    f"it. Try {_BACKEND_FLAG} auto, and run with NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 "
+                    "to see TE's reasons."
                 ) from exc
 
 else:
     MLATEDotProductAttention = None
 
 
-def _no_backend_message(
-    config: TransformerConfig, query, key, value, kwargs: Dict[str, Any]
-) -> str:
-    decision = backend_decision(config)
-    packed = kwargs.get("packed_seq_params")
-    layout = getattr(packed, "qkv_format", None) or "sbhd"
-    shape = f"q {tuple(query.shape)} k {tuple(key.shape)} v {tuple(value.shape)}"
-    chosen = f"{decision.backend} ({decision.reason})" if decision else "unknown"
-    return (
-        f"Transformer Engine found no attention backend for this MLA call: layout {layout}, "
-        f"{shape}, {_BACKEND_FLAG} decided as {chosen}. The build-time decision holds for "
-        f"typical training shapes; this call's shape is outside it. Try {_BACKEND_FLAG} auto, "
-        "and run with NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 to see TE's reasons."
-    )
-
-
-def _trim_heads(out: torch.Tensor, padded: int, width: int) -> torch.Tensor:
-    shape = out.shape
-    heads = shape[-1] // padded
-    return out.reshape(*shape[:-1], heads, padded)[..., :width].reshape(*shape[:-1], heads * width)
-
-
-def _spec_kind(module: Any) -> str:
-    """``"te"``, ``"local"`` or ``"other"``: which core attention a spec's class is."""
-    if not isinstance(module, type):
-        return "other"
-    if issubclass(module, DotProductAttention):
-        return "local"
-    if HAVE_TE and issubclass(module, TEDotProductAttention):
-        return "te"
-    return "other"
-
-
 def adapted_class(module: type) -> type:
     """The adapter's core-attention class for the class a layer spec names.
 
-    ``DotProductAttention`` becomes :class:`MLADotProductAttention` and
-    ``TEDotProductAttention`` :class:`MLATEDotProductAttention`: subclasses with the base's
-    parameters, so state-dict keys and ``isinstance`` checks against the base are unchanged.
-    Any other class (including a fork's own subclass) is built as the spec says.
+    ``DotProductAttention`` -> :class:`MLADotProductAttention`, ``TEDotProductAttention`` ->
+    :class:`MLATEDotProductAttention` (subclasses: state-dict keys and ``isinstance`` checks hold);
+    any other class (a fork's own included) is built as the spec says.
 
     Args:
         module: The core-attention class named by the layer spec.
@@ -1580,10 +1651,9 @@ def adapted_class(module: type) -> type:
 def core_attention_spec(attention: MultiLatentAttention, spec: Any) -> Any:
     """Hook H1: the core-attention spec MLA builds, routed through the adapter.
 
-    Sets the layer's ``softmax_scale`` to the adapter's value (Python evaluates the hook before
-    the ``softmax_scale=self.softmax_scale`` argument that follows it), resolves the backend
-    with the now-known spec, logs :func:`describe` once per process on rank 0, and returns the
-    spec with its class swapped for :func:`adapted_class`.
+    Sets the layer's ``softmax_scale`` (question 1; the hook runs before the
+    ``softmax_scale=self.softmax_scale`` argument after it), resolves the backend for the spec,
+    logs :func:`describe` once per process and swaps the spec's class for :func:`adapted_class`.
 
     Args:
         attention: The ``MultiLatentAttention`` being built.
@@ -1595,23 +1665,22 @@ def core_attention_spec(attention: MultiLatentAttention, spec: Any) -> Any:
     config = attention.config
     attention.softmax_scale = layer_metadata(config).softmax_scale
     module = getattr(spec, "module", spec)
-    resolve_attention_backend(config, _spec_kind(module))
+    if not isinstance(module, type):
+        kind = "other"
+    elif issubclass(module, DotProductAttention):
+        kind = "local"
+    else:
+        kind = "te" if HAVE_TE and issubclass(module, TEDotProductAttention) else "other"
+    resolve_attention_backend(config, kind)
     _log_once(logging.INFO, describe(config))
-    adapted = adapted_class(module) if isinstance(module, type) else module
+    adapted = adapted_class(module)
     if adapted is module:
         return spec
-    if isinstance(spec, type):
-        return adapted
-    return dataclasses.replace(spec, module=adapted)
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary
-# ---------------------------------------------------------------------------------------------
+    return adapted if isinstance(spec, type) else dataclasses.replace(spec, module=adapted)
 
 
 def describe(config: MLATransformerConfig) -> str:
-    """One line: what the adapter answered for this config.
+    """One line for the build log: what the adapter answered for this config (questions 1, 3).
 
     Args:
         config: An ``MLATransformerConfig``.
@@ -1634,18 +1703,172 @@ def describe(config: MLATransformerConfig) -> str:
     )
 
 
-def _describe_query_norm(config: MLATransformerConfig) -> str:
-    if config.q_lora_rank is not None or not config.qk_layernorm or not _has_qk_norm_resolver():
-        return ""
-    if query_norm_policy() == "upstream":
-        return f"query_norm=upstream ({QUERY_NORM_ENV}=upstream: fused RMSNorm on the query input) "
-    return "query_norm=none (DeepSeek: no query-input norm without q_lora_rank) "
+# ---------------------------------------------------------------------------------------------
+# Question 4: pipeline offsets and per-layer lists (H7, H6)
+# ---------------------------------------------------------------------------------------------
+
+# >>> until upstream: the offset of an uneven pipeline split with virtual stages (H7) --------
+# Obsolete-If: tl.layer_offset_middle_stages_guarded=true. Drop-When: the virtual-stage branch
+#     guards middle_pipeline_stages > 0 as the other branch does. Upstream: none filed (every
+#     release 0.13.0 - 0.19.2 divides by zero). The rank-1 count (contract
+#     tl.layer_offset_vpp_middle_rank=rank-1) is 0.13.x only, fixed in core_v0.14.0; the 0.13
+#     series' H7 says so with ``rank_minus_one=True``.
 
 
-@functools.lru_cache(maxsize=None)
-def _has_qk_norm_resolver() -> bool:
+def _stage_layer_counts(config: TransformerConfig) -> List[int]:
+    """Layers in one virtual chunk of each pipeline rank (same for every virtual stage)."""
+    pp = config.pipeline_model_parallel_size
+    vp = config.virtual_pipeline_model_parallel_size or 1
+    first = config.num_layers_in_first_pipeline_stage
+    last = config.num_layers_in_last_pipeline_stage
+    if first is None and last is None:
+        total = config.num_layers
+        total += int(bool(getattr(config, "account_for_embedding_in_pipeline_split", False)))
+        total += int(bool(getattr(config, "account_for_loss_in_pipeline_split", False)))
+        return [total // pp // vp] * pp
+    middle_ranks = pp - (first is not None) - (last is not None)
+    middle_layers = config.num_layers - (first or 0) - (last or 0)
+    per_middle = (middle_layers // vp) // middle_ranks if middle_ranks > 0 else 0
+    counts = [per_middle] * pp
+    if first is not None:
+        counts[0] = first // vp
+    if last is not None:
+        counts[-1] = last // vp
+    return counts
+
+
+def layer_offset(config: TransformerConfig, vp_stage: Optional[int], pp_rank: int) -> int:
+    """Global index of the first layer held by ``(pp_rank, vp_stage)``.
+
+    Chunk by chunk: virtual stage 0 of ranks 0..pp-1, then stage 1, ..., each of
+    :func:`_stage_layer_counts` layers; a virtual embedding layer takes the first slot.
+
+    Args:
+        config: The model config.
+        vp_stage: Virtual pipeline stage (``None`` without interleaving).
+        pp_rank: Pipeline rank.
+
+    Returns:
+        The offset to add to a 1-based local layer number.
+    """
+    if config.pipeline_model_parallel_size <= 1:
+        return 0
+    layout = getattr(config, "pipeline_model_parallel_layout", None)
+    if layout:
+        from megatron.core.transformer.enums import LayerType  # pylint: disable=C0415
+
+        return layout.get_layer_offset(layer_type=LayerType.decoder, vp_stage=vp_stage)
+    vp = config.virtual_pipeline_model_parallel_size
+    if vp is not None and vp_stage is None:
+        raise MLACompatibilityError("vp_stage is required when virtual pipelining is on")
+    counts = _stage_layer_counts(config)
+    stage = vp_stage or 0
+    offset = stage * sum(counts) + sum(counts[:pp_rank])
+    embedding = getattr(config, "account_for_embedding_in_pipeline_split", False)
+    if embedding and config.num_layers_in_first_pipeline_stage is None:
+        if config.num_layers_in_last_pipeline_stage is None and (stage, pp_rank) != (0, 0):
+            offset -= 1
+    return offset
+
+
+def pipeline_layer_offset(
+    config: TransformerConfig, vp_stage: Optional[int], pp_rank: int, rank_minus_one: bool = False
+) -> Optional[int]:
+    """Hook H7: the layer offset of a pipeline stage where upstream's own count fails.
+
+    Upstream's ``get_transformer_layer_offset`` asks here first, once it knows the pipeline
+    rank. The adapter answers (:func:`layer_offset`) only for MLA models whose uneven split with
+    virtual stages upstream gets wrong: no middle stage (upstream divides by zero), or middle
+    stages counted from rank 1 (``rank_minus_one``).
+
+    It answers through that function only, so a layer gets the offset once: layers whose caller
+    already counted it never ask (MTP layers, ``is_mtp_layer=True``, number themselves; hybrid
+    stacks pass ``add_layer_offset=False`` and their own ``pp_layer_offset``, 0.17+ and dev),
+    and callers that ask for a stage's offset (the block's sharded state dict, layer specs) get
+    the same answer as its layers.
+
+    Args:
+        config: The model config.
+        vp_stage: Virtual pipeline stage (``None`` without interleaving).
+        pp_rank: The pipeline rank upstream computes the offset for.
+        rank_minus_one: The hook's release counts the middle stages from ``pipeline_rank - 1``
+            when the first stage is not customized (0.13.x; its series passes ``True``).
+
+    Returns:
+        The offset to add to a 1-based local layer number, or ``None``: upstream's own count.
+    """
+    pp = config.pipeline_model_parallel_size
+    first = config.num_layers_in_first_pipeline_stage
+    last = config.num_layers_in_last_pipeline_stage
+    if (
+        not getattr(config, "multi_latent_attention", False)
+        or pp <= 1
+        or getattr(config, "pipeline_model_parallel_layout", None)
+        or config.virtual_pipeline_model_parallel_size is None
+        or (first is None and last is None)
+    ):
+        return None
+    if pp == (first is not None) + (last is not None):
+        failure = "divides by zero middle stages"
+    elif first is None and rank_minus_one:
+        failure = "counts the middle stages from rank 1"
+    else:
+        return None
+    if _decoder_start() is not None:
+        return None  # an encoder-decoder split: upstream's own count
+    ours = layer_offset(config, vp_stage, pp_rank)
+    if not _state(config).offset_logged:
+        _state(config).offset_logged = True
+        # Every pipeline rank has its own offsets: logged on each rank, not on rank 0 only.
+        logger.warning(
+            "mla-seam: layer offsets from the adapter (upstream %s); pipeline rank %d, virtual "
+            "stage %s starts at layer %d",
+            failure,
+            pp_rank,
+            vp_stage,
+            ours,
+        )
+    return ours
+
+
+def _decoder_start() -> Optional[int]:
+    """The pipeline rank where an encoder-decoder model's decoder starts (``None``: no split)."""
+    getter = getattr(parallel_state, "get_pipeline_model_parallel_decoder_start", None)
     try:
-        spec = importlib.util.find_spec("megatron.core.transformer.mla_qk_norm_config")
-    except (ImportError, ValueError):
-        return False
-    return spec is not None
+        return None if getter is None else getter()
+    except (AssertionError, RuntimeError, AttributeError):
+        return None
+
+
+# <<< the offset of an uneven pipeline split with virtual stages (H7) ------------------------
+
+
+# >>> until upstream: per-layer lists indexed off by one (H6) --------------------------------
+# Obsolete-If: tl.cp_comm_type_index=layer_number-1. Drop-When: the line indexes with
+#     self.layer_number - 1. Upstream: none filed (fixed in core_v0.17.0).
+
+
+def per_layer_value(values: Any, layer_number: int) -> Any:
+    """Hook H6: the entry of a per-layer setting (e.g. ``cp_comm_type``) for a layer.
+
+    Args:
+        values: One value for all layers, or a list with one entry per layer.
+        layer_number: Megatron's 1-based global layer number.
+
+    Returns:
+        The value for that layer.
+
+    Raises:
+        MLACompatibilityError: The list does not cover the layer.
+    """
+    if not isinstance(values, (list, tuple)):
+        return values
+    if not 1 <= layer_number <= len(values):
+        raise MLACompatibilityError(
+            f"per-layer list has {len(values)} entries but layer {layer_number} (1-based) was "
+            "asked for; give one entry per layer (--num-layers)."
+        )
+    return values[layer_number - 1]
+
+
+# <<< per-layer lists indexed off by one (H6) ------------------------------------------------
