@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -392,39 +391,6 @@ def _patch0(ctx: Ctx) -> Path:
     return sorted(ctx.line().glob("0001-*.patch"))[0]
 
 
-def _rewrite_archive(ctx: Ctx, members: Dict[str, bytes]) -> None:
-    """Replace the pre-image archive and record its new sha256 (so only its content is bad)."""
-    from mla_seam import preimages  # pylint: disable=import-outside-toplevel
-
-    line = ctx.line()
-    data = preimages.pack(members)
-    (line / preimages.FILE_NAME).write_bytes(data)
-    manifest = json.loads((line / "manifest.json").read_text())
-    import hashlib  # pylint: disable=import-outside-toplevel
-
-    manifest["pre_images"]["sha256"] = hashlib.sha256(data).hexdigest()
-    (line / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def _archive_members(ctx: Ctx) -> Dict[str, bytes]:
-    with tarfile.open(ctx.line() / "pre-images.tar.xz") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore
-
-
-def _swap_member(ctx: Ctx) -> None:
-    members = _archive_members(ctx)
-    names = sorted(members)
-    members[names[0]], members[names[1]] = members[names[1]], members[names[0]]
-    _rewrite_archive(ctx, members)
-
-
-def _drop_member(ctx: Ctx) -> None:
-    members = _archive_members(ctx)
-    blob = json.loads((ctx.line() / "manifest.json").read_text())["files"][MLA][0]["pre"]
-    del members[blob]
-    _rewrite_archive(ctx, members)
-
-
 BUNDLE_MANIFEST: List[Tuple[str, Callable[[dict], None], int, str]] = [
     ("schema-7", lambda m: m.update(schema=7), 8, "schema 7"),
     ("line-number", lambda m: m.update(line=5), 8, "manifest needs 'line'"),
@@ -438,20 +404,14 @@ BUNDLE_MANIFEST: List[Tuple[str, Callable[[dict], None], int, str]] = [
      "bad patch file name"),
     ("patch-files-empty", lambda m: m["patches"][0].update(files=[]), 8, "the manifest says"),
     ("files-empty", lambda m: m.update(files={}), 8, "manifest 'files' lists"),
-    ("files-image-bad-pre", lambda m: m["files"][MLA][0].update(pre="zz"), 20,
-     "lacks the pre-images zz"),
+    ("files-image-bad-pre", lambda m: m["files"][MLA][0].update(pre="zz"), 8,
+     "malformed image entry"),
     ("files-path-escapes", lambda m: m["files"].update({"../x.py": m["files"].pop(MLA)}), 8,
      "manifest 'files' lists"),
     ("overlay-not-hex", lambda m: m.update(overlay={ADAPTER: "nothex"}), 20,
      "from different mla-seam versions"),
     ("overlay-escapes", lambda m: m.update(overlay={"../adapter.py": "a" * 40}), 20,
      "from different mla-seam versions"),
-    ("pre-images-wrong-name", lambda m: m["pre_images"].update(file="other.tar"), 20,
-     "malformed"),
-    ("pre-images-sha256-wrong", lambda m: m["pre_images"].update(sha256="0" * 64), 20,
-     "has sha256"),
-    ("pre-images-blobs-empty", lambda m: m["pre_images"].update(blobs=[]), 20, "lacks"),
-    ("pre-images-string", lambda m: m.update(pre_images="x"), 20, "malformed"),
 ]  # fmt: skip
 
 
@@ -475,14 +435,6 @@ def bundle_rows() -> List[Row]:
          "not valid JSON", "pristine", ()),
         ("manifest-missing", lambda c: (c.line() / "manifest.json").unlink(), 8,
          "manifest.json is missing", "pristine", ()),
-        ("archive-truncated", lambda c: (c.line() / "pre-images.tar.xz").write_bytes(b"xz"),
-         20, "has sha256", "pristine", ()),
-        ("archive-missing", lambda c: (c.line() / "pre-images.tar.xz").unlink(), 20,
-         "cannot be read", "pristine", ()),
-        ("archive-garbage-with-its-sha256", _garbage_archive, 8, "cannot be unpacked", "fork",
-         ("--3way",)),
-        ("archive-members-swapped", _swap_member, 8, "does not hash to its name", "fork",
-         ("--3way",)),
         ("overlay-edited", lambda c: (c.bundle() / "overlay" / ADAPTER).write_bytes(b"# x\n"),
          20, "does not match", "pristine", ()),
         ("overlay-missing", lambda c: (c.bundle() / "overlay" / ADAPTER).unlink(), 20,
@@ -497,26 +449,7 @@ def bundle_rows() -> List[Row]:
         Row(f"bundle-{name}", "bundle", start, _bundle_file(action, *args), code, message)
         for name, action, code, message, start, args in files
     ]
-    # The archive lacks a member but its sha256 was made to match: the tree's own history has
-    # the blob, so --3way still has its merge base (and says so by working).
-    rows.append(Row("bundle-archive-member-missing-history-has-it", "bundle", "fork",
-                    _bundle_file(_drop_member, "--3way"), 0, "merged 3-way",
-                    works=("fork", "apply", "worktree")))  # fmt: skip
     return rows
-
-
-def _garbage_archive(ctx: Ctx) -> None:
-    (ctx.line() / "pre-images.tar.xz").write_bytes(b"garbage")
-    _fix_sha(ctx)
-
-
-def _fix_sha(ctx: Ctx) -> None:
-    import hashlib  # pylint: disable=import-outside-toplevel
-
-    manifest = json.loads((ctx.line() / "manifest.json").read_text())
-    data = (ctx.line() / "pre-images.tar.xz").read_bytes()
-    manifest["pre_images"]["sha256"] = hashlib.sha256(data).hexdigest()
-    (ctx.line() / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 # --- arguments -----------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import integrity
 import pytest
 import test_series
-from mla_seam.errors import STATUS_EXIT_CODES, PreimageMismatchError
+from mla_seam import upstream
+from mla_seam.errors import (
+    STATUS_EXIT_CODES,
+    PreimageMismatchError,
+    PreimageUnavailableError,
+    UpstreamError,
+)
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.series import load_series
 from test_series import LM, MLA, REPO_ROOT, TC, commit, snapshot, tree_hash
@@ -26,14 +32,18 @@ RELEASE = "0.19.2"
 LINE = "core_v0.19"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, extra: Optional[Dict[str, Optional[str]]] = None
+) -> subprocess.CompletedProcess:
     """``mla-seam apply ARGS`` as a forked child of this process (integrity.run: the CLI's main,
-    without an interpreter start); the environment of a user: no MLA_SEAM_ROOT, own identity."""
+    without an interpreter start); the environment of a user: no MLA_SEAM_ROOT, own identity
+    (``extra``: more variables, ``None`` unsets one)."""
     env: Dict[str, Optional[str]] = {
         "MLA_SEAM_ROOT": None,
         "MLA_SEAM_CRASH_AT": None,
         "GIT_COMMITTER_NAME": "Fork Owner",
         "GIT_COMMITTER_EMAIL": "owner@fork.example",
+        **(extra or {}),
     }
     done = integrity.run(["apply", *args], env)
     assert not done.traceback, done.err
@@ -288,8 +298,8 @@ def test_commit_mode_three_way_records_the_merge(fork_template: Path, tmp_path: 
 def test_three_way_needs_no_release_blobs_in_the_repository(
     history: str, fork_template: Path, tmp_path: Path
 ) -> None:
-    """--3way takes its merge base from the bundle: a fork whose history lacks the release's
-    blobs (a repository started from the fork's files, a --depth 1 clone of the fork)."""
+    """--3way needs no release blobs in the fork's history (a repository started from the fork's
+    files, a --depth 1 clone of the fork): the merge base comes from mla-seam's cache."""
     fork = _fork(fork_template, tmp_path / "fork", reword)
     tree = tmp_path / "tree"
     if history == "shallow-clone":
@@ -308,6 +318,71 @@ def test_three_way_needs_no_release_blobs_in_the_repository(
     assert "merged 3-way without conflicts" in done.stdout
     assert b"mla_adapter.core_attention_spec" in (tree / MLA).read_bytes()
     assert _cli("--revert", str(tree)).returncode == 0
+    assert snapshot(tree) == before
+
+
+def _historyless_fork(fork_template: Path, tmp_path: Path) -> Path:
+    """The ``reword`` fork's files in a repository of their own (no release blob in history)."""
+    fork = _fork(fork_template, tmp_path / "fork", reword)
+    tree = tmp_path / "tree"
+    shutil.copytree(fork, tree, ignore=shutil.ignore_patterns(".git"))
+    _git(tree, "init", "-q")
+    commit(tree, "the fork, imported without its history")
+    return tree
+
+
+def _cache_with(tmp_path: Path, sdist: Optional[bytes]) -> Dict[str, Optional[str]]:
+    """A cache folder holding only ``megatron_core-RELEASE.tar.gz`` (or nothing), offline."""
+    cache = tmp_path / "cache"
+    (cache / "sdists").mkdir(parents=True)
+    if sdist is not None:
+        (cache / "sdists" / f"megatron_core-{RELEASE}.tar.gz").write_bytes(sdist)
+    return {"MLA_SEAM_CACHE": str(cache), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": None}
+
+
+def _sdist_bytes() -> bytes:
+    return upstream.fetch_sdist(RELEASE).read_bytes()  # the session's cache (verified)
+
+
+def test_three_way_takes_the_release_files_from_the_sdist(
+    fork_template: Path, tmp_path: Path
+) -> None:
+    """Nothing in the repository, no release checkout cached, offline: the cached PyPI sdist
+    (sha256-verified) gives the merge base, each file checked against its blob id."""
+    tree = _historyless_fork(fork_template, tmp_path)
+    extra = _cache_with(tmp_path, _sdist_bytes())
+    before = snapshot(tree)
+    done = _cli("--3way", str(tree), extra=extra)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "merged 3-way without conflicts" in done.stdout
+    assert not (tmp_path / "cache" / "checkouts").exists()  # the sdist was read, not unpacked
+    assert _cli("--revert", str(tree), extra=extra).returncode == 0
+    assert snapshot(tree) == before
+
+
+def test_three_way_offline_without_the_sdist_says_how_to_get_it(
+    fork_template: Path, tmp_path: Path
+) -> None:
+    tree = _historyless_fork(fork_template, tmp_path)
+    before = snapshot(tree)
+    for flags in (["--check", "--3way"], ["--3way"], ["--commit", "--3way"]):
+        done = _cli(*flags, str(tree), extra=_cache_with(tmp_path / "-".join(flags), None))
+        assert done.returncode == PreimageUnavailableError.exit_code, done.stdout + done.stderr
+        assert f"mla-seam upstream get {RELEASE}" in done.stderr and "MLA_SEAM_CACHE" in (
+            done.stderr
+        ), done.stderr
+        assert MLA in done.stderr and snapshot(tree) == before
+
+
+def test_a_tampered_sdist_is_never_read(fork_template: Path, tmp_path: Path) -> None:
+    """An sdist in the cache that is not PyPI's bytes is refused (delete it, run again)."""
+    tree = _historyless_fork(fork_template, tmp_path)
+    data = bytearray(_sdist_bytes())
+    data[-100] ^= 0xFF
+    before = snapshot(tree)
+    done = _cli("--3way", str(tree), extra=_cache_with(tmp_path, bytes(data)))
+    assert done.returncode == UpstreamError.exit_code, done.stdout + done.stderr
+    assert "has sha256" in done.stderr and "delete" in done.stderr
     assert snapshot(tree) == before
 
 

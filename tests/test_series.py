@@ -24,6 +24,8 @@ from mla_seam.errors import SeriesCorruptError, UnsafePathError, UnsupportedVers
 from mla_seam.export import write_series
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.series import (
+    MANIFEST_NAME,
+    SERIES_NAME,
     find_series,
     load_series,
     patch_files,
@@ -492,20 +494,36 @@ def test_real_series_load(line: str) -> None:
     assert blobs == dict(series.overlay), "overlay/ and the manifest disagree: re-export the line"
 
 
+@pytest.mark.parametrize("line", REAL_LINES)
+def test_real_series_ship_no_upstream_file(line: str) -> None:
+    """A line folder holds our own files only (series, manifest, patches): the release files
+    a series was made for are named by blob id, never copied into the bundle."""
+    folder = REPO_ROOT / "patches" / line
+    names = sorted(p.name for p in folder.iterdir())
+    assert [n for n in names if n not in (SERIES_NAME, MANIFEST_NAME)] == sorted(
+        p.name for p in load_series(folder).patches
+    )
+    assert "pre_images" not in json.loads((folder / MANIFEST_NAME).read_bytes())
+
+
 @pytest.mark.parametrize("line", [n for n in REAL_LINES if n not in releases.MOVING_TARGETS])
-def test_real_series_carry_every_pre_image(line: str) -> None:
-    """Each shipped release line (main and dev were exported before the archive existed) holds the bytes of every pre-image its manifest records, each member
-    its own blob id, in an archive that re-packs to the same bytes (byte-stable exports)."""
+def test_real_series_pre_images_come_from_the_sdists(line: str) -> None:
+    """Every pre-image a release line's manifest records is in the PyPI sdist of a release it
+    lists (sha256-verified sdist, each file checked against its blob id): ``--3way`` and a
+    rebuilt revert have them on any clone, and main and dev take theirs from the user's clone."""
     series = load_series(REPO_ROOT / "patches" / line)
-    assert series.pre_images is not None, f"{line} has no {preimages.FILE_NAME}"
-    pres = sorted({img.pre for imgs in series.files.values() for img in imgs})
-    found = preimages.read(series.pre_images, series.pre_images_sha256, pres)
-    assert sorted(found) == pres
-    assert preimages.pack(found) == series.pre_images.read_bytes()
-
-
-def test_synthetic_export_writes_its_pre_images(bundle: Path) -> None:
-    series = load_series(bundle / "patches" / "core_v0.16")
     pres = {img.pre for imgs in series.files.values() for img in imgs}
-    assert series.pre_images is not None and len(pres) == 4  # MLA differs at the variant release
-    assert set(preimages.read(series.pre_images, series.pre_images_sha256, sorted(pres))) == pres
+    found, problems = preimages.from_sdists(series, pres, download=True)
+    assert not problems and sorted(found) == sorted(pres), problems
+    assert all(gitlayer.blob_id(data) == blob for blob, data in found.items())
+
+
+def test_synthetic_export_records_pre_images_by_blob_only(bundle: Path) -> None:
+    folder = bundle / "patches" / "core_v0.16"
+    series = load_series(folder)
+    pres = {img.pre for imgs in series.files.values() for img in imgs}
+    assert len(pres) == 4  # MLA differs at the variant release
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".patch")) == [
+        MANIFEST_NAME,
+        SERIES_NAME,
+    ]

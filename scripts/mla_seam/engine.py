@@ -138,7 +138,7 @@ def _damaged_copy(a: Assessment, rel: str, blob: str, where: str, got: str) -> I
         f"{_short(got)}, not the recorded {_short(blob)} (changed after apply); nothing was "
         "written",
         f"delete the damaged copy (rm {where}) and run the command again: mla-seam then rebuilds "
-        f"{rel} from the series run backwards, git's objects or the bundled release files, "
+        f"{rel} from the series run backwards, git's objects or the release's sdist, "
         f"checked against the same blob id; or restore it by hand: {by_hand}",
     )
 
@@ -153,11 +153,12 @@ def _verified(a: Assessment, rel: str, blob: str, data: bytes) -> bool:
 def restore_pristine(a: Assessment, folder: StateFolder, need: Dict[str, str]) -> Dict[str, bytes]:
     """Work-tree bytes of each file in ``need`` (``rel -> pristine blob``), every one verified
     against its blob id: the state folder's store, the series run backwards, the tree's git
-    objects, the bundled pre-images, or a cached release.
+    objects, a cached release checkout, or the release's sdist (:mod:`mla_seam.preimages`).
 
     Raises:
         IntegrityError: a stored copy is not its blob (nothing falls back silently).
-        StateCorruptError: no source has a file's pristine bytes.
+        PreimageUnavailableError: release files no source has (the hint says how to get them).
+        StateCorruptError: no source has a file's pristine bytes (a fork's own bytes).
     """
     found: Dict[str, bytes] = {}
     for rel, blob in need.items():
@@ -173,38 +174,24 @@ def restore_pristine(a: Assessment, folder: StateFolder, need: Dict[str, str]) -
         sources = {rel: a.view.canonical(rel) for rel in a.series.touched}
         canonical.update(forks.reverse_series(a.series, sources, left))
     left = {rel: blob for rel, blob in left.items() if rel not in canonical}
+    problems: List[str] = []
     if left:
-        by_blob = preimages.from_repos([a.tree.repo] if a.tree.is_git else [], left.values())
-        with _no_archive_error(a.series):
-            by_blob.update(preimages.bundled(a.series, set(left.values()) - set(by_blob)))
-        by_blob.update(preimages.from_repos(forks.cached_release_repos(),
-                                            set(left.values()) - set(by_blob)))  # fmt: skip
+        repos = ([a.tree.repo] if a.tree.is_git else []) + forks.cached_release_repos()
+        by_blob, problems = preimages.obtain(a.series, left.values(), repos, download=True)
         canonical.update({rel: by_blob[blob] for rel, blob in left.items() if blob in by_blob})
     left = {rel: blob for rel, blob in left.items() if rel not in canonical}
+    pres = {img.pre for imgs in a.series.files.values() for img in imgs}
+    if left and set(left.values()) <= pres:
+        raise preimages.unavailable(a.series, left, "rebuilding the files as they were", problems)
     if left:
         raise StateCorruptError(
             "cannot find the bytes these files had before mla-seam patched them: "
             + "; ".join(f"{rel} (blob {_short(blob)})" for rel, blob in sorted(left.items())),
-            f"cache the release they came from (`mla-seam upstream get {a.tree.version}`) and run "
-            "again, or restore the files from your own copy of the release",
+            "restore the files from your own copy (`git checkout COMMIT -- FILE` with the commit "
+            "that has them)",
         )
     found.update({rel: a.view.checkout(rel, data) for rel, data in canonical.items()})
     return found
-
-
-class _no_archive_error:  # pylint: disable=invalid-name
-    """A damaged archive is the bundle's problem: report it as such."""
-
-    def __init__(self, series: Series) -> None:
-        self.series = series
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        if isinstance(exc, preimages.PreimageError):
-            raise SeriesCorruptError(f"{self.series.name}: {exc}", "reinstall mla-seam") from None
-        return False
 
 
 # --- apply ---------------------------------------------------------------------------------
@@ -259,10 +246,8 @@ def _refusal(
             "port the hook by hand on the fork (the patches are in the series folder)",
         )
     pres = {rel: a.series.files[rel][0].pre for rel in a.series.touched}
-    with _no_archive_error(a.series):
-        found = preimages.bundled(a.series, set(pres.values()))
-    found.update(preimages.from_repos([a.tree.repo] if a.tree.is_git else [],
-                                      set(pres.values()) - set(found)))  # fmt: skip
+    repos = ([a.tree.repo] if a.tree.is_git else []) + forks.cached_release_repos()
+    found, _ = preimages.obtain(a.series, pres.values(), repos, download=False)  # cached only
     release = {rel: found.get(blob) for rel, blob in pres.items()}
     conflicts = [c for s in failed for c in s.conflicts]
     return forks.conflict_error(

@@ -149,8 +149,8 @@ class SystemFailureError(SeamError):
 
 
 class IntegrityError(SeamError):
-    """Bytes to be written back fail verification (a stored pristine copy, a backup or a bundled
-    pre-image is not the recorded blob); nothing was written.
+    """Bytes to be written back fail verification (a stored pristine copy or a backup is not the
+    recorded blob); nothing was written.
 
     The message names the tree file and the damaged copy; the hint says how to get the file back
     (delete the copy and run again, ``git checkout``, or the fork commit that has the blob)."""
@@ -173,6 +173,17 @@ class HeadMovedError(SeamError):
     was going, and when ``--revert --commit`` finds the series' commits outside HEAD's history."""
 
     exit_code = 29
+
+
+class PreimageUnavailableError(SeamError):
+    """The release files a 3-way merge or a restore needs are nowhere to be had: not in the
+    tree's repository, no megatron-core sdist cached or downloadable, or a moving target's commit
+    not fetched; nothing was written.
+
+    The message names the files and blobs; the hint says which commit to fetch (``main``,
+    ``dev``) or how to get the sdist onto a machine without network access."""
+
+    exit_code = 30
 
 
 class InterruptedRunError(SeamError):

@@ -2,10 +2,10 @@
 
 :func:`write_series` exports ``base..head`` of a repository into a validated line folder
 (format-patch files, ``series``, ``manifest.json`` with the pre-images of every release of the
-line, and the archive holding those pre-images' bytes); :func:`export_line` does it for a survey
-workspace, :func:`export_target` for a moving target (``main``, ``dev``: one release, the commit
-it was made from); :func:`install_line` moves it into ``patches/`` in one rename, so ``patches/``
-holds the old line folder or the whole new one, never a mix. Exports are byte-stable: the same
+line, by blob id); :func:`export_line` does it for a survey workspace, :func:`export_target` for
+a moving target (``main``, ``dev``: one release, the commit it was made from); :func:`install_line`
+moves it into ``patches/`` in one rename, so ``patches/`` holds the old line folder or the whole
+new one, never a mix. Exports are byte-stable: the same
 commits give the same bytes, so a patch whose applied result did not change keeps its bytes.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import git
-from mla_seam import gitlayer, paths, preimages, releases, upstream
+from mla_seam import gitlayer, paths, releases, upstream
 from mla_seam.errors import SeriesCorruptError
 from mla_seam.series import (
     MANIFEST_NAME,
@@ -240,8 +240,9 @@ def write_series(
     """Export ``base_ref..head_ref`` as the release line in ``out_dir``; return it validated.
 
     Old ``.patch`` files in ``out_dir`` are replaced. The output is byte-stable: the same
-    commits give the same bytes (pinned format-patch flags, sorted-key JSON, a deterministic
-    pre-image archive holding every release's pre-images, :mod:`mla_seam.preimages`).
+    commits give the same bytes (pinned format-patch flags, sorted-key JSON). No upstream file
+    is written: the manifest names each release's pre-images by blob id, and
+    :mod:`mla_seam.preimages` obtains them when they are needed.
 
     Args:
         repo: repository holding both refs.
@@ -275,14 +276,6 @@ def write_series(
             PatchEntry(path.name, path, hashlib.sha256(data).hexdigest(), tuple(sorted(touched)))
         )
     files = _image_table(repo, base_ref, head_ref, releases, patches, extra_bases or {})
-    pres = sorted({img["pre"] for images in files.values() for img in images})
-    found = preimages.from_repos([repo], pres)
-    missing = [blob for blob in pres if blob not in found]
-    if missing:
-        raise SeriesCorruptError(
-            f"the repository lacks the pre-image blobs {', '.join(missing)}",
-            "export from a checkout that holds every release of the line",
-        )
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "line": line,
@@ -291,7 +284,6 @@ def write_series(
         "overlay": _overlay_blobs(overlay_files),
         "patches": [{"name": p.name, "sha256": p.sha256, "files": list(p.files)} for p in patches],
         "files": files,
-        preimages.MANIFEST_KEY: preimages.write(out, found),
     }
     (out / SERIES_NAME).write_bytes("".join(p.name + "\n" for p in patches).encode())
     (out / MANIFEST_NAME).write_bytes(json_bytes(manifest))

@@ -8,10 +8,11 @@ Every patch is one :class:`Step`, tried in this order:
    picked by hand) is left out, ``already in the fork: commit X``; the rest applies strictly. A
    patch whose every hunk is there changes nothing;
 3. with ``--3way``: each file of the patch merged (``git merge-file``) from the fork's bytes,
-   the release's file before the patch (the base) and after it. The base comes from the
-   recorded pre-image closest to the fork, carried in the bundle (:mod:`mla_seam.preimages`),
-   so any clone depth, any tag of the line and plain folders work alike; a merge with
-   conflicts fails the step, and nothing is kept;
+   the release's file before the patch (the base) and after it. The base is the recorded
+   pre-image closest to the fork, from the tree's repository or the release's sdist
+   (:mod:`mla_seam.preimages`, every byte checked against its blob id), so any clone depth, any
+   tag of the line and plain folders work alike; a merge with conflicts fails the step, and
+   nothing is kept;
 4. otherwise the step fails, naming the hunks whose context the fork changed.
 
 Files are handled in "patch form": their committed form with uniform CRLF line endings turned
@@ -29,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import git
 from mla_seam import forks, gitlayer, preimages
-from mla_seam.errors import PreimageMismatchError, SeriesCorruptError
+from mla_seam.errors import SeriesCorruptError
 from mla_seam.record import InFork
 from mla_seam.series import Offset, PatchEntry, Series, _parse_offsets
 
@@ -108,21 +109,9 @@ class _Bases:
 
     def _start(self) -> None:
         choices = {rel: [img.pre for img in self.series.files[rel]] for rel in self.sources}
-        wanted = {blob for blobs in choices.values() for blob in blobs}
-        try:
-            found = preimages.bundled(self.series, wanted)
-        except preimages.PreimageError as exc:
-            raise SeriesCorruptError(f"{self.series.name}: {exc}", "reinstall mla-seam") from None
-        found.update(preimages.from_repos(self.repos, wanted - set(found)))
+        found = preimages.need(self.series, choices, self.repos, "--3way")
         for rel, blobs in choices.items():
             have = [b for b in blobs if b in found]
-            if not have:
-                raise PreimageMismatchError(
-                    f"--3way needs the release's {rel} (blob {blobs[0][:12]}): this bundle "
-                    "carries no pre-image archive and the tree's repository lacks the blob",
-                    "install an mla-seam whose bundle has pre-images.tar.xz, or fetch the "
-                    "release's tag into the repository",
-                )
             lines = collections.Counter(self.sources[rel].split(b"\n"))
             best = min(
                 have,
@@ -178,7 +167,8 @@ def run(
     """Every patch of ``series`` on ``sources`` (patch form), in order; see the module doc.
 
     ``repo`` is the tree's repository (names the fork commits of hunks already there);
-    ``repos`` are searched for pre-images the bundle lacks (older bundles). Without ``stages``
+    ``repos`` (the tree's own first) are searched for ``--3way``'s pre-images before the
+    releases' sdists (:func:`mla_seam.preimages.need`). Without ``stages``
     (nobody needs the files after each patch) a series that applies exactly as a whole is
     applied in one ``git apply``.
     """

@@ -106,18 +106,17 @@ def gpu_tests_dir() -> Path:
 
 def check_bundle() -> Path:
     """The bundle root, checked before anything else happens: every line folder's manifest
-    names the overlay files the bundle carries, with their blob ids, and its pre-image archive
-    (:mod:`mla_seam.preimages`) has the sha256 the manifest records and covers every pre-image.
+    names the overlay files the bundle carries, with their blob ids.
 
-    Cheap (manifests read as JSON, one hash of the overlay files, one sha256 per archive); the
-    full validation of a series happens when it is loaded.
+    Cheap (manifests read as JSON, one hash of the overlay files); the full validation of a
+    series happens when it is loaded.
 
     Raises:
         BundleError: missing bundle, no line folders, overlay files that differ from what the
             manifests recorded (the adapter and the series come from different mla-seam
-            versions), or a damaged pre-image archive.
+            versions).
     """
-    from mla_seam import gitlayer, preimages  # pylint: disable=import-outside-toplevel
+    from mla_seam import gitlayer  # pylint: disable=import-outside-toplevel
 
     root = bundle_root()
     wanted: Dict[str, Dict[str, str]] = {}  # overlay file -> line -> the blob its manifest says
@@ -136,7 +135,6 @@ def check_bundle() -> Path:
             for rel, blob in overlay.items():
                 if isinstance(blob, str):
                     wanted.setdefault(rel, {})[line.name] = blob
-        _check_pre_images(line, manifest, preimages)
     rels = sorted(wanted)
     blobs = gitlayer.hash_blobs(root / "overlay", [r for r in rels if "/../" not in f"/{r}/"])
     bad = [rel for rel in rels if any(blobs.get(rel) != b for b in wanted[rel].values())]
@@ -151,27 +149,6 @@ def check_bundle() -> Path:
             "`mla-seam rebase --write --refresh-overlay` or restore overlay/ from git",
         )
     return root
-
-
-def _check_pre_images(line: Path, manifest: dict, preimages: object) -> None:
-    entry = manifest.get("pre_images")
-    if entry is None:
-        return  # an older line without an archive: --3way falls back to the tree's objects
-    files = manifest.get("files")
-    pres = [
-        img.get("pre")
-        for imgs in (files.values() if isinstance(files, dict) else [])
-        for img in (imgs if isinstance(imgs, list) else [])
-        if isinstance(img, dict)
-    ]
-    try:
-        preimages.check_entry(line, entry, [p for p in pres if isinstance(p, str)])  # type: ignore
-    except preimages.PreimageError as exc:  # type: ignore[attr-defined]
-        raise BundleError(
-            f"{line}: {exc}: mla-seam's bundle is damaged",
-            "reinstall mla-seam; in a repository, restore patches/ from git (git checkout -- "
-            "patches) or re-export the line with `mla-seam rebase --write`",
-        ) from None
 
 
 def cache_dir() -> Path:

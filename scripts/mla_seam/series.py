@@ -1,11 +1,11 @@
 """The patch series data model: load and validate a release line's folder, find one, write one.
 
 A release line lives in ``patches/<line>/`` (format: ``patches/README.md``): a ``series`` file
-giving the order, ``manifest.json`` (schema 1), the ``.patch`` files and the pre-image archive
-(:mod:`mla_seam.preimages`). :func:`load_series` refuses anything that does not match the
-manifest exactly (hashes, order, touched files, safe paths), so that apply can trust what it
-reads; :meth:`Series.apply_in` runs the patches on a scratch folder. Writing a line:
-:func:`mla_seam.export.write_series`.
+giving the order, ``manifest.json`` (schema 1) and the ``.patch`` files; the release files a
+series was made for are named by blob id only (obtained on demand: :mod:`mla_seam.preimages`).
+:func:`load_series` refuses anything that does not match the manifest exactly (hashes, order,
+touched files, safe paths), so that apply can trust what it reads; :meth:`Series.apply_in` runs
+the patches on a scratch folder. Writing a line: :func:`mla_seam.export.write_series`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import git
-from mla_seam import gitlayer, paths, preimages
+from mla_seam import gitlayer, paths
 from mla_seam.errors import (
     PatchFailedError,
     SeriesCorruptError,
@@ -108,8 +108,6 @@ class Series:
     patches: Tuple[PatchEntry, ...]
     files: Mapping[str, Tuple[FileImage, ...]]
     sha256: str
-    pre_images: Optional[Path] = None  # the bundled pre-image archive (preimages.FILE_NAME)
-    pre_images_sha256: str = ""
 
     @property
     def touched(self) -> List[str]:
@@ -527,7 +525,6 @@ def load_series(line_dir: os.PathLike) -> Series:
     patches = _load_patches(line_dir, manifest)
     files = _load_files(line_dir, manifest, releases, patches)
     overlay = _load_overlay(line_dir, manifest, files)
-    pre_images, pre_sha = _load_pre_images(line_dir, manifest, files)
     return Series(
         name=line_dir.name,
         line_dir=line_dir,
@@ -538,24 +535,7 @@ def load_series(line_dir: os.PathLike) -> Series:
         patches=patches,
         files=files,
         sha256=hashlib.sha256(data).hexdigest(),
-        pre_images=pre_images,
-        pre_images_sha256=pre_sha,
     )
-
-
-def _load_pre_images(
-    line_dir: Path, manifest: dict, files: Mapping[str, Tuple[FileImage, ...]]
-) -> Tuple[Optional[Path], str]:
-    """The line's pre-image archive, checked against its manifest entry (optional entry)."""
-    entry = manifest.get(preimages.MANIFEST_KEY)
-    if entry is None:
-        return None, ""
-    wanted = {img.pre for imgs in files.values() for img in imgs}
-    try:
-        path = preimages.check_entry(line_dir, entry, wanted)
-    except preimages.PreimageError as exc:
-        raise _corrupt(line_dir, str(exc)) from None
-    return path, entry["sha256"]
 
 
 # --- finding -------------------------------------------------------------------------------
