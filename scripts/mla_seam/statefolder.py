@@ -38,6 +38,9 @@ A write that fails before the commit point (disk full, a name too long) is rolle
 in the same process, before the error is reported; when even that fails, the journal stays for
 the next run. A failure after it (HEAD could not move) leaves the journal, and the next run
 finishes the transaction.
+
+One module on purpose (~620 lines, 40 of them this protocol): the commit steps and their recovery
+are two halves of one crash-point list, and the kill trials (tests/integrity.py) hold them together.
 """
 
 from __future__ import annotations
