@@ -29,6 +29,7 @@ from typing import Dict, Iterable, List, Mapping, Sequence, Set, Tuple
 import git
 from mla_seam import gitlayer, paths, releases
 from mla_seam.errors import PreimageUnavailableError, UpstreamError
+from mla_seam.series import Series
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ def from_repos(repos: Sequence[git.Repo], wanted: Iterable[str]) -> Dict[str, by
     return found
 
 
-def _by_release(series: object, wanted: Set[str]) -> Dict[str, Dict[str, str]]:
+def _by_release(series: Series, wanted: Set[str]) -> Dict[str, Dict[str, str]]:
     """``release -> {blob: tree path}``: where each wanted pre-image lies in which release
     (releases of the manifest that have an sdist; a moving target's snapshot has none)."""
     result: Dict[str, Dict[str, str]] = {}
-    for rel, images in getattr(series, "files", {}).items():
+    for rel, images in series.files.items():
         for img in images:
             if img.pre not in wanted:
                 continue
@@ -85,7 +86,7 @@ def _read_members(sdist: Path, wanted: Mapping[str, str]) -> Dict[str, bytes]:
 
 
 def from_sdists(
-    series: object, wanted: Iterable[str], *, download: bool
+    series: Series, wanted: Iterable[str], *, download: bool
 ) -> Tuple[Dict[str, bytes], List[str]]:
     """The wanted pre-images from the sdists of the releases that have them (cached sdists
     first; with ``download``, then from the package index), each verified against its blob id;
@@ -116,7 +117,7 @@ def from_sdists(
 
 
 def obtain(
-    series: object, wanted: Iterable[str], repos: Sequence[git.Repo], *, download: bool
+    series: Series, wanted: Iterable[str], repos: Sequence[git.Repo], *, download: bool
 ) -> Tuple[Dict[str, bytes], List[str]]:
     """``blob id -> bytes`` of the wanted pre-images (see the module docstring for the order),
     every one verified; and the reasons an sdist could not be had."""
@@ -130,13 +131,13 @@ def obtain(
 
 
 def unavailable(
-    series: object, missing: Mapping[str, str], what: str, problems: Sequence[str] = ()
+    series: Series, missing: Mapping[str, str], what: str, problems: Sequence[str] = ()
 ) -> PreimageUnavailableError:
     """The error for pre-images (``tree path -> blob``) that no source had: which commit to
     fetch for a moving target, the sdist to get (or where to put it) for a release line."""
-    name = getattr(series, "name", "the series")
+    name = series.name
     files = "; ".join(f"{rel} (blob {blob[:12]})" for rel, blob in sorted(missing.items()))
-    upstream_record: Mapping[str, object] = getattr(series, "upstream", {}) or {}
+    upstream_record = series.upstream
     if name in releases.MOVING_TARGETS:
         commit = str(upstream_record.get("commit") or "")
         return PreimageUnavailableError(
@@ -160,7 +161,7 @@ def unavailable(
 
 
 def need(
-    series: object, wanted: Mapping[str, Sequence[str]], repos: Sequence[git.Repo], what: str
+    series: Series, wanted: Mapping[str, Sequence[str]], repos: Sequence[git.Repo], what: str
 ) -> Dict[str, bytes]:
     """For each tree path, at least one of its candidate pre-images (``rel -> blobs``), fetched
     as :func:`obtain` does (downloading an sdist when needed); ``blob -> bytes``, verified.
