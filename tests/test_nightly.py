@@ -2,11 +2,15 @@
 
 Decisions are checked on literal inputs (the discovery JSON, drift report entries); the job
 runs end to end with real git and no GitHub: a local bare "upstream" (``test_partial_clones``:
-a new release tag moving three hooks, one offset, one clean 3-way, one conflict, and ``main``
-after it), a blobless clone of it, and a local bare "origin" of this project. Night one pushes
-the proposal branch, writes the pull-request and issue texts, records the GitHub calls (the one
-thin layer, in dry-run mode) and stages the proposed series for the GPU step (dry run on the
-CPU); night two, with nothing new upstream, changes nothing and calls GitHub not once.
+a new release tag moving three hooks, one offset, one clean 3-way, one conflict, ``main`` after
+it, and a ``dev`` branch that conflicts), a blobless clone of it, and a local bare "origin" of
+this project. Night one pushes main's proposal branch (an update of ``patches/main/``, main's own
+series), writes the pull-request and issue texts (the new tag and dev need a human), records the
+GitHub calls (the one thin layer, in dry-run mode) and stages the proposed series for the GPU
+step (dry run on the CPU); night two, with nothing new upstream, changes nothing and calls
+GitHub not once. Another test moves main after its proposal is merged: ok while the rebase
+writes the checked-in series (a new release tag beside it still gets its own line), a proposal
+once a hooked file moves.
 """
 
 from __future__ import annotations
@@ -609,7 +613,8 @@ def _move_upstream(pusher: Path, parent: str, files: dict, message: str) -> str:
 def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bundle, tmp_path):
     """After main's proposal is merged: ok at the commit patches/main was made from; ok after a
     commit that touches no hooked file (the rebase writes the checked-in folder, but for its
-    snapshot); a commit that moves a hooked file gets a proposal that updates patches/main."""
+    snapshot), while a release tag on that commit gets its own patches/core_v0.21/; a commit
+    that moves a hooked file gets a proposal that updates patches/main."""
     from mla_seam import cli
 
     bare = Path(shutil.copytree(upstream_remote.bare, tmp_path / "upstream.git"))  # moved here
@@ -629,11 +634,23 @@ def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bund
 
     notes = {"CHANGELOG.md": b"upstream notes\n"}
     readme = _move_upstream(pusher, upstream_remote.commits["main"], notes, "upstream: notes\n")
+    # ... and upstream releases it (main says 0.21.0): a new release tag on the same commit.
+    assert gitlayer.push_ref(
+        gitlayer.open_repo(pusher), "origin", readme, "refs/tags/core_v0.21.0"
+    )[0]
     code, found = _cpu_night(tmp_path, "readme", clone, project)
     main = found["main"]
     assert main["commit"] == readme and main["classes"] == {h: "exact" for h in main["classes"]}
     assert (main["action"], main["proposal"]) == ("ok", None)
     assert "the rebase writes the checked-in patches/main" in main["note"]
+    release = found["core_v0.21.0"]  # the new release still proposes a line of its own
+    assert (release["kind"], release["action"]) == ("release", "propose")
+    assert release["proposal"]["line_dir"] == "core_v0.21"
+    line = tmp_path / "readme" / release["proposal"]["folder"] / "bundle" / "patches"
+    assert json.loads((line / "core_v0.21" / "manifest.json").read_text())["releases"] == [
+        "0.21.0"
+    ]  # fmt: skip
+    assert targets.folder_digest(line / "main") == checked_in  # main's series left alone
     written = tmp_path / "readme" / "proposals" / "main" / "bundle" / "patches" / "main"
     assert targets.folder_digest(written) == checked_in  # but for the snapshot it records
     assert json.loads((written / "manifest.json").read_text())["releases"] == [
