@@ -446,7 +446,8 @@ def test_two_nights_end_to_end(upstream_remote, project, bundle, tmp_path, capsy
             gitlayer.read_file_at(prepo, head, f"patches/main/{name}") == (line / name).read_bytes()
         )
     assert gitlayer.files_under(prepo, head, "patches/core_v0.21") == []
-    assert "Mla-Seam-Proposal:" in gitlayer.commit_author(prepo, head)[1]
+    message = gitlayer.commit_author(prepo, head)[1]
+    assert "Mla-Seam-Proposal:" in message and "with patches/main/" in message
     assert (
         gitlayer.read_file_at(prepo, refs["refs/heads/main"], "patches/main/manifest.json")
         != (line / "manifest.json").read_bytes()
