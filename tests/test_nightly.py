@@ -663,6 +663,10 @@ def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bund
     code, found = _cpu_night(tmp_path, "hooked", clone, project)
     main = found["main"]
     assert main["commit"] == hooked and main["action"] == "propose", main
+    assert any(  # served by trial, not refused: the reason says what to run
+        "is not the pre-image main recorded at main@" in r and "rebase --onto main --write" in r
+        for r in main["reasons"]
+    ), main["reasons"]
     assert main["proposal"]["line_dir"] == "main" and not main["proposal"]["unchanged"]
     written = tmp_path / "hooked" / main["proposal"]["folder"] / "bundle" / "patches" / "main"
     assert targets.folder_digest(written) != checked_in
