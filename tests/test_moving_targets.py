@@ -48,6 +48,10 @@ DATE = "2026-12-03T00:00:00+00:00"
         ("origin/dev", "dev"),
         ("refs/heads/main", "main"),
         ("refs/remotes/upstream/dev", "dev"),
+        ("upstream-main", "main"),  # where the nightly lands a followed branch
+        ("refs/heads/upstream-dev", "dev"),
+        ("upstream-feature", None),  # followed, but no moving target: no series of its own
+        ("origin/upstream-main", None),
         ("feature/x/dev", None),
         ("refs/tags/dev", None),
         ("core_v0.19.2", None),
@@ -57,6 +61,20 @@ DATE = "2026-12-03T00:00:00+00:00"
 )
 def test_a_ref_names_a_moving_target(ref, target):
     assert releases.moving_target(ref) == target
+
+
+def test_followed_branches_land_beside_the_clones_own_and_name_their_series_folder():
+    assert releases.followed_ref("dev") == "upstream-dev"
+    assert [releases.followed_branch(r) for r in ("upstream-dev", "refs/heads/upstream-x")] == [
+        "dev", "x"
+    ]  # fmt: skip
+    assert [releases.followed_branch(r) for r in ("dev", "upstream-", "a/upstream-dev")] == [
+        None, None, None
+    ]  # fmt: skip
+    assert releases.series_folder("upstream-main", "0.20.0") == "main"
+    assert releases.series_folder("main", "0.20.0") == "main"
+    assert releases.series_folder("core_v0.20.0", "0.20.0") == "core_v0.20"
+    assert releases.series_folder("upstream-feature", "0.21.0") == "core_v0.21"
 
 
 def test_a_series_records_the_commit_it_was_made_from():
