@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
-from mla_seam import released
+from mla_seam import earlier_versions
 from mla_seam.errors import BundleError
 from mla_seam.paths import ADAPTER_RELPATH
 from test_series import REPO_ROOT, copy_tree, snapshot, tree_hash
@@ -202,7 +202,7 @@ def _newer_bundle(tmp: Path) -> Path:
 
 
 def test_released_data_matches_the_0_1_0_bundle(old_bundle: Path) -> None:
-    assert released.snapshot(old_bundle) == released.releases()["0.1.0"]
+    assert earlier_versions.snapshot(old_bundle) == earlier_versions.releases()["0.1.0"]
 
 
 @pytest.mark.parametrize("git", [True, False], ids=["git", "plain"])
@@ -219,7 +219,7 @@ def test_tree_applied_by_0_1_0_is_recognised_upgraded_and_reverted(
     tree = copy_tree(source, tmp_path / "tree", with_git=git)
     before = snapshot(tree)
     _old_apply(old_bundle, tree)
-    current_is_old = released.snapshot(REPO_ROOT) == released.releases()["0.1.0"]
+    current_is_old = earlier_versions.snapshot(REPO_ROOT) == earlier_versions.releases()["0.1.0"]
     status = _now("--status", str(tree), root=root)
     assert status.returncode == 0, status.stdout + status.stderr
     headline = status.stdout.splitlines()[0]

@@ -3,7 +3,7 @@
 :func:`assess` hashes every touched file once and classifies it against three sources of
 truth: the series' manifest (pre- and post-images of the releases it was made for), the tree's
 state record (what an earlier run wrote: a fork's own pre- and post-images, the adapter it
-replaced), and what earlier mla-seam releases wrote (:mod:`mla_seam.released`). The
+replaced), and what earlier mla-seam releases wrote (:mod:`mla_seam.earlier_versions`). The
 :class:`Applier` says who patched the tree, if anyone; the :attr:`Assessment.state` is one of
 ``applied``, ``not applied``, ``partial`` or ``drifted``.
 
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import gitlayer, patching, released
+from mla_seam import gitlayer, patching, earlier_versions
 from mla_seam.errors import (
     DirtyTreeError,
     DriftedTreeError,
@@ -251,7 +251,7 @@ def find_applier(
             "content", "this mla-seam", True, "exact", "worktree", 0, files,
             dict(series.overlay), None, None,
         )  # fmt: skip
-    old = released.old_images(series.name)
+    old = earlier_versions.old_images(series.name)
     for version in sorted({i.version for imgs in old.values() for i in imgs}, reverse=True):
         table = {rel: [i for i in imgs if i.version == version] for rel, imgs in old.items()}
         if any(blobs.get(rel) in {i.post for i in imgs} for rel, imgs in table.items()):
@@ -259,7 +259,7 @@ def find_applier(
             for rel, imgs in table.items():
                 match = [i for i in imgs if i.post == blobs.get(rel)] or imgs
                 files[rel] = (match[0].pre, match[0].post)
-            overlay = released.releases()[version].get("overlay", {})
+            overlay = earlier_versions.releases()[version].get("overlay", {})
             return Applier(
                 "released", f"mla-seam {version}", False, "exact", "worktree", 0, files,
                 dict(overlay), None, None,
@@ -283,7 +283,7 @@ def assess(
     """Compare the tree with ``series`` (one hash-object and one git status for all files)."""
     record = folder.read_state()
     recorded = set(record.applied.files) if record is not None and record.applied else set()
-    old = set(released.old_images(series.name))
+    old = set(earlier_versions.old_images(series.name))
     wanted = sorted(set(series.touched) | recorded | old)
     overlay_rels = sorted(series.overlay)
     links = {rel for rel in wanted + overlay_rels if _symlinked(tree.root, rel)}
@@ -389,7 +389,7 @@ def _overlay_checks(
     raw: Dict[str, Optional[str]],
     links: set,
 ) -> List[OverlayCheck]:
-    older = released.old_overlays()
+    older = earlier_versions.old_overlays()
     checks = []
     for rel, expected in sorted(series.overlay.items()):
         blob, target = raw.get(rel), tree.root / rel

@@ -118,7 +118,7 @@ def _upstream_record(ws: Workspace, onto: str, commit: str, version: str) -> Dic
         source = f"pypi-sdist megatron-core=={version}"
     else:
         source = f"git {onto}"
-    tag = onto if onto.startswith(upstream.TAG_PREFIX) else f"{upstream.TAG_PREFIX}{version}"
+    tag = onto if onto.startswith(releases.TAG_PREFIX) else releases.tag_of(version)
     return {"tag": tag, "commit": commit, "source": source}
 
 

@@ -175,7 +175,8 @@ def expected_sha256(version: str, cache: Optional[Path] = None) -> Optional[str]
     return recorded_sha256(version, cache) or (indexed(cache).get(version) or {}).get("sha256")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: the one file hash of mla-seam."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -209,7 +210,7 @@ def download(version: str, folder: Path, cache: Optional[Path] = None) -> Path:
                 f"cannot download {entry['url']}: {getattr(exc, 'reason', None) or exc}",
                 f"check network access to the index, or copy {entry['filename']} into {folder}",
             ) from None
-        got = _sha256(target)
+        got = sha256_file(target)
         if got != want:
             raise UpstreamError(
                 f"{entry['filename']} from {entry['url']} has sha256 {got}, the index says {want}",

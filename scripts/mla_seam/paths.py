@@ -15,7 +15,7 @@ import importlib.resources
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from mla_seam.errors import BundleError
 
@@ -23,7 +23,6 @@ ADAPTER_RELPATH = "megatron/core/transformer/mla_adapter.py"
 ROOT_ENV = "MLA_SEAM_ROOT"
 #: The bundle inside an installed package (``mla_seam/_bundle``).
 PACKAGE_BUNDLE = "_bundle"
-GPU_TESTS = ("tests", "gpu")
 
 
 def _has_bundle(root: Path) -> bool:
@@ -76,32 +75,6 @@ def patches_dir() -> Path:
 def overlay_dir() -> Path:
     """``<bundle>/overlay``: files copied verbatim into the Megatron tree."""
     return bundle_root() / "overlay"
-
-
-def gpu_tests_dir() -> Path:
-    """The folder holding the GPU tests (``tests/gpu`` of the bundle).
-
-    ``$MLA_SEAM_ROOT`` wins when it has them; otherwise the installed bundle's copy.
-
-    Raises:
-        BundleError: no bundle carries the GPU tests.
-    """
-    candidates: List[Path] = []
-    env = os.environ.get(ROOT_ENV)
-    if env:
-        candidates.append(Path(env))
-    installed = _installed_root()
-    if installed is not None:
-        candidates.append(installed)
-    for root in candidates:
-        folder = root.joinpath(*GPU_TESTS)
-        if folder.is_dir():
-            return folder
-    raise BundleError(
-        "the GPU tests (tests/gpu) are not in mla-seam's bundle",
-        "reinstall mla-seam from a wheel built by its own build, or set MLA_SEAM_ROOT to an "
-        "mla-seam repository root",
-    )
 
 
 def check_bundle() -> Path:

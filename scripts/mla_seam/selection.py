@@ -9,7 +9,7 @@ trusted. The order, first match wins:
    work on what was applied;
 3. content: the touched files' blob ids (one ``git hash-object`` for all lines' files) against
    every line's manifest pre- and post-images and the post-images older mla-seam releases wrote
-   (:mod:`mla_seam.released`); an exact match picks that line whatever package_info says;
+   (:mod:`mla_seam.earlier_versions`); an exact match picks that line whatever package_info says;
 4. trial, when moving targets (``releases.MOVING_TARGETS``: main, dev) have series: of the
    version's line and the moving targets, the series whose every hunk applies strictly to the
    tree's files (the version's line first, then the moving target with the fewest hunks at an
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-from mla_seam import gitlayer, paths, released, releases
+from mla_seam import gitlayer, paths, earlier_versions, releases
 from mla_seam.assess import TreeView, _converts
 from mla_seam.errors import SeamError, UnsupportedVersionError, UsageError
 from mla_seam.record import State
@@ -75,7 +75,7 @@ def _read_lines(root: Path) -> List[_Line]:
     """Every line folder's images, read leniently (an unreadable manifest is skipped here and
     reported by the series loader if that line is chosen)."""
     result = []
-    old = {name: released.old_images(name) for name in released.old_lines()}
+    old = {name: earlier_versions.old_images(name) for name in earlier_versions.old_lines()}
     for line_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             files = json.loads((line_dir / MANIFEST_NAME).read_bytes())["files"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -236,14 +235,6 @@ def _sweep(folder: Path, prefix: str) -> None:
 # --- sdists --------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _find_sdist(folder: Path, version: str) -> Optional[Path]:
     for name in (f"megatron_core-{version}.tar.gz", f"megatron-core-{version}.tar.gz"):
         if (folder / name).is_file():
@@ -253,7 +244,7 @@ def _find_sdist(folder: Path, version: str) -> Optional[Path]:
 
 def _verify_sdist(path: Path, version: str, cache: Optional[Path] = None) -> None:
     expected = SDIST_SHA256.get(version) or index.expected_sha256(version, cache)
-    actual = _sha256(path)
+    actual = index.sha256_file(path)
     if actual != expected:
         raise UpstreamError(
             f"{path} has sha256 {actual}, not the package index's {expected}",
@@ -401,7 +392,7 @@ def _build_from_sdist(version: str, sdist: Path, dest: Path) -> Dict[str, str]:
     repo = gitlayer.init_repo(dest)
     gitlayer.pin_local_config(repo)  # the user's commit.gpgSign etc. must not reach the commit
     newest = _extract(sdist, dest)
-    sha256 = _sha256(sdist)
+    sha256 = index.sha256_file(sdist)
     date = datetime.fromtimestamp(newest, timezone.utc).isoformat()
     tag = tag_for(version)
     message = _MESSAGE.format(version=version, tag=tag, sdist=sdist.name, sha256=sha256)

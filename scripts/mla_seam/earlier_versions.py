@@ -1,14 +1,15 @@
-"""What earlier mla-seam releases wrote into Megatron trees, so that newer ones recognise it.
+"""What earlier mla-seam versions wrote into Megatron trees, so that newer ones recognise it.
 
-``data/released.json`` holds, per released mla-seam version, the adapter's blob id and, per
-release line, the pre- and post-image blob of every touched file and the manifest's sha256.
+(Not :mod:`mla_seam.releases`, which knows upstream's megatron-core releases.)
+``data/earlier_versions.json`` holds, per released mla-seam version, the adapter's blob id and,
+per release line, the pre- and post-image blob of every touched file and the manifest's sha256.
 With it, ``--status`` reports a tree patched by an older mla-seam as "applied by mla-seam X"
 (not as someone else's adapter or a tree edited after apply), ``--revert`` restores it and
 ``apply`` upgrades it to the current series in one transaction.
 
 A new mla-seam release adds its entry before it is tagged::
 
-    python -m mla_seam.released 0.2.0 PATH_TO_BUNDLE   # prints the updated data file
+    python -m mla_seam.earlier_versions 0.2.0 PATH_TO_BUNDLE   # prints the updated data file
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-DATA_FILE = "released.json"
+from mla_seam.output import emit
+
+DATA_FILE = "earlier_versions.json"
 SCHEMA = 1
 
 
@@ -97,17 +100,17 @@ def snapshot(bundle: Path) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m mla_seam.released VERSION BUNDLE``: print the data file with VERSION added."""
+    """``python -m mla_seam.earlier_versions VERSION BUNDLE``: the data file with VERSION added."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        sys.stderr.write("usage: python -m mla_seam.released VERSION BUNDLE_ROOT\n")
+        sys.stderr.write("usage: python -m mla_seam.earlier_versions VERSION BUNDLE_ROOT\n")
         return 2
     try:
         data = _read()
     except FileNotFoundError:
         data = {"schema": SCHEMA, "releases": {}}
     data["releases"][args[0]] = snapshot(Path(args[1]))
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    emit(json.dumps(data, indent=2, sort_keys=True))
     return 0
 
 
