@@ -65,7 +65,13 @@ from mla_seam.suite.phases import (
     run_phase,
 )
 from mla_seam.suite.render import render_markdown
-from mla_seam.suite.runner import SCHEMA_VERSION, build_results, reattribute, run_suite
+from mla_seam.suite.runner import (
+    SCHEMA_VERSION,
+    build_results,
+    default_out,
+    reattribute,
+    run_suite,
+)
 from mla_seam.suite.trees import (
     DEFAULT_BASE,
     ROLES,
@@ -127,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     """The ``suite`` verb; exit 0 when the patched tree passed and the overlay broke nothing."""
     from mla_seam.errors import UsageError  # pylint: disable=import-outside-toplevel
 
+    if getattr(args, "index", None) is not None:
+        from mla_seam import results_index  # pylint: disable=import-outside-toplevel
+
+        readme = results_index.write(Path(args.index) if args.index else default_out())
+        sys.stdout.write(f"{readme}\n")
+        return 0
     if getattr(args, "reattribute", None):
         for folder in args.reattribute:
             verdict = reattribute(folder, args.out)["verdict"]
@@ -247,6 +259,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="derive the verdict of stored runs (results/<tag>/<card>) again with this "
         "version's attribution; runs nothing, needs no GPU; with --out the new files go to "
         "<out>/<tag>/<card> and RUN is left as it was",
+    )
+    parser.add_argument(
+        "--index",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write the index that opens DIR/README.md (default: the repository's results/): "
+        "per tag and moving target, is it ok and since when, from every verdict.json and the "
+        "drift report; runs nothing, needs no GPU",
     )
     _add_multigpu_arguments(parser)
     parser.set_defaults(func=run)

@@ -169,6 +169,8 @@ def run_multigpu(
         json.dumps(results, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
     )
     (folder / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    if (folder.parent / "results.json").is_file():  # the folder's verdict counts these cases
+        _runner.reattribute(folder.parent)
     results["folder"] = str(folder)
     return results
 
