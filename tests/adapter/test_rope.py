@@ -21,6 +21,7 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
+from mla_build import packed_seq_params
 from mla_configs import SMALL, make_config
 
 
@@ -77,7 +78,7 @@ def _assert_same(ours, theirs):
 
 def _batch_for(cu, tokens, cp_size):
     config = make_config(SMALL, context_parallel_size=1)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    params = packed_seq_params(cu=cu)
     lengths = (cu[1:] - cu[:-1]).tolist()
     params.max_seqlen_q = params.max_seqlen_kv = max(lengths)
     hidden = torch.zeros(tokens, 1, config.hidden_size)
@@ -134,13 +135,7 @@ def test_positions_restart_per_sequence_and_cover_cp_chunks():
 def test_padded_offsets_rotate_at_the_padded_starts(parallel_state):
     lengths, padded = [3, 37, 20], [8, 40, 24]
     config = make_config(SMALL)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=_offsets(lengths),
-        cu_seqlens_kv=_offsets(lengths),
-        cu_seqlens_q_padded=_offsets(padded),
-        cu_seqlens_kv_padded=_offsets(padded),
-    )
+    params = packed_seq_params(lengths, padded, with_max=False, dev="cpu")
     layer = types.SimpleNamespace(config=config)
     rope_params = mla_adapter.normalize_packed_seq(layer, params, torch.zeros(72, 1, 128))
     assert torch.equal(rope_params.cu_seqlens_q, params.cu_seqlens_q_padded)
@@ -229,7 +224,7 @@ def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, pa
     for rank in range(cp_size):
         group = CPGroup(cp_size, rank)
         tokens = int(cu[-1]) // cp_size
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params = packed_seq_params(cu=cu)
         params.max_seqlen_q = params.max_seqlen_kv = longest
         layer = types.SimpleNamespace(config=config, rotary_pos_emb=CutTable(group))
         mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))

@@ -30,6 +30,7 @@ from host_counts import HostReads, OpCounter
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
+from mla_build import packed_seq_params
 from mla_configs import SMALL, YARN, make_config
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
@@ -57,14 +58,7 @@ def _cu(*lengths, device="cpu"):
 
 
 def _params(cu, longest=None, **kwargs):
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-        **kwargs,
-    )
+    return packed_seq_params(cu=cu, max_seqlen=longest, **kwargs)
 
 
 def _freqs(max_len, dim=16, device="cpu"):
