@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 from mla_seam import gitlayer, releases, upstream
@@ -26,11 +26,51 @@ CLONE_ENV = "MLA_SEAM_UPSTREAM_CLONE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Marker of the tests the default run leaves out (``--run-slow`` or ``-m slow`` runs them).
+SLOW = "slow"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--run-slow``: also run the tests marked ``slow`` (``.ci/run`` does)."""
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (real-tree builds per release, kill trials, "
+        "end-to-end nights); the default run leaves them out, .ci/run runs them",
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    """Say which cache the upstream checkouts come from, and which clone main and dev do."""
+    """Say which cache the upstream checkouts come from, which clone main and dev do, and
+    whether the slow tests run."""
     origin = "MLA_SEAM_CACHE" if os.environ.get("MLA_SEAM_CACHE") else "default; MLA_SEAM_CACHE"
     clone = os.environ.get(CLONE_ENV) or f"none: main/dev tests skip ({CLONE_ENV} names one)"
-    return f"mla-seam cache: {cache_dir()} ({origin} overrides)\nupstream clone: {clone}"
+    slow = "run" if _runs_slow(config) else "left out (--run-slow runs them)"
+    return (
+        f"mla-seam cache: {cache_dir()} ({origin} overrides)\nupstream clone: {clone}\n"
+        f"slow tests: {slow}"
+    )
+
+
+def _runs_slow(config: pytest.Config) -> bool:
+    return bool(config.getoption("--run-slow")) or SLOW in (config.option.markexpr or "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Leave the ``slow`` tests out of the default run (deselected, counted by pytest), unless
+    ``--run-slow``, a ``-m`` naming them, or the test's own node id was asked for."""
+    if _runs_slow(config):
+        return
+    asked = [arg for arg in config.args if "::" in arg]  # node ids named on the command line
+
+    def named(item: pytest.Item) -> bool:
+        return any(item.nodeid == a or item.nodeid.startswith((a + "[", a + "::")) for a in asked)
+
+    slow = [item for item in items if item.get_closest_marker(SLOW) and not named(item)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        left_out = set(slow)
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(scope="session", autouse=True)
