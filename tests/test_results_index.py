@@ -62,13 +62,12 @@ def test_every_target_has_a_row_and_every_row_its_verdict():
         tag = path.parent.parent.name
         rel = path.relative_to(RESULTS).as_posix()
         assert f"[{doc['verdict']}]({rel})" in rows[tag]["gpu"], (tag, rows[tag])
-        answer = results_index.answer(
-            next(e["verdict"] for e in drift["tags"] if e["tag"] == tag), doc["verdict"]
-        )
+        entry = next((e for e in drift["tags"] if e["tag"] == tag), None)
+        assert entry is not None or tag in MOVING_TARGETS, f"{tag} is in no drift row"
+        answer = results_index.answer(entry and entry["verdict"], doc["verdict"])
         assert rows[tag]["answer"] == answer
-        # the drift report read the same verdict (else its row would say the report is stale)
-        entry = next(e for e in drift["tags"] if e["tag"] == tag)
-        assert entry["gpu"]["verdict"] == doc["verdict"], tag
+        if entry is not None:  # the drift report read the same verdict (else: stale, said so)
+            assert entry["gpu"]["verdict"] == doc["verdict"], tag
     for target in MOVING_TARGETS:
         if not any((RESULTS / target).glob("*/verdict.json")):
             assert rows[target]["gpu"] == "no GPU verdict yet"

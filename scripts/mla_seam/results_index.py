@@ -53,8 +53,8 @@ def answer(verdict: Optional[str], gpu: Optional[str]) -> str:
     """Is it ok: the drift verdict of a target and its GPU verdict, in one answer."""
     if verdict == NEEDS_WORK:
         return NO
-    if verdict != SUPPORTED:
-        return NONE_YET
+    if verdict != SUPPORTED:  # not in the drift report (main, dev until a drift run has them)
+        return f"GPU {gpu}; no drift verdict yet" if gpu else NONE_YET
     if gpu is None:
         return CPU_ONLY
     if gpu == "pass":
@@ -130,7 +130,7 @@ def rows(results_dir: Path) -> List[Row]:
         gpu = doc.get("verdict") if doc else None
         now = answer(verdict, gpu)
         why = list((entry or {}).get("reasons") or [])
-        if doc and slot.get("verdict") != doc["verdict"]:
+        if entry and doc and slot.get("verdict") != doc["verdict"]:
             why.insert(
                 0,
                 f"drift/drift.json has GPU verdict {slot.get('verdict')} for "

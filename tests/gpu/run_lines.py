@@ -46,6 +46,7 @@ CHUNKS = (
     ("thd-sweep", "thd-sweep@vanilla", "thd-sweep@base"),
     ("smoke", "smoke@vanilla", "golden", "golden@vanilla", "golden@base"),
     ("parity", "parity@vanilla", "parity@base", "kernels", "kernels@vanilla"),
+    ("graphs", "graphs@vanilla"),
     ("bench", "bench@vanilla", "bench@base", "local-vs-te"),
 )
 #: Seconds per unit on one H200 (core_v0.19.2, 2026-11-29; older lines are faster).
@@ -53,7 +54,7 @@ ESTIMATE = {
     "smoke": 33, "smoke@vanilla": 24, "oracles": 90, "matrix": 108, "golden": 23,
     "golden@vanilla": 19, "golden@base": 21, "thd-sweep": 45, "thd-sweep@vanilla": 40,
     "thd-sweep@base": 37, "parity": 36, "parity@vanilla": 33, "parity@base": 33, "kernels": 25,
-    "kernels@vanilla": 41, "bench": 30, "bench@vanilla": 30, "bench@base": 30, "local-vs-te": 30,
+    "kernels@vanilla": 41, "graphs": 60, "graphs@vanilla": 60, "bench": 30, "bench@vanilla": 30, "bench@base": 30, "local-vs-te": 30,
 }  # fmt: skip
 #: The suite process's own start (device probe, tree inspection, merge).
 START_S = 12
