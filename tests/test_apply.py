@@ -26,6 +26,7 @@ from mla_seam.errors import (
 )
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.tree import MegatronTree
+from support import newest_fast
 from test_series import (
     BASE,
     LM,
@@ -374,7 +375,9 @@ REAL_RELEASES = [
 
 
 @pytest.mark.skipif(not REAL_RELEASES, reason="the real series are not written yet")
-@pytest.mark.parametrize("line, release", REAL_RELEASES, ids=[r for _, r in REAL_RELEASES])
+@pytest.mark.parametrize(
+    "line, release", newest_fast(REAL_RELEASES, version=lambda row: row[1], ids=lambda row: row[1])
+)
 def test_real_series_checks_on_every_listed_release(
     line: str,
     release: str,
