@@ -137,6 +137,72 @@ def test_a_tree_without_the_qk_norm_resolver_makes_h9_obsolete(megatron_checkout
         assert contracts.obsolete_if(header.read_text(), with_resolver) is None
 
 
+#: dev's MultiLatentAttention.forward (d48bd6be0a, 2026-08) as the H10 probe reads it: the
+#: refusal of a batch in another context-parallel layout than zigzag.
+MLA_ZIGZAG_ONLY = """
+class MultiLatentAttention(Attention):
+    def forward(self, hidden_states, attention_mask, packed_seq_params=None):
+        if (
+            packed_seq_params is not None
+            and packed_seq_params.qkv_format == "thd"
+            and packed_seq_params.cp_partition_mode != "zigzag"
+        ):
+            raise ValueError("CP partition conversion must be handled before entering MLA")
+        return hidden_states, None
+"""
+#: The same forward converting its input itself, as dev's Attention.forward does.
+MLA_CONVERTS = """
+class MultiLatentAttention(Attention):
+    def forward(self, hidden_states, attention_mask, packed_seq_params=None):
+        hidden_states, back = convert_module_input_tensors_cp_partition_mode(
+            hidden_states=hidden_states, target_partition_mode="zigzag"
+        )
+        return back.convert(hidden_states), None
+"""
+PSP_LAYOUTS = """
+@dataclass
+class PackedSeqParams:
+    qkv_format: str = None
+    cp_partition_mode: Literal[{modes}] = "zigzag"
+"""
+
+
+def _tree(tmp_path: Path, name: str, files) -> Path:
+    root = tmp_path / name
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_h10_probes_see_dev_layouts_and_its_obsolete_if(megatron_checkout, tmp_path):
+    """H10 (dev only) lets MLA take both context-parallel layouts; its header's Obsolete-If
+    holds once MultiLatentAttention.forward converts its input itself, not while it refuses
+    other layouts (dev) nor on a release that has no layouts (0.19.2: both probes absent). A
+    layout the adapter does not know is reported."""
+    release = contracts.probe_dir(megatron_checkout("0.19.2"))
+    assert release["mla.cp_layout"] is None
+    assert release["packed_seq_params.cp_partition_modes"] is None
+    psp = PSP_LAYOUTS.format(modes='"zigzag", "contiguous"')
+    dev = contracts.probe_dir(
+        _tree(tmp_path, "dev", {contracts.MLA: MLA_ZIGZAG_ONLY, contracts.PSP: psp})
+    )
+    assert dev["mla.cp_layout"] == "zigzag-only"
+    assert dev["packed_seq_params.cp_partition_modes"] == ["zigzag", "contiguous"]
+    converts = contracts.probe_dir(_tree(tmp_path, "converts", {contracts.MLA: MLA_CONVERTS}))
+    assert converts["mla.cp_layout"] == "converts"
+    headers = sorted((Path(__file__).resolve().parents[1] / "patches").glob("*/*-H10-*.patch"))
+    assert [h.parent.name for h in headers] == ["dev"]
+    header = headers[0].read_text()
+    assert contracts.obsolete_if(header, converts) == "mla.cp_layout=converts"
+    assert contracts.obsolete_if(header, dev) is None
+    assert contracts.obsolete_if(header, release) is None
+    striped = PSP_LAYOUTS.format(modes='"zigzag", "contiguous", "striped"')
+    values = contracts.probe_dir(_tree(tmp_path, "striped", {contracts.PSP: striped}))
+    problems = contracts.adapter_problems(values)
+    assert any("striped, unknown to the adapter" in p for p in problems), problems
+
+
 def test_obsolete_if_trailers():
     message = "Hook: H6\nObsolete-If: tl.cp_comm_type_index=layer_number-1\nObsolete-If: nope.x=1\n"
     assert contracts.obsolete_conditions(message) == [

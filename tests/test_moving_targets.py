@@ -360,10 +360,35 @@ def _version(tree: Path) -> str:
     return releases.read_version(tree)
 
 
+#: dev's first-parent commit that brought the context-parallel layouts H10 (0008) answers:
+#: NVIDIA/Megatron-LM #6387, 3 commits before the recorded d48bd6be0a (the 2 between leave every
+#: hooked file as recorded, so no real dev commit after it is served by trial rather than content).
+DEV_CP_LAYOUTS_BACK = 3
+
+
 @pytest.mark.parametrize("target", releases.MOVING_TARGETS)
 def test_real_target_ten_commits_back_is_served_by_trial(target, target_checkout, tmp_path):
-    tree = target_checkout(target, tmp_path / target, back=10)
-    environ, before = _real_env(), snapshot(tree)
+    """main ten commits back: served by trial. dev: a later commit that moved a hooked file is
+    served by trial; ten commits back (before #6387's layouts) H10 has nothing to hook, and the
+    refusal names it."""
+    environ = _real_env()
+    if target == "dev":
+        old = target_checkout(target, tmp_path / "old", back=10)
+        before = snapshot(old)
+        status = _seam(environ, "apply", "--status", str(old))
+        assert (
+            "dev is the nearest: 1 of 8 patches does not apply (0008)" in status.stdout
+        ), status.stdout
+        assert _seam(environ, "apply", str(old)).returncode != 0
+        assert snapshot(old) == before
+        layouts = target_checkout(target, tmp_path / "layouts", back=DEV_CP_LAYOUTS_BACK)
+        assert "(selected by content" in _seam(environ, "apply", "--status", str(layouts)).stdout
+        tree = target_checkout(target, tmp_path / target)
+        insert_lines(tree, [(MLA, 5, "# dev: a later commit")])
+        _commit(tree, "dev: later")
+    else:
+        tree = target_checkout(target, tmp_path / target, back=10)
+    before = snapshot(tree)
     status = _seam(environ, "apply", "--status", str(tree))
     assert (
         f"  {target} (selected by trial: {target} applies strictly" in status.stdout

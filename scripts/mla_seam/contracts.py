@@ -325,6 +325,44 @@ def probe_packed_seq_params_fields(src: Source) -> Value:
     return None if fields is None else list(fields)
 
 
+def probe_packed_seq_params_cp_partition_modes(src: Source) -> Value:
+    """Context-parallel layouts ``PackedSeqParams.cp_partition_mode`` names (dev; H10)."""
+    cls = _class(src.module(PSP), "PackedSeqParams")
+    for node in cls.body if cls is not None else ():
+        if isinstance(node, ast.AnnAssign) and _text(node.target) == "cp_partition_mode":
+            return [
+                sub.value
+                for sub in ast.walk(node.annotation)
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+            ]
+    return None
+
+
+def probe_mla_cp_layout(src: Source) -> Value:
+    """How ``MultiLatentAttention.forward`` meets a context-parallel layout (H10).
+
+    ``converts``: it converts its input with upstream's converter, as ``Attention.forward``
+    does; ``zigzag-only``: it raises for a batch in any other layout than zigzag (dev); absent:
+    no layout is named.
+    """
+    func = _function(_class(src.module(MLA), "MultiLatentAttention"), "forward")
+    if func is None:
+        return None
+    nodes = list(_own_nodes(func))
+    if any(
+        isinstance(node, ast.Call)
+        and _call_name(node) == "convert_module_input_tensors_cp_partition_mode"
+        for node in nodes
+    ):
+        return "converts"
+    for node in nodes:
+        if isinstance(node, ast.If) and any(isinstance(stmt, ast.Raise) for stmt in node.body):
+            test = ast.unparse(node.test)
+            if "cp_partition_mode" in test and "zigzag" in test:
+                return "zigzag-only"
+    return None
+
+
 def _layer_offset_function(src: Source) -> Optional[ast.FunctionDef]:
     return _function(src.module(TL), "get_transformer_layer_offset")
 
@@ -444,6 +482,16 @@ def _superset(required: Sequence[str]) -> Callable[[Value], Optional[str]]:
             return "absent"
         missing = [name for name in required if name not in value]
         return f"lacks {', '.join(missing)}" if missing else None
+
+    return check
+
+
+def _within(*known: str) -> Callable[[Value], Optional[str]]:
+    """Every name of a list value is one the adapter knows (absent: nothing to know)."""
+
+    def check(value: Value) -> Optional[str]:
+        unknown = [name for name in value or () if name not in known]
+        return f"names {', '.join(unknown)}, unknown to the adapter" if unknown else None
 
     return check
 
@@ -593,6 +641,20 @@ PROBES: Tuple[Probe, ...] = (
         "adapter question 2 (H2)",
     ),
     Probe(
+        "packed_seq_params.cp_partition_modes",
+        PSP,
+        probe_packed_seq_params_cp_partition_modes,
+        _within("zigzag", "contiguous"),
+        "H10 converts either layout to the zigzag one MLA runs",
+    ),
+    Probe(
+        "mla.cp_layout",
+        MLA,
+        probe_mla_cp_layout,
+        _one_of(None, "zigzag-only", "converts"),
+        "H10 (Obsolete-If: mla.cp_layout=converts)",
+    ),
+    Probe(
         "tl.layer_offset_params",
         TL,
         probe_tl_layer_offset_params,
@@ -622,7 +684,25 @@ PROBES: Tuple[Probe, ...] = (
         "H6 (Obsolete-If: tl.cp_comm_type_index=layer_number-1)",
     ),
     Probe("spec.mla_builders", SPEC, probe_spec_mla_builders, None, "moving anchor (SPEC)"),
-    Probe("rope.thd_params", ROPE, probe_rope_thd_params, None, "THD RoPE path"),
+    Probe(
+        "rope.thd_params",
+        ROPE,
+        probe_rope_thd_params,
+        _within(
+            "t",
+            "cu_seqlens",
+            "freqs",
+            "rotary_interleaved",
+            "mla_rotary_interleaved",
+            "multi_latent_attention",
+            "mscale",
+            "cp_group",
+            "inverse",
+            "mla_output_remove_interleaving",
+            "max_seqlen",
+        ),
+        "H8's one-pass THD RoPE computes these (a call with another goes to upstream's)",
+    ),
 )
 
 PROBES_BY_NAME: Mapping[str, Probe] = {p.name: p for p in PROBES}

@@ -133,3 +133,42 @@ def test_thd_of_many_sequences_equals_per_sequence_bshd(dims, cpu_device):
     torch.testing.assert_close(thd, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(thd_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [(30, 30), (30, 40)], ids=["q-as-kv", "q-below-kv"])
+def test_one_pass_rope_in_a_layer_equals_upstreams(sizes, cpu_device, monkeypatch):
+    """The layer as the tree's MLA runs it (0.19: mla_rotary_interleaved; main: the larger
+    max_seqlen for q and k; dev: q's and kv's own): with the adapter's one-pass RoPE (H8) and
+    with upstream's function in its place, output and gradients are the same bit for bit, also
+    where max_seqlen_q is below max_seqlen_kv (dev then rotates q from the batch's start, as
+    upstream's rule for a table longer than max_seqlen says)."""
+    from megatron.core.transformer import multi_latent_attention
+
+    layer = build(SMALL)
+    lengths = [3, 17, 1, 30, 9]
+    cu = _cu(lengths)
+    torch.manual_seed(4)
+    x = torch.randn(sum(lengths), 1, layer.config.hidden_size, requires_grad=True)
+    grad = torch.randn_like(x)
+    weights = [x] + list(layer.parameters())
+
+    def run():
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=sizes[0],
+            max_seqlen_kv=sizes[1],
+        )
+        out, _ = layer(x, None, packed_seq_params=packed)
+        return out, torch.autograd.grad(out, weights, grad), packed
+
+    ours, ours_g, packed = run()
+    assert any(key[0] == "positions" for key in mla_adapter.packed_batch(packed).cached)
+    upstream = multi_latent_attention.apply_rotary_pos_emb
+    monkeypatch.setattr(mla_adapter, "rotary_pos_emb_fn", lambda attention, params: upstream)
+    theirs, theirs_g, packed = run()
+    assert not mla_adapter.packed_batch(packed).cached  # upstream's function ran
+    assert torch.equal(ours, theirs)
+    for a, b in zip(ours_g, theirs_g):
+        assert torch.equal(a, b)

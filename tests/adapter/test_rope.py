@@ -4,15 +4,17 @@ Every case runs the release's real ``rope_utils.apply_rotary_pos_emb`` (the per-
 path MLA takes with RoPE fusion off) and the adapter's packed path on the same tensors:
 sequence counts up to 300 (zero- and one-token sequences included), padded offsets, context
 parallelism (each rank's two chunks, at global positions), both ``rotary_interleaved`` settings,
-YaRN's ``mscale``, float32 and bfloat16. Equality is bit-for-bit on the CPU (same arithmetic,
-same rounding); on a GPU a 1-ulp allowance covers cos/sin kernels that may round a gathered
-table differently from a sliced one.
+YaRN's ``mscale``, float32 and bfloat16. Both are called as the tree's MLA calls them
+(``rope_calls.mla_rope_kwargs``: ``max_seqlen`` on main and dev). Where the release's function
+takes them (main, dev), ``max_seqlen`` below the table (positions from the batch's start; dev
+passes q's and kv's own), ``inverse`` and ``mla_output_remove_interleaving`` too. Equality is
+bit-for-bit on the CPU (same arithmetic, same rounding); on a GPU a 1-ulp allowance covers
+cos/sin kernels that may round a gathered table differently from a sliced one.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import random
 import types
 
@@ -23,47 +25,16 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
 from mla_build import packed_seq_params
 from mla_configs import SMALL, make_config
-
-
-class CPGroup:
-    """The two questions RoPE asks a context-parallel group (no collective is run)."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
-
-
-def _offsets(lengths):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
+from rope_calls import CPGroup, mla_rope_kwargs, takes
+from rope_calls import freqs as _freqs
+from rope_calls import offsets as _offsets
+from rope_calls import upstream as _upstream
 
 
 def _lengths(count, seed, multiple=1, longest=96):
     rng = random.Random(seed)
     picks = [rng.choice([0, 1, 2, 5, 17, 64, longest]) for _ in range(count)]
     return [max(multiple, (n + multiple - 1) // multiple * multiple) for n in picks]
-
-
-def _freqs(max_len, dim=16):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
-    return torch.cat((angles, angles), dim=-1)[:, None, None, :]
-
-
-def _upstream(t, freqs, config, cu, cp_group, mscale):
-    kwargs = {}
-    if "mla_rotary_interleaved" in inspect.signature(rope_utils.apply_rotary_pos_emb).parameters:
-        kwargs["mla_rotary_interleaved"] = True
-    return rope_utils.apply_rotary_pos_emb(
-        t, freqs, config=config, cu_seqlens=cu, mscale=mscale, cp_group=cp_group, **kwargs
-    )
 
 
 def _assert_same(ours, theirs):
@@ -104,9 +75,11 @@ def test_packed_rope_equals_upstream_per_sequence(count, interleaved, dtype, par
     group = CPGroup(1, 0)
     apply = mla_adapter.rotary_pos_emb_fn(layer, params)
     assert apply is not rope_utils.apply_rotary_pos_emb
+    longest = freqs.size(0)  # MLA's table: the longest sequence the batch says it holds
+    kwargs = mla_rope_kwargs(longest)
     for t in (q, k):
-        ours = apply(t, freqs, config=config, cu_seqlens=cu, mscale=0.93, cp_group=group)
-        _assert_same(ours, _upstream(t, freqs, config, cu, group, 0.93))
+        ours = apply(t, freqs, config=config, cu_seqlens=cu, mscale=0.93, cp_group=group, **kwargs)
+        _assert_same(ours, _upstream(t, freqs, config, cu, group, 0.93, longest))
 
 
 @pytest.mark.parametrize("cp_size", [2, 4])
@@ -121,7 +94,7 @@ def test_packed_rope_under_context_parallelism(cp_size, parallel_state):
         group = CPGroup(cp_size, rank)
         positions = mla_adapter.thd_positions(cu, tokens, cp_size, rank)
         ours = mla_adapter.apply_rotary_packed(t, freqs, positions, mla_rotary_interleaved=True)
-        _assert_same(ours, _upstream(t, freqs, config, cu, group, 1.0))
+        _assert_same(ours, _upstream(t, freqs, config, cu, group, 1.0, max(lengths)))
 
 
 def test_positions_restart_per_sequence_and_cover_cp_chunks():
@@ -142,10 +115,13 @@ def test_padded_offsets_rotate_at_the_padded_starts(parallel_state):
     freqs = _freqs(40)
     t = torch.randn(72, 4, 16)
     apply = mla_adapter.rotary_pos_emb_fn(layer, rope_params)
-    ours = apply(t, freqs, config, cu_seqlens=rope_params.cu_seqlens_q, cp_group=CPGroup(1, 0))
+    kwargs = mla_rope_kwargs(rope_params.max_seqlen_q)
+    ours = apply(
+        t, freqs, config, cu_seqlens=rope_params.cu_seqlens_q, cp_group=CPGroup(), **kwargs
+    )
     start = 0
     for n, p in zip(lengths, padded):
-        alone = _upstream(t[start : start + n], freqs, config, _offsets([n]), CPGroup(1, 0), 1.0)
+        alone = _upstream(t[start : start + n], freqs, config, _offsets([n]), CPGroup(), 1.0, n)
         _assert_same(ours[start : start + n], alone)
         start += p
 
@@ -155,10 +131,11 @@ def test_positions_are_computed_once_per_batch(parallel_state):
     config, params, layer = _batch_for(cu, 12, 1)
     apply = mla_adapter.rotary_pos_emb_fn(layer, params)
     t, freqs = torch.randn(12, 2, 16), _freqs(8)
-    apply(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0))
+    kwargs = mla_rope_kwargs(8)
+    apply(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0), **kwargs)
     cached = dict(mla_adapter.packed_batch(params).cached)
     again = mla_adapter.rotary_pos_emb_fn(layer, params)
-    again(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0))
+    again(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0), **kwargs)
     assert mla_adapter.packed_batch(params).cached == cached and len(cached) == 1
     assert next(iter(cached))[0] == "positions"
 
@@ -182,10 +159,11 @@ def test_gradients_flow_like_upstream(parallel_state):
     t = torch.randn(40, 4, 16, requires_grad=True)
     grad = torch.randn(40, 4, 16)
     apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+    kwargs = mla_rope_kwargs(30)
     (ours,) = torch.autograd.grad(
-        apply(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0)), t, grad
+        apply(t, freqs, config, cu_seqlens=cu, cp_group=CPGroup(1, 0), **kwargs), t, grad
     )
-    (theirs,) = torch.autograd.grad(_upstream(t, freqs, config, cu, CPGroup(1, 0), 1.0), t, grad)
+    (theirs,) = torch.autograd.grad(_upstream(t, freqs, config, cu, CPGroup(), 1.0, 30), t, grad)
     _assert_same(ours, theirs)
 
 
@@ -233,8 +211,8 @@ def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, pa
         assert cut.size(0) == longest // cp_size
         t = torch.randn(tokens, 4, 16)
         apply = mla_adapter.rotary_pos_emb_fn(layer, params)
-        ours = apply(t, cut, config, cu_seqlens=cu, cp_group=group)
-        _assert_same(ours, _upstream(t, whole, config, cu, group, 1.0))
+        ours = apply(t, cut, config, cu_seqlens=cu, cp_group=group, **mla_rope_kwargs(longest))
+        _assert_same(ours, _upstream(t, whole, config, cu, group, 1.0, longest))
         assert layer.rotary_pos_emb.cp_group is group  # put back
         # RoPE fusion would rotate at the cut table's positions: refused, with the way out.
         fused = types.SimpleNamespace(
@@ -246,3 +224,107 @@ def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, pa
     # Without CP, or on a module that knows packed batches, nothing is rebuilt.
     plain = types.SimpleNamespace(config=config, rotary_pos_emb=CutTable(CPGroup(1, 0)))
     assert not mla_adapter._slices_packed_tables(plain)  # pylint: disable=protected-access
+
+
+NEEDS_MAX_SEQLEN = pytest.mark.skipif(
+    not takes("max_seqlen"), reason="this release's THD RoPE takes no max_seqlen (main, dev)"
+)
+
+
+@NEEDS_MAX_SEQLEN
+@pytest.mark.parametrize("cp_size", [1, 2])
+def test_separate_q_and_kv_max_seqlen_rotate_as_upstream(cp_size, parallel_state):
+    """dev passes ``max_seqlen_q`` for q and ``max_seqlen_kv`` for k; main the larger for both.
+    MLA's table is as long as the larger: the side whose ``max_seqlen`` is below it rotates at
+    positions counted from the batch's start (upstream's rule for a table covering the whole
+    batch), the other per sequence; every combination equals upstream bit for bit, and the two
+    sides' positions are kept apart."""
+    lengths = _lengths(9, seed=11, multiple=2 * cp_size, longest=48)
+    cu = _offsets(lengths)
+    tokens = int(cu[-1]) // cp_size
+    longest = max(lengths)
+    config = make_config(SMALL, context_parallel_size=cp_size)
+    table = _freqs(int(cu[-1]) + 8)  # long enough for every position from the batch's start
+    torch.manual_seed(cp_size)
+    q, k = torch.randn(tokens, 4, 16), torch.randn(tokens, 1, 16)
+    for rank in range(cp_size):
+        group = CPGroup(cp_size, rank)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params.max_seqlen_q, params.max_seqlen_kv = longest, table.size(0)
+        layer = types.SimpleNamespace(config=config)
+        mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))
+        apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+        for t, max_seqlen in ((q, params.max_seqlen_q), (k, params.max_seqlen_kv)):
+            kwargs = mla_rope_kwargs(max_seqlen)
+            ours = apply(t, table, config, cu_seqlens=cu, cp_group=group, **kwargs)
+            _assert_same(ours, _upstream(t, table, config, cu, group, 1.0, max_seqlen))
+        cached = {key[-1] for key in mla_adapter.packed_batch(params).cached}
+        assert cached == {True, False}, "q (from the batch's start) and kv (per sequence)"
+    positions = mla_adapter.thd_positions(_offsets([4, 0, 8]), 12, from_batch_start=True)
+    assert positions.tolist() == list(range(12))
+    positions = mla_adapter.thd_positions(_offsets([4, 0, 8]), 6, 2, 1, from_batch_start=True)
+    assert positions.tolist() == [1, 2, 4 + 2, 4 + 3, 4 + 4, 4 + 5]
+
+
+@NEEDS_MAX_SEQLEN
+def test_without_max_seqlen_upstream_decides(parallel_state):
+    """Where upstream's function takes ``max_seqlen`` and a call gives none, upstream runs: main
+    reads the offsets to tell a whole-batch table (its legacy rule), dev refuses the call."""
+    cu = _offsets([6, 10])
+    config, params, layer = _batch_for(cu, 16, 1)
+    apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+    t, table = torch.randn(16, 4, 16), _freqs(16)
+    try:
+        theirs = _upstream(t, table, config, cu, CPGroup(), 1.0, None)
+    except AssertionError as exc:  # dev: "max_seqlen must be provided for THD RoPE"
+        with pytest.raises(AssertionError, match=str(exc).split(" ")[0]):
+            apply(t, table, config, cu_seqlens=cu, cp_group=CPGroup(), **mla_rope_kwargs(None))
+    else:
+        ours = apply(t, table, config, cu_seqlens=cu, cp_group=CPGroup(), **mla_rope_kwargs(None))
+        _assert_same(ours, theirs)
+    assert not mla_adapter.packed_batch(params).cached, "the adapter computed nothing itself"
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "option", ["inverse", "mla_output_remove_interleaving", "both"], ids=lambda o: o
+)
+def test_inverse_and_output_interleaving_rotate_as_upstream(option, dtype, interleaved):
+    """dev's and main's options (DSv4 rotates V and O back): computed in the one pass."""
+    names = ["inverse", "mla_output_remove_interleaving"] if option == "both" else [option]
+    if not all(takes(name) for name in names):
+        pytest.skip(f"this release's apply_rotary_pos_emb takes no {' or '.join(names)}")
+    lengths = [5, 0, 17, 64, 2]
+    cu = _offsets(lengths)
+    config, params, layer = _batch_for(cu, 88, 1)
+    config.rotary_interleaved = interleaved
+    table = _freqs(64, dim=16)
+    torch.manual_seed(5)
+    t = torch.randn(88, 4, 24, dtype=dtype, requires_grad=True)  # 16 rotated, 8 passed
+    options = {name: True for name in names}
+    apply = mla_adapter.rotary_pos_emb_fn(layer, params)
+    kwargs = mla_rope_kwargs(64, **options)
+    ours = apply(t, table, config, cu_seqlens=cu, mscale=0.93, cp_group=CPGroup(), **kwargs)
+    theirs = _upstream(t, table, config, cu, CPGroup(), 0.93, 64, **options)
+    _assert_same(ours, theirs)
+    plain = _upstream(t, table, config, cu, CPGroup(), 0.93, 64)
+    assert not torch.equal(theirs, plain), "the option changes the result"
+    grad = torch.randn_like(theirs)
+    (ours_g,) = torch.autograd.grad(ours, t, grad)
+    (theirs_g,) = torch.autograd.grad(theirs, t, grad)
+    _assert_same(ours_g, theirs_g)
+    assert any(key[0] == "positions" for key in mla_adapter.packed_batch(params).cached)
+
+
+def test_inverse_undoes_the_rotation():
+    """The adapter's own tables: the inverse rotation takes a rotated tensor back (fp32)."""
+    table = _freqs(32)
+    positions = torch.arange(32, dtype=torch.int32)
+    t = torch.randn(32, 2, 16, dtype=torch.float64)
+    rot = mla_adapter.rotation_table(table.double(), torch.float64)
+    back = mla_adapter.rotation_table(table.double(), torch.float64, inverse=True)
+    there = mla_adapter.rotate_packed(t, rot.index_select(0, positions))
+    again = mla_adapter.rotate_packed(there, back.index_select(0, positions))
+    torch.testing.assert_close(again, t)
+    assert not torch.allclose(there, t)

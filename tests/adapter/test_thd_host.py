@@ -20,34 +20,22 @@ Device-free checks of issue 20, in every patched line:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import types
 
 import pytest
 import torch
 from host_counts import HostReads, OpCounter
-from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
 from mla_build import packed_seq_params
 from mla_configs import SMALL, YARN, make_config
+from rope_calls import CPGroup, mla_rope_kwargs
+from rope_calls import freqs as _freqs
+from rope_calls import upstream
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 SIZES_MESSAGE = "without max_seqlen_q/max_seqlen_kv"
-
-
-class CPGroup:
-    """The two questions RoPE asks a context-parallel group (no collective is run)."""
-
-    def __init__(self, size: int = 1, rank: int = 0) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
 
 
 def _cu(*lengths, device="cpu"):
@@ -61,19 +49,9 @@ def _params(cu, longest=None, **kwargs):
     return packed_seq_params(cu=cu, max_seqlen=longest, **kwargs)
 
 
-def _freqs(max_len, dim=16, device="cpu"):
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
-    return torch.cat((angles, angles), dim=-1)[:, None, None, :].to(device)
-
-
-def _upstream(t, freqs, config, cu, mscale=1.0):
-    kwargs = {}
-    if "mla_rotary_interleaved" in inspect.signature(rope_utils.apply_rotary_pos_emb).parameters:
-        kwargs["mla_rotary_interleaved"] = True
-    return rope_utils.apply_rotary_pos_emb(
-        t, freqs, config=config, cu_seqlens=cu, mscale=mscale, cp_group=CPGroup(), **kwargs
-    )
+def _upstream(t, freqs, config, cu, mscale=1.0, max_seqlen=None):
+    """Upstream's RoPE as MLA calls it; ``max_seqlen`` is MLA's table (the batch's sizes)."""
+    return upstream(t, freqs, config, cu, CPGroup(), mscale, max_seqlen or freqs.size(0))
 
 
 def _layer_step(layer, params, q, k, freqs, mscale=1.0):
@@ -81,7 +59,8 @@ def _layer_step(layer, params, q, k, freqs, mscale=1.0):
     rope_params = mla_adapter.normalize_packed_seq(layer, params, torch.zeros(q.size(0), 1, 128))
     apply = mla_adapter.rotary_pos_emb_fn(layer, rope_params)
     cu = rope_params.cu_seqlens_q
-    kwargs = dict(cu_seqlens=cu, mscale=mscale, cp_group=CPGroup(), mla_rotary_interleaved=True)
+    kwargs = dict(cu_seqlens=cu, mscale=mscale, cp_group=CPGroup())
+    kwargs.update(mla_rope_kwargs(freqs.size(0)))
     return apply(q, freqs, layer.config, **kwargs), apply(k, freqs, layer.config, **kwargs)
 
 
@@ -184,7 +163,7 @@ def test_h2_and_h8_read_nothing_on_fake_cuda_tensors(layer):
         params = _params(cu, 16)
         rope_params = mla_adapter.normalize_packed_seq(layer, params, torch.empty(16, 1, 128))
         apply = mla_adapter.rotary_pos_emb_fn(layer, rope_params)
-        kwargs = dict(cu_seqlens=cu, mscale=0.9, cp_group=CPGroup(), mla_rotary_interleaved=True)
+        kwargs = dict(cu_seqlens=cu, mscale=0.9, cp_group=CPGroup(), **mla_rope_kwargs(16))
         out_q = apply(fq, table, layer.config, **kwargs)
         out_k = apply(fk, table, layer.config, **kwargs)
     assert out_q.device.type == out_k.device.type == "cuda"

@@ -11,7 +11,8 @@ questions at that boundary, one section each, in this order:
 1. Layer metadata: head widths, softmax scale, the ``kv_channels`` other code reads, and which
    latent/query norms the layer has.
 2. Packed (THD) sequences: a batch's parameters prepared once, RoPE over the whole packed
-   batch, V padded only for kernels that need equal head dims.
+   batch, V padded only for kernels that need equal head dims, and either context-parallel
+   layout (dev's ``cp_partition_mode``) taken by converting to the zigzag one MLA runs.
 3. Attention backend: is ``--attention-backend`` an MLA path on this TE / GPU, decided at model
    build (else an :class:`MLACompatibilityError` naming the flag), and the core attention that
    runs it.
@@ -32,6 +33,9 @@ H6   ``TransformerLayer.__init__`` (up to 0.16)              ``per_layer_value``
 H7   ``get_transformer_layer_offset`` (on entry)             ``pipeline_layer_offset``     4
 H8   ``MLASelfAttention.get_query_key_value_tensors``        ``rotary_pos_emb_fn``         2
 H9   ``MLASelfAttention._resolve_qk_norm_config`` (0.19+)    ``resolve_qk_norms``          1
+H10  ``MultiLatentAttention.forward`` (dev: entry, return)   ``zigzag_cp_input``,          2
+     and ``TransformerConfig.__post_init__`` (dev)           ``cp_layout_output``,
+                                                             ``cp_layout_served``
 ==== ======================================================= ============================= ====
 
 H9 says which norms the layer has (question 1). H1 sets the layer's softmax scale (1) and builds
@@ -94,7 +98,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 __all__ = [
-    # The hook entry points, H1 .. H9.
+    # The hook entry points, H1 .. H10.
     "core_attention_spec",
     "normalize_packed_seq",
     "resolve_attention_backend",
@@ -104,6 +108,9 @@ __all__ = [
     "pipeline_layer_offset",
     "rotary_pos_emb_fn",
     "resolve_qk_norms",
+    "zigzag_cp_input",
+    "cp_layout_output",
+    "cp_layout_served",
     # What their callers handle.
     "MLACompatibilityError",
     "BackendDecision",
@@ -774,12 +781,14 @@ def thd_positions(
     cp_size: int = 1,
     cp_rank: int = 0,
     cp_layout: str = "zigzag",
+    from_batch_start: bool = False,
 ) -> torch.Tensor:
     """The RoPE position of every local token of a THD batch, on the offsets' device, no host read.
 
-    Positions restart at 0 at every sequence. Under context parallelism a rank's tokens get
-    their global positions by ``cp_layout`` (:data:`CP_LAYOUTS`; Megatron's load-balanced split
-    is ``zigzag``).
+    Positions restart at 0 at every sequence (``from_batch_start``: they count from the start
+    of the packed batch instead, for a table that covers the whole batch). Under context
+    parallelism a rank's tokens get their global positions by ``cp_layout``
+    (:data:`CP_LAYOUTS`; Megatron's load-balanced split is ``zigzag``).
 
     Args:
         cu_seqlens: Global (padded) offsets, ``[sequences + 1]``.
@@ -787,15 +796,18 @@ def thd_positions(
         cp_size: Context-parallel size.
         cp_rank: This rank in the context-parallel group.
         cp_layout: How sequences are split over the context-parallel ranks.
+        from_batch_start: Add each sequence's start offset.
 
     Returns:
         ``[tokens]`` positions (the offsets' dtype).
     """
     sequence, local, offsets = thd_tokens(cu_seqlens, tokens, cp_size)
-    if cp_size == 1:
-        return local
-    share = torch.diff(offsets).index_select(0, sequence)
-    return CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
+    if cp_size > 1:
+        share = torch.diff(offsets).index_select(0, sequence)
+        local = CP_LAYOUTS[cp_layout](local, share, cp_size, cp_rank)
+    if from_batch_start:
+        local = local + cu_seqlens.index_select(0, sequence)
+    return local
 
 
 # >>> until upstream: THD RoPE one sequence at a time (H8) -----------------------------------
@@ -886,6 +898,23 @@ def _whole_table(rotary: torch.nn.Module, length: int) -> torch.Tensor:
     return table[0] if isinstance(table, tuple) else table
 
 
+#: Options of upstream's ``apply_rotary_pos_emb`` the one-pass path computes itself (each where
+#: the release's function takes it: ``inverse``, ``mla_output_remove_interleaving`` and
+#: ``max_seqlen`` on upstream main and dev, 2026-08); a call with any other goes to upstream.
+_PACKED_OPTIONS = frozenset(
+    ("mla_rotary_interleaved", "inverse", "mla_output_remove_interleaving", "max_seqlen")
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (upstream's RoPE contract, by signature)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _packed_rotary_pos_emb(
     batch: PackedBatch,
     upstream: Callable[..., torch.Tensor],
@@ -897,37 +926,56 @@ def _packed_rotary_pos_emb(
     cu_seqlens: Optional[torch.Tensor] = None,
     mscale: float = 1.0,
     cp_group: Optional[torch.distributed.ProcessGroup] = None,
-    mla_rotary_interleaved: Optional[bool] = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    if cu_seqlens is None or kwargs or not isinstance(freqs, torch.Tensor):
-        if mla_rotary_interleaved is not None:
-            kwargs["mla_rotary_interleaved"] = mla_rotary_interleaved
+    """Upstream's THD RoPE contract in one pass (the options :data:`_PACKED_OPTIONS` names).
+
+    ``max_seqlen`` (main and dev): a table longer than it covers the whole packed batch, and
+    positions count from the batch's start (upstream's rule; MLA passes ``max_seqlen_q`` for q
+    and ``max_seqlen_kv`` for k on dev, their maximum for both on main). Where upstream takes
+    ``max_seqlen`` and none is given (main reads the offsets then; dev refuses), upstream runs.
+    """
+    max_seqlen = kwargs.get("max_seqlen")
+    if (
+        cu_seqlens is None
+        or not _PACKED_OPTIONS.issuperset(kwargs)
+        or not isinstance(freqs, torch.Tensor)
+        or getattr(config, "mrope_section", None) is not None
+        or any(not _takes(upstream, name) for name in kwargs)
+        or (max_seqlen is None and _takes(upstream, "max_seqlen"))
+    ):
         return upstream(
             t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs
         )
     if cp_group is None:
         cp_group = parallel_state.get_context_parallel_group()
+    mla_rotary_interleaved = kwargs.get("mla_rotary_interleaved")
     if mla_rotary_interleaved is None:
         mla_rotary_interleaved = config.multi_latent_attention
+    inverse = bool(kwargs.get("inverse", False))
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     if rotary is not None:  # the table MLA computed is this rank's bshd chunks only
         length = freqs.size(0) * cp_size
         key = ("table", id(rotary), length)
         freqs = batch.memo(key, (rotary,), lambda: _whole_table(rotary, length), layer_call)
     table_len, tokens = freqs.size(0), t.size(0)
+    whole_batch = max_seqlen is not None and table_len > max_seqlen
 
     def _positions() -> torch.Tensor:  # padding tokens past the table take its last row
-        return thd_positions(cu_seqlens, tokens, cp_size, cp_rank).clamp_(max=table_len - 1)
+        at = thd_positions(cu_seqlens, tokens, cp_size, cp_rank, from_batch_start=whole_batch)
+        return at.clamp_(max=table_len - 1)
 
-    key = ("positions", tokens, cp_size, cp_rank, table_len)
+    key = ("positions", tokens, cp_size, cp_rank, table_len, whole_batch)
     at = batch.memo(key, (cu_seqlens,), _positions, layer_call)
-    key = ("rotation", t.dtype, mscale, config.rotary_interleaved)
+    key = ("rotation", t.dtype, mscale, config.rotary_interleaved, inverse)
     rotation = layer_call.get(key)
     if rotation is None or rotation[0] is not freqs or rotation[1] is not at:
-        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved)
+        table = rotation_table(freqs, t.dtype, mscale, config.rotary_interleaved, inverse)
         rotation = layer_call[key] = (freqs, at, table.index_select(0, at))
-    return rotate_packed(t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved)
+    remove_interleaving = bool(kwargs.get("mla_output_remove_interleaving", False))
+    return rotate_packed(
+        t, rotation[2], config.rotary_interleaved, mla_rotary_interleaved, remove_interleaving
+    )
 
 
 #: Per RoPE table (upstream's memoized ``freqs``, or the tensor a slice of it views): per view
@@ -936,27 +984,33 @@ _ROTATIONS = WeakIdKeyDictionary()
 
 
 def rotation_table(
-    freqs: torch.Tensor, dtype: torch.dtype, mscale: float = 1.0, rotary_interleaved: bool = False
+    freqs: torch.Tensor,
+    dtype: torch.dtype,
+    mscale: float = 1.0,
+    rotary_interleaved: bool = False,
+    inverse: bool = False,
 ) -> torch.Tensor:
     """cos and sin of every position of ``freqs``, as :func:`rotate_packed` takes them.
 
-    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``), side by side:
-    ``[cos, sin]`` with sin negated where the rotation negates ``x`` (exactly: negation rounds
-    nowhere), so a rotation is one product and one sum. Kept per table while it lives (made
-    outside CUDA graph capture only; its values depend on the table alone).
+    Upstream's values (cos/sin scaled by ``mscale``, rounded to ``dtype``; sin negated for the
+    inverse rotation), side by side: ``[cos, sin]`` with sin negated where the rotation negates
+    ``x`` (exactly: negation rounds nowhere), so a rotation is one product and one sum. Kept
+    per table while it lives (made outside CUDA graph capture only; its values depend on the
+    table alone).
 
     Args:
         freqs: ``[max_len, 1, 1, rot_dim]`` frequencies.
         dtype: The dtype of the tensors it rotates.
         mscale: YaRN's cos/sin scale.
         rotary_interleaved: Rotate interleaved pairs instead of halves.
+        inverse: The inverse rotation (upstream's ``inverse=True``).
 
     Returns:
         ``[max_len, 2 * rot_dim]`` in ``dtype``.
     """
     base = freqs if freqs._base is None else freqs._base  # pylint: disable=protected-access
     view = (freqs.storage_offset(), tuple(freqs.shape), freqs.stride())
-    key = (view, dtype, mscale, rotary_interleaved)
+    key = (view, dtype, mscale, rotary_interleaved, inverse)
     kept = _ROTATIONS.get(base)
     found = None if kept is None else kept.get(key)
     if found is not None and found[0] == base._version:
@@ -967,6 +1021,8 @@ def rotation_table(
     if mscale != 1.0:  # x * 1.0 == x: upstream's product by 1 changes no bit
         cos, sin = cos * mscale, sin * mscale
     cos, sin = cos.to(dtype), sin.to(dtype)
+    if inverse:
+        sin = -sin
     if rotary_interleaved:  # x -> (-x1, x0, -x3, x2, ...)
         even, odd = sin.unflatten(-1, (-1, 2)).unbind(-1)
         table = torch.cat((cos, torch.stack((-even, odd), dim=-1).flatten(-2)), dim=-1)
@@ -983,6 +1039,7 @@ def rotate_packed(
     rotation: torch.Tensor,
     rotary_interleaved: bool = False,
     mla_rotary_interleaved: bool = False,
+    remove_interleaving: bool = False,
 ) -> torch.Tensor:
     """Rotate a packed ``[tokens, heads, dim]`` tensor by :func:`rotation_table`'s rows.
 
@@ -995,6 +1052,8 @@ def rotate_packed(
         rotation: ``[tokens, 2 * rot_dim]``: each token's row of :func:`rotation_table`.
         rotary_interleaved: Rotate interleaved pairs instead of halves.
         mla_rotary_interleaved: MLA's layout: de-interleave the rotary channels first.
+        remove_interleaving: With ``mla_rotary_interleaved``, interleave the rotated channels
+            back (upstream's ``mla_output_remove_interleaving``).
 
     Returns:
         The rotated tensor, same shape and dtype.
@@ -1016,6 +1075,8 @@ def rotate_packed(
         both = torch.cat((x, torch.stack((odd, even), dim=-1).flatten(-2)), dim=-1)
     products = both * rotation.view(t.size(0), *([1] * (t.dim() - 2)), 2 * rot_dim)
     out = torch.add(*products.view(products.shape[:-1] + (2, rot_dim)).unbind(-2))
+    if mla_rotary_interleaved and remove_interleaving:  # (x0, x2, .., x1, x3, ..) -> (x0, x1, ..)
+        out = torch.stack(out.chunk(2, dim=-1), dim=-1).flatten(-2)
     if t.size(-1) == rot_dim:
         return out
     return torch.cat((out, t.narrow(-1, rot_dim, t.size(-1) - rot_dim)), dim=-1)
@@ -1080,6 +1141,161 @@ def upstream_value_pad(attention: MultiLatentAttention, need_v_pad: bool) -> boo
 
 
 # <<< the unconditional V pad of packed batches (H5) -----------------------------------------
+
+
+# >>> until upstream: MLA takes its input in the zigzag CP layout only (H10) ------------------
+# Obsolete-If: mla.cp_layout=converts. Drop-When: MultiLatentAttention.forward converts its
+#     input to the zigzag layout itself, as Attention.forward does, and TransformerConfig takes
+#     cp_partition_mode='contiguous' with MLA. Upstream: none filed; the layouts are
+#     NVIDIA/Megatron-LM PR #6387 (dev, 2026-08: MLA raises "CP partition conversion must be
+#     handled before entering MLA", and the config refuses MLA outside dsv4_hybrid).
+
+#: The context-parallel layout MLA's RoPE and core attention take (TE's THD context
+#: parallelism and :data:`CP_LAYOUTS`): two chunks of every sequence per rank.
+_MLA_CP_LAYOUT = "zigzag"
+
+#: Attention variants whose MLA layers are ``MultiLatentAttention`` (H10 converts their input):
+#: none, and the linear-attention hybrids whose full-attention layers are MLA. Other variants
+#: build their own attention class (DSA's absorbed MLA), which upstream's rules govern.
+_CONVERTED_VARIANTS = (None, "gated_delta_net")
+
+
+def cp_layout_served(config: TransformerConfig) -> bool:
+    """Hook H10 (``TransformerConfig.__post_init__``): whether MLA layers take the config's
+    context-parallel layout.
+
+    Upstream refuses ``cp_partition_mode='contiguous'`` with MLA under context parallelism
+    (outside ``dsv4_hybrid``), since ``MultiLatentAttention`` takes zigzag batches only. With
+    the adapter MLA converts its input to zigzag and its output back (:func:`zigzag_cp_input`),
+    with upstream's converter, as upstream's ``Attention`` does. Called where upstream refuses.
+
+    Args:
+        config: The config being initialized.
+
+    Returns:
+        ``True`` where the adapter serves the layout (upstream's other rules for the layout
+        stand), ``False`` for a variant building its own MLA class (upstream's refusal stands).
+
+    Raises:
+        MLACompatibilityError: The conversion cannot run with this config (a CUDA graph of the
+            whole iteration); the message names the field and the value that works.
+    """
+    if getattr(config, "experimental_attention_variant", None) not in _CONVERTED_VARIANTS:
+        return False
+    if getattr(config, "cuda_graph_impl", None) == "full_iteration":
+        raise MLACompatibilityError(
+            f"cp_partition_mode={config.cp_partition_mode!r} with MLA under context parallelism: "
+            f"MLA layers take their input in the {_MLA_CP_LAYOUT} layout, converted and converted "
+            "back in every layer, which a CUDA graph of the whole iteration cannot hold "
+            f"(cuda_graph_impl='full_iteration'). Use cp_partition_mode='{_MLA_CP_LAYOUT}' "
+            f"(--cp-partition-mode {_MLA_CP_LAYOUT}), or another --cuda-graph-impl."
+        )
+    return True
+
+
+def zigzag_cp_input(
+    attention: MultiLatentAttention,
+    hidden_states: torch.Tensor,
+    packed_seq_params: Optional[PackedSeqParams],
+    attention_mask: Optional[torch.Tensor] = None,
+    key_value_states: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Any]:
+    """Hook H10 (``MultiLatentAttention.forward``): MLA's input in the zigzag CP layout.
+
+    The model's layout is ``config.cp_partition_mode``; where it is not zigzag (and the layer's
+    context-parallel group has two ranks or more), upstream's
+    ``convert_module_input_tensors_cp_partition_mode`` moves the rank's tokens to the zigzag
+    layout, exactly as ``Attention.forward`` does (each rank then holds what upstream's zigzag
+    path gives it: RoPE positions, chunks and kernels are that path's), and the converter it
+    returns takes the output back (:func:`cp_layout_output`). A THD batch without a prebuilt
+    route (``PackedSeqParams.cp_partition_route``) gets one, once per batch, with upstream's
+    ``prebuild_thd_cp_partition_routes`` (one read of its offsets).
+
+    Args:
+        attention: The MLA module (its config and ``pg_collection``, the CP group already
+            swapped for a dynamic one).
+        hidden_states: The layer input in the model's layout.
+        packed_seq_params: ``PackedSeqParams`` or ``None``.
+        attention_mask: A dense mask (upstream refuses one where tokens move).
+        key_value_states: Cross-attention states (upstream refuses them where tokens move).
+
+    Returns:
+        ``(hidden_states, back)``: the input in the zigzag layout, and upstream's converter back
+        to the model's layout (``None`` where nothing moved).
+
+    Raises:
+        MLACompatibilityError: The batch says another layout than the model, or a route would
+            have to be built inside a CUDA graph capture.
+    """
+    config = attention.config
+    cp_group = attention.pg_collection.cp
+    layout = getattr(config, "cp_partition_mode", _MLA_CP_LAYOUT)
+    if cp_group is None or cp_group.size() < 2:
+        return hidden_states, None
+    thd = getattr(packed_seq_params, "qkv_format", None) == "thd"
+    said = getattr(packed_seq_params, "cp_partition_mode", layout) if thd else layout
+    if said != layout:
+        raise MLACompatibilityError(
+            f"PackedSeqParams.cp_partition_mode is {said!r} but the model's "
+            f"config.cp_partition_mode is {layout!r}: MLA converts from the model's layout. "
+            f"Build the batch in the model's layout (cp_partition_mode={layout!r}), or set "
+            f"the config's cp_partition_mode to {said!r}."
+        )
+    if layout == _MLA_CP_LAYOUT:
+        return hidden_states, None
+    # pylint: disable=import-outside-toplevel
+    from megatron.core.context_parallel_layout import (
+        convert_module_input_tensors_cp_partition_mode,
+        prebuild_thd_cp_partition_routes,
+    )
+
+    if thd and getattr(packed_seq_params, "cp_partition_route", None) is None:
+        if _capturing():
+            raise MLACompatibilityError(
+                f"A THD batch in the {layout} CP layout without PackedSeqParams."
+                "cp_partition_route inside a CUDA graph capture: building the route reads the "
+                "offsets. Prebuild it with the batch (megatron.core.context_parallel_layout."
+                "finalize_packed_seq_params, as Megatron's data path does)."
+            )
+        _log_once(
+            logging.WARNING,
+            f"mla-seam: THD batches in the {layout} CP layout without a prebuilt "
+            "PackedSeqParams.cp_partition_route: MLA builds it once per batch (one read of the "
+            "offsets); finalize_packed_seq_params builds it with the batch.",
+        )
+        prebuild_thd_cp_partition_routes(packed_seq_params, cp_group)
+    pg_collection = attention.pg_collection
+    return convert_module_input_tensors_cp_partition_mode(
+        hidden_states=hidden_states,
+        packed_seq_params=packed_seq_params,
+        target_partition_mode=_MLA_CP_LAYOUT,
+        sequence_parallel=config.sequence_parallel,
+        config=config,
+        cp_group=cp_group,
+        tp_group=getattr(pg_collection, "tp", None),
+        tp_cp_group=getattr(pg_collection, "tp_cp", None),
+        attention_mask=attention_mask,
+        key_value_states=key_value_states,
+    )
+
+
+def cp_layout_output(attention: MultiLatentAttention, back: Any, output: torch.Tensor) -> Any:
+    """Hook H10 (end of ``MultiLatentAttention.forward``): the output in the input's CP layout.
+
+    Args:
+        attention: The MLA module.
+        back: The converter :func:`zigzag_cp_input` returned (``None``: nothing moved).
+        output: The attention output, ``[tokens, batch, hidden]`` in the zigzag layout.
+
+    Returns:
+        The output in the model's layout.
+    """
+    if back is None:
+        return output
+    return back.convert(output, seq_dim=0, sequence_parallel=attention.config.sequence_parallel)
+
+
+# <<< MLA takes its input in the zigzag CP layout only (H10) ----------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
