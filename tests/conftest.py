@@ -20,6 +20,8 @@ import pytest
 from mla_seam import gitlayer, releases, upstream
 from mla_seam.paths import cache_dir
 from mla_seam.series import load_series
+from support import COMBO, make_bundle
+from synthetic_upstream import Upstream, build_upstream
 
 #: A git clone (or bare mirror) of NVIDIA/Megatron-LM for the tests of main and dev.
 CLONE_ENV = "MLA_SEAM_UPSTREAM_CLONE"
@@ -171,3 +173,27 @@ def target_checkout(upstream_clone: Path) -> Callable[..., Path]:
         return dest
 
     return factory
+
+
+# --- the rebase, drift, partial-clone and nightly tests ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def combo(tmp_path_factory: pytest.TempPathFactory, seam_cache: Path) -> Path:
+    """READ-ONLY checkout with the tags of :data:`COMBO`, HEAD at the last (rebase never writes)."""
+    dest = tmp_path_factory.mktemp("combo") / "megatron"
+    return upstream.get_many(list(COMBO), dest, cache=seam_cache)
+
+
+@pytest.fixture
+def repo_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A bundle copy that mla-seam uses for this test (``MLA_SEAM_ROOT``)."""
+    root = make_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("MLA_SEAM_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def upstream_remote(tmp_path_factory, fresh_checkout) -> Upstream:
+    """The bare upstream of :mod:`synthetic_upstream` (built once per session)."""
+    return build_upstream(tmp_path_factory.mktemp("upstream"), fresh_checkout)

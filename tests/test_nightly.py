@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from mla_seam import gitlayer, nightly, paths
 from mla_seam.nightly import cpu, github, publish, state, targets, texts
-from test_partial_clones import SPARSE, upstream_remote  # noqa: F401 (fixture)
-from test_rebase import DATE, REPO, bundle  # noqa: F401 (fixture)
+from support import REBASE_DATE as DATE
+from support import REPO
+from synthetic_upstream import SPARSE
 
 DISCOVERY = """[
   {"version": "0.19.2", "tag": "core_v0.19.2", "line": "0.19", "prerelease": false,
@@ -362,7 +363,7 @@ def _calls(out: Path) -> list:
 
 
 @pytest.mark.slow
-def test_two_nights_end_to_end(upstream_remote, project, bundle, tmp_path, capsys):
+def test_two_nights_end_to_end(upstream_remote, project, repo_bundle, tmp_path, capsys):
     clone = tmp_path / "megatron"
     gitlayer.clone(upstream_remote.url, clone, filter_spec="blob:none", sparse=SPARSE)
     repo = gitlayer.open_repo(clone)

@@ -153,13 +153,7 @@ def test_one_pass_rope_in_a_layer_equals_upstreams(sizes, cpu_device, monkeypatc
     weights = [x] + list(layer.parameters())
 
     def run():
-        packed = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=sizes[0],
-            max_seqlen_kv=sizes[1],
-        )
+        packed = packed_seq_params(cu=cu, max_seqlen_q=sizes[0], max_seqlen_kv=sizes[1])
         out, _ = layer(x, None, packed_seq_params=packed)
         return out, torch.autograd.grad(out, weights, grad), packed
 

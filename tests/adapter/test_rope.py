@@ -249,7 +249,7 @@ def test_separate_q_and_kv_max_seqlen_rotate_as_upstream(cp_size, parallel_state
     q, k = torch.randn(tokens, 4, 16), torch.randn(tokens, 1, 16)
     for rank in range(cp_size):
         group = CPGroup(cp_size, rank)
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params = packed_seq_params(cu=cu)
         params.max_seqlen_q, params.max_seqlen_kv = longest, table.size(0)
         layer = types.SimpleNamespace(config=config)
         mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))
