@@ -5,7 +5,8 @@ The 0.19.2 release (built from its PyPI sdist, tagged ``core_v0.19.2``), then up
 that move three hooks of the core_v0.19 series (H4 moved down: offset; a context line of H3
 edited two lines away from it: a clean 3-way merge; the line H7 sits under rewritten: a
 conflict), the release ``core_v0.20.0``, and ``main`` after it (the H7 change reverted,
-version 0.21.0).
+version 0.21.0); and a ``dev`` branch from 0.19.2 that says 0.19.0 and rewrites the line H7
+sits under (a conflict, one culprit).
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ def build_upstream(root: Path, fresh_checkout: Callable[[str, Path], Path]) -> U
     commits["revert"] = commit_all(work, "upstream: revert the pipeline rank check")
     edit(work / PACKAGE_INFO, "MINOR = 20\n", "MINOR = 21\n")
     commits["main"] = commit_all(work, "upstream: main is 0.21.0")
+    gitlayer.checkout_branch(repo, "dev", commits["core_v0.19.2"])
+    pp_dev = "        pp_rank = parallel_state.get_pipeline_model_parallel_rank(dev=1)\n"
+    edit(work / TL, pp_old, pp_dev)
+    edit(work / PACKAGE_INFO, "PATCH = 2\n", "PATCH = 0\n")
+    commits["dev"] = commit_all(work, "dev: the pipeline rank of dev (says 0.19.0)")
     bare = root / "upstream.git"
     gitlayer.init_bare(bare)
-    repo.git.push("--quiet", str(bare), "main:refs/heads/main", "--tags")
+    repo.git.push("--quiet", str(bare), "main:refs/heads/main", "dev:refs/heads/dev", "--tags")
     return Upstream(bare, bare.as_uri(), commits)

@@ -1,189 +1,140 @@
-"""Crash safety: kill ``mla-seam apply`` / ``--revert`` at every step of the commit protocol.
-
-The CLI runs in a subprocess with ``MLA_SEAM_CRASH_AT=<step>``: at that step it signals itself
-(SIGKILL at every step; SIGINT and SIGTERM at some). Afterwards the tree must be fully pristine
-or fully applied once the next run's recovery has run (for SIGINT/SIGTERM: already on exit),
-and a following run must end in the wanted state, with HEAD and the index untouched.
+"""Crash safety beyond SIGKILL at a named step (``test_integrity.py`` has those 200 trials):
+SIGINT and SIGTERM (repaired before the process exits), whole ``python -m mla_seam`` processes
+killed from outside at spread-out moments, a disk that fills up after the commit point, and
+the list of crash steps itself.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Iterator, List
 
+import integrity
 import pytest
-import test_series
-from mla_seam.errors import STATUS_EXIT_CODES
 from mla_seam.tree import CRASH_STEPS
-from test_series import (
-    _MEMO,
-    copy_tree,
-    run_cli,
-    snapshot,
-    state_dir,
-    tree_hash,
-)
-
-N_FILES = 4  # the synthetic series changes 3 patched files + the overlay
-STEPS: List[str] = []
-for _step in CRASH_STEPS:
-    if _step.startswith("recover-"):
-        continue
-    if _step.endswith(":<k>"):
-        STEPS += [_step.replace("<k>", str(k)) for k in range(1, N_FILES + 1)]
-    else:
-        STEPS.append(_step)
-COMMITTED = {"state-written", "journal-removed", "txn-removed"}  # at or after the commit point
-
-# Fixtures shared with the other apply tests (defined in test_series), registered here.
-bundle = test_series.bundle
-make_tree = test_series.make_tree
-seam_base = test_series.seam_base
-seam_env = test_series.seam_env
-
-
-def _refs(
-    env: Dict[str, str], make_tree: Callable[..., Path], git: bool
-) -> Tuple[Path, Path, str, str]:
-    """Templates of a pristine and an applied 0.16.1 tree, and their tree hashes (memoized)."""
-    key = f"atomicity-{git}"
-    if key not in _MEMO:
-        pristine = make_tree("0.16.1", git=git, name=f"{key}-pristine")
-        applied = copy_tree(pristine, pristine.parent / f"{key}-applied")
-        assert run_cli(env, str(applied)).returncode == 0
-        _MEMO[key] = (pristine, applied, tree_hash(pristine), tree_hash(applied))
-    return _MEMO[key]
-
-
-def _crash(
-    env: Dict[str, str], args: List[str], step: str, sig: str
-) -> subprocess.CompletedProcess:
-    return run_cli(env, *args, extra={"MLA_SEAM_CRASH_AT": step, "MLA_SEAM_CRASH_SIGNAL": sig})
-
-
-def _expect(op: str, step: str) -> str:
-    """The state the tree must be in after a crash at ``step`` and recovery."""
-    done = step in COMMITTED
-    if op == "apply":
-        return "applied" if done else "not applied"
-    return "not applied" if done else "applied"
-
-
-def _after_crash(
-    env: Dict[str, str], tree: Path, refs: Tuple[Path, Path, str, str], want: str, head: object
-) -> None:
-    """Recovery by --status, then the state the tree must be in, bytes and git alike."""
-    status = run_cli(env, "--status", str(tree))
-    assert status.returncode == STATUS_EXIT_CODES[want], status.stdout + status.stderr
-    assert status.stdout.splitlines()[0] == want
-    assert tree_hash(tree) == (refs[3] if want == "applied" else refs[2])
-    assert snapshot(tree)[1] == head, "HEAD or the index changed"
-    assert not (state_dir(tree) / "txn").exists()
-
-
-@pytest.mark.parametrize("op", ["apply", "revert"])
-@pytest.mark.parametrize("step", STEPS)
-def test_sigkill_at_every_step(
-    op: str, step: str, seam_env: Dict[str, str], make_tree: Callable[..., Path], tmp_path: Path
-) -> None:
-    refs = _refs(seam_env, make_tree, git=True)
-    tree = copy_tree(refs[0] if op == "apply" else refs[1], tmp_path / "tree")
-    head = snapshot(tree)[1]
-    args = [str(tree)] if op == "apply" else ["--revert", str(tree)]
-    killed = _crash(seam_env, args, step, "KILL")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    _after_crash(seam_env, tree, refs, _expect(op, step), head)
-    final = run_cli(seam_env, *args)
-    assert final.returncode == 0, final.stderr
-    assert tree_hash(tree) == (refs[3] if op == "apply" else refs[2])
-
 
 SIGNAL_CASES = [
-    ("apply", "INT", "locked"),
-    ("apply", "INT", "journal-written"),
-    ("apply", "INT", "replaced:2"),
-    ("apply", "TERM", "replaced:3"),
-    ("apply", "TERM", "state-written"),
-    ("apply", "INT", "txn-removed"),
-    ("revert", "INT", "replaced:1"),
-    ("revert", "TERM", "txn-staged"),
-    ("revert", "TERM", "journal-removed"),
+    ("apply", "worktree", "INT", "locked"),
+    ("apply", "worktree", "INT", "journal-written"),
+    ("apply", "worktree", "INT", "replaced:2"),
+    ("apply", "worktree", "TERM", "replaced:3"),
+    ("apply", "worktree", "TERM", "state-written"),
+    ("apply", "worktree", "INT", "txn-removed"),
+    ("revert", "worktree", "INT", "replaced:1"),
+    ("revert", "worktree", "TERM", "txn-staged"),
+    ("revert", "worktree", "TERM", "journal-removed"),
+    ("apply", "commit", "INT", "commits-built"),
+    ("apply", "commit", "TERM", "replaced:4"),
+    ("apply", "commit", "INT", "state-written"),
+    ("apply", "commit", "TERM", "head-moved"),
+    ("revert", "commit", "INT", "journal-written"),
+    ("revert", "commit", "TERM", "index-reset"),
 ]
 
 
+@pytest.fixture(scope="module")
+def templates(
+    megatron_checkout: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[integrity.Templates]:
+    yield integrity.Templates(
+        megatron_checkout(integrity.RELEASE), tmp_path_factory.mktemp("atomicity")
+    )
+
+
 @pytest.mark.parametrize(
-    "op, sig, step", SIGNAL_CASES, ids=[f"{o}-SIG{s}-{t}" for o, s, t in SIGNAL_CASES]
+    "op, mode, sig, step", SIGNAL_CASES, ids=[f"{o}-{m}-SIG{s}-{t}" for o, m, s, t in SIGNAL_CASES]
 )
 def test_sigint_sigterm_repair_before_exit(
-    op: str,
-    sig: str,
-    step: str,
-    seam_env: Dict[str, str],
-    make_tree: Callable[..., Path],
-    tmp_path: Path,
+    op: str, mode: str, sig: str, step: str, templates: integrity.Templates, tmp_path: Path
 ) -> None:
-    refs = _refs(seam_env, make_tree, git=True)
-    tree = copy_tree(refs[0] if op == "apply" else refs[1], tmp_path / "tree")
-    head = snapshot(tree)[1]
-    args = [str(tree)] if op == "apply" else ["--revert", str(tree)]
-    done = _crash(seam_env, args, step, sig)
-    assert done.returncode == 128 + getattr(signal, f"SIG{sig}"), done.stderr
-    assert f"interrupted by SIG{sig}" in done.stderr
-    want = _expect(op, step)
-    if step in COMMITTED:
-        told = "completed an interrupted" if step == "state-written" else "already been committed"
-    elif step in ("locked", "txn-staged"):
+    start, before, after = templates.get("release", op, mode)
+    tree = integrity.copy(start, tmp_path / "tree")
+    trial = integrity.Trial("release", op, mode, step)
+    done = integrity.crash(trial.args(tree), step, sig)
+    assert done.code == 128 + getattr(signal, f"SIG{sig}"), done.text
+    assert f"interrupted by SIG{sig}" in done.err and not done.traceback, done.err
+    committed = step in integrity.COMMITTED
+    if committed:
+        journal_left = step in ("state-written", "head-moved", "index-reset")
+        told = "completed an interrupted" if journal_left else "already been committed"
+    elif step in ("locked", "txn-staged", "commits-built"):
         told = "nothing had been written"
     else:
         told = "rolled back an interrupted"
-    assert told in done.stderr, done.stderr
+    assert told in done.err, done.err
     # Repaired in-process already: no journal left, the tree in one of its two states.
-    assert not (state_dir(tree) / "txn").exists()
-    assert tree_hash(tree) == (refs[3] if want == "applied" else refs[2])
-    _after_crash(seam_env, tree, refs, want, head)
+    assert integrity.leftovers(tree) == []
+    assert integrity.snapshot(tree) == (after if committed else before)
 
 
-@pytest.mark.parametrize(
-    "step", ["recover-restored:1", "recover-restored:3", "recover-journal-removed"]
-)
-def test_sigkill_during_recovery(
-    step: str, seam_env: Dict[str, str], make_tree: Callable[..., Path], tmp_path: Path
+def _whole_process(args: List[str], delay: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLA_SEAM_")}
+    env["PYTHONPATH"] = str(integrity.REPO_ROOT / "scripts")
+    env.update(integrity.IDENT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mla_seam", "apply", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(delay)
+    proc.kill()
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_whole_process_killed_from_outside(
+    k: int, templates: integrity.Templates, tmp_path: Path
 ) -> None:
-    refs = _refs(seam_env, make_tree, git=True)
-    tree = copy_tree(refs[0], tmp_path / "tree")
-    head = snapshot(tree)[1]
-    assert _crash(seam_env, [str(tree)], "replaced:4", "KILL").returncode == -signal.SIGKILL
-    again = _crash(seam_env, ["--status", str(tree)], step, "KILL")
-    assert again.returncode == -signal.SIGKILL, again.stderr
-    _after_crash(seam_env, tree, refs, "not applied", head)
-    assert run_cli(seam_env, str(tree)).returncode == 0
-    assert tree_hash(tree) == refs[3]
+    """``python -m mla_seam apply [--revert] [--commit]`` as users start it, SIGKILLed from
+    outside at moments spread over its run (start-up included): the next run's repair leaves
+    the tree before or after, never between, and a run after that completes."""
+    op, mode = ("apply", "revert")[k % 2], ("worktree", "commit")[(k // 2) % 2]
+    start, before, after = templates.get("release", op, mode)
+    tree = integrity.copy(start, tmp_path / "tree")
+    args = integrity.Trial("release", op, mode, "t").args(tree)
+    killed = _whole_process(args, 0.25 + 0.2 * k)
+    assert "Traceback" not in killed.stderr, killed.stderr
+    integrity.recover(tree)
+    assert integrity.snapshot(tree) in (before, after)
+    assert integrity.leftovers(tree) == []
+    again = integrity.apply_again(*args)
+    assert again.code == 0, again.text
+    assert integrity.snapshot(tree) == after
 
 
-@pytest.mark.parametrize("op", ["apply", "revert"])
-@pytest.mark.parametrize("step", ["txn-staged", "replaced:2", "state-written"])
-def test_sigkill_on_a_plain_tree(
-    op: str, step: str, seam_env: Dict[str, str], make_tree: Callable[..., Path], tmp_path: Path
+@pytest.mark.parametrize("mode", ["worktree", "commit"])
+def test_disk_full_after_the_commit_point_says_the_run_completed(
+    mode: str, templates: integrity.Templates, tmp_path: Path
 ) -> None:
-    refs = _refs(seam_env, make_tree, git=False)
-    tree = copy_tree(refs[0] if op == "apply" else refs[1], tmp_path / "tree")
-    args = [str(tree)] if op == "apply" else ["--revert", str(tree)]
-    assert _crash(seam_env, args, step, "KILL").returncode == -signal.SIGKILL
-    _after_crash(seam_env, tree, refs, _expect(op, step), None)
-    assert run_cli(seam_env, *args).returncode == 0
-    assert tree_hash(tree) == (refs[3] if op == "apply" else refs[2])
-    if op == "revert":
-        assert not (tree / ".mla-seam").exists(), "a reverted plain tree keeps no state folder"
+    """A write failing after the commit point: exit 24, and the message says the apply is
+    complete (never that a change was rolled back); the next run tidies up."""
+    start, _, after = templates.get("release", "apply", mode)
+    tree = integrity.copy(start, tmp_path / "tree")
+    args = integrity.Trial("release", "apply", mode, "state-written").args(tree)
+    done = integrity.apply(*args, env={"MLA_SEAM_CRASH_AT": "state-written",
+                                       "MLA_SEAM_CRASH_SIGNAL": "ENOSPC"})  # fmt: skip
+    assert done.code == 24 and not done.traceback, done.text
+    assert "itself is complete" in done.err and "rolled back" not in done.err, done.err
+    integrity.recover(tree)
+    assert integrity.snapshot(tree) == after and integrity.leftovers(tree) == []
 
 
-def test_crash_steps_are_all_reached(
-    seam_env: Dict[str, str], make_tree: Callable[..., Path]
-) -> None:
-    """Every step name the matrix uses exists in the code (a renamed step would pass silently)."""
+def test_crash_steps_are_all_reached() -> None:
+    """Every step name exists in the code and the kill trials use every one of them (a renamed
+    step would pass silently)."""
     source = (Path(__file__).resolve().parents[1] / "scripts" / "mla_seam").glob("*.py")
     text = "".join(p.read_text() for p in source)
+    used = {t.step.split(":")[0] for t in integrity.trials()}
+    used |= {t.recovery_step.split(":")[0] for t in integrity.trials() if t.recovery_step}
     for step in CRASH_STEPS:
         name = step.split(":")[0]
-        assert f'crash_point("{name}' in text or f'crash_point(f"{name}' in text, step
+        assert (
+            f'crash_point("{name}' in text
+            or f'crash_point(f"{name}' in text
+            or (f'"{name}" if' in text)
+        ), step
+        assert name in used, f"no kill trial at {step}"

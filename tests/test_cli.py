@@ -13,6 +13,7 @@ from typing import Callable, Dict
 
 import pytest
 import test_series
+from mla_seam import errors
 from mla_seam.errors import STATUS_EXIT_CODES, DirtyTreeError, UsageError
 from test_series import LM, MLA, REPO_ROOT, TC, insert_lines, run_cli, snapshot
 
@@ -225,3 +226,89 @@ def test_disk_full_on_a_small_tmpfs(
             assert run["pristine"], f"a failed apply changed the tree: {run}"
     assert any(r["rc"] == 24 for r in runs), runs
     assert any(r["rc"] == 0 for r in runs), runs
+
+
+def test_readme_and_help_say_what_every_exit_code_and_output_flag_means() -> None:
+    """One home for the codes (mla_seam.errors.exit_codes: the error classes and the status and
+    nightly constants); README's table and `mla-seam apply --help` list every one of them, and
+    both say what -q and --json do."""
+    codes = errors.exit_codes()
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("### Exit codes") :].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0][:1].isdigit():
+            for code in cells[0].split(","):
+                rows[int(code)] = cells[1]
+    assert set(codes) <= set(rows), f"README lacks rows for {sorted(set(codes) - set(rows))}"
+    assert all(rows[c] for c in codes)
+    helptext = subprocess.run(
+        _cmd("--help"), env=_plain_env(), capture_output=True, text=True, check=True
+    ).stdout
+    for code in codes:
+        assert f"\n  {code:>3}  " in helptext, f"--help does not list exit code {code}"
+    for flag, words in (("-q", "no result lines"), ("--json", "one JSON document")):
+        assert flag in helptext and words in helptext
+    applying = readme[readme.index("## Applying") : readme.index("### Exit codes")]
+    assert "`-q` drops the result lines" in applying and "`--json` prints one JSON" in applying
+
+
+def _plain_env() -> Dict[str, str]:
+    import os  # pylint: disable=import-outside-toplevel
+
+    env = {k: v for k, v in os.environ.items() if k != "MLA_SEAM_ROOT"}
+    env["PYTHONPATH"] = str(REPO_ROOT / "scripts")
+    return env
+
+
+def test_quiet_prints_no_result_lines_and_json_still_prints(
+    seam_env: Dict[str, str], make_tree: Callable[..., Path]
+) -> None:
+    tree = make_tree("0.16.1")
+    for args, code in (
+        (["--check"], 0), ([], 0), (["--status"], 0), (["--check"], 0), (["--revert"], 0),
+        (["--status"], STATUS_EXIT_CODES["not applied"]),
+    ):  # fmt: skip
+        done = run_cli(seam_env, *args, "-q", str(tree))
+        assert done.returncode == code, done.stderr
+        assert done.stdout == "", f"-q printed result lines for {args}: {done.stdout}"
+    as_json = run_cli(seam_env, "--status", "--json", "-q", str(tree))
+    assert json.loads(as_json.stdout)["state"] == "not applied"
+    refused = run_cli(seam_env, "-q", str(tree / "nope"))
+    assert refused.returncode == 3 and refused.stdout == "" and "does not exist" in refused.stderr
+
+
+def test_json_for_argument_errors(seam_env: Dict[str, str]) -> None:
+    for args in (
+        ["--json", "--bogus"],
+        ["--json", "--check", "--revert"],
+        ["--json", "--series", ""],
+    ):
+        done = run_cli(seam_env, *args)
+        assert done.returncode == UsageError.exit_code, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["exit_code"] == 2 and doc["error"]["type"] == "UsageError", doc
+        assert doc["error"]["message"] and doc["error"]["hint"]
+
+
+def test_system_errors_never_claim_a_rollback_they_did_not_make(tmp_path: Path) -> None:
+    """The hint of an OSError that reached the CLI says what to do, nothing about the tree: only
+    the apply verb, which knows, says whether a change was rolled back or completed."""
+    import errno  # pylint: disable=import-outside-toplevel
+
+    from mla_seam.cli import os_error  # pylint: disable=import-outside-toplevel
+
+    for code in (errno.ENOSPC, errno.EIO, errno.ENAMETOOLONG, errno.EDQUOT, errno.ENOENT):
+        err = os_error(OSError(code, "x", str(tmp_path / "out")))
+        assert "rolled back" not in err.hint and err.hint, err.hint
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "mla_seam", "apply", "--status"],
+        env={**_plain_env(), "PWD": str(gone)}, cwd=gone, capture_output=True, text=True,
+        preexec_fn=lambda: __import__("os").rmdir(gone),
+    )  # fmt: skip
+    assert done.returncode == 24, done.stderr
+    assert f"the current directory {gone} no longer exists" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -271,15 +271,13 @@ def test_gpu_verdicts_and_history(combo, repo_bundle, tmp_path, capsys, monkeypa
     drift.validate(doc)
     by_tag = {e["tag"]: e for e in doc["tags"]}
     assert by_tag["core_v0.18.2"]["gpu"]["verdict"] == "pass"
-    # ... and a multi-GPU case fails on its patched tree: summarized, but judged only by the
-    # folder's verdict.json (the suite's attribution), which predates that run: stale, said so.
-    slot = by_tag["core_v0.18.2"]["gpu"]
-    assert slot["multigpu"]["cases"] == 2 and slot["multigpu"]["failed"][0]["case"] == (
-        "tp2-sp/layer/te"
+    # ... but a multi-GPU case fails on its patched tree: the tag needs work, and says which.
+    assert by_tag["core_v0.18.2"]["gpu"]["multigpu"]["cases"] == 2
+    assert by_tag["core_v0.18.2"]["verdict"] == "needs_work"
+    assert by_tag["core_v0.18.2"]["reasons"][-1] == (
+        "GPU (h200, 2 GPUs): tp2-sp/layer/te fails on the patched tree (grads<=0.005); "
+        "vanilla: fails alike (grads<=0.005)"
     )
-    assert by_tag["core_v0.18.2"]["verdict"] == "supported"
-    assert "derived without the multi-GPU run beside it" in slot["stale"]
-    assert "--reattribute" in slot["stale"] and "stale" not in by_tag["core_v0.19.2"]["gpu"]
     assert by_tag["core_v0.19.0"]["gpu"] is None
     hit = by_tag["core_v0.19.2"]
     assert (
@@ -295,11 +293,54 @@ def test_gpu_verdicts_and_history(combo, repo_bundle, tmp_path, capsys, monkeypa
     md = (out / "drift.md").read_text()
     assert md.index("## Since the previous run") < md.index("## Matrix")
     assert "upstream_changed (h200)" in md and "## Trend (history file)" in md
-    assert "| pass (h200); 2 GPUs 1/2 (stale verdict.json: re-derive it with --reattribute) |" in md
+    assert "| pass (h200); 2 GPUs 1/2 |" in md
     assert len(history_file.read_text().splitlines()) == 2
     pytest.importorskip("matplotlib")
     for name in ("drift.png", "drift-perf.png", "drift-golden.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def _row(tag: str, version: str) -> dict:
+    """A swept ``tags[]`` entry, every hook exact (for the GPU slot and the rendering)."""
+    return {
+        "tag": tag, "version": version, "line": version[:4], "commit": "c" * 40,
+        "source": "git", "series": "core_v0.19", "served": True, "history": True,
+        "patches": [{"hook": "H1", "class": "exact"}], "contracts": {}, "contract_changes": [],
+        "verdict": "supported", "reasons": [], "baseline": None, "gpu": None,
+    }  # fmt: skip
+
+
+def test_main_and_dev_rows_take_their_own_gpu_verdicts_or_say_there_is_none(tmp_path):
+    """The nightly's rows of followed branches (upstream-main, upstream-dev) take the verdicts
+    filed under the moving target's name only (dev says 0.19.0: that release's is not dev's);
+    without one the row says so, never pass."""
+    from mla_seam.drift import gpu as drift_gpu
+    from mla_seam.drift.render import NO_GPU_VERDICT
+
+    results = tmp_path / "results"
+    for folder, tag, version in (("main", "main", "0.20.0"), ("core_v0.19.0", "core_v0.19.0",
+                                                             "0.19.0")):  # fmt: skip
+        (results / folder / "h200").mkdir(parents=True)
+        doc = _verdict(tag, version, "pass")
+        attribution.validate(doc)
+        (results / folder / "h200" / "verdict.json").write_text(json.dumps(doc))
+    rows = [("core_v0.19.2", "0.19.2"), ("upstream-main", "0.20.0"), ("upstream-dev", "0.19.0")]
+    doc = drift.report("0.19.2..upstream-main", [_row(t, v) for t, v in rows])
+    assert drift_gpu.attach(doc, results) == 1
+    by_tag = {e["tag"]: e for e in doc["tags"]}
+    assert by_tag["upstream-main"]["gpu"]["results"] == "main/h200"
+    assert by_tag["upstream-dev"]["gpu"] is None and by_tag["core_v0.19.2"]["gpu"] is None
+    md = drift.markdown(doc)
+    table = md.split("## Matrix", 1)[1].split("\n## ", 1)[0]
+    matrix = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert matrix["upstream-main"].endswith("| 0 | pass (h200) | supported |")
+    assert matrix["upstream-dev"].endswith(f"| 0 | {NO_GPU_VERDICT} | supported |")
+    assert matrix["core_v0.19.2"].endswith("| 0 | - | supported |")  # a tag: no results, "-"
+    gpu_section = md.split("## GPU verdicts", 1)[1]
+    assert f"- upstream-dev: {NO_GPU_VERDICT} (the suite files it as <DIR>/dev/" in gpu_section
+    assert "| upstream-main | NVIDIA H200 | pass |" in gpu_section
+    assert "- upstream-main:" not in gpu_section
+    assert NO_GPU_VERDICT in drift.html_table(doc)
 
 
 def test_bad_gpu_results_folder(combo, repo_bundle, tmp_path):

@@ -101,6 +101,12 @@ def test_wheel_carries_the_bundle_and_every_verb_works(
     for line in where.stdout.splitlines():
         assert line.startswith(str(installed)), f"not from the installed package: {line}"
     assert (Path(where.stdout.splitlines()[2]) / "test_smoke.py").is_file()
+    bundle = Path(where.stdout.splitlines()[1])
+    for line in sorted(p for p in (REPO_ROOT / "patches").iterdir() if p.is_dir()):
+        shipped = sorted(p.name for p in (bundle / "patches" / line.name).iterdir())
+        assert shipped == sorted(p.name for p in line.iterdir()), line.name
+        assert not [n for n in shipped if n not in ("series", "manifest.json")
+                    and not n.endswith(".patch")], f"{line.name}: only our own files ship"  # fmt: skip
     tree = fresh_checkout(RELEASE, tmp_path / "tree")
     before = snapshot(tree)
     done = _run([str(command), "apply", str(tree)], tmp_path)
@@ -108,8 +114,10 @@ def test_wheel_carries_the_bundle_and_every_verb_works(
     assert (tree / ADAPTER_RELPATH).read_bytes() == (
         REPO_ROOT / "overlay" / ADAPTER_RELPATH
     ).read_bytes()
-    status = _run([str(command), "apply", "--status", str(tree), "-q"], tmp_path)
+    status = _run([str(command), "apply", "--status", str(tree)], tmp_path)
     assert status.returncode == 0 and status.stdout.startswith("applied"), status.stdout
+    quiet = _run([str(command), "apply", "--status", str(tree), "-q"], tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout == "", quiet.stdout
     listed = _run([str(command), "upstream", "list", "--json"], tmp_path)
     assert listed.returncode == 0 and any(
         r["version"] == RELEASE for r in json.loads(listed.stdout)

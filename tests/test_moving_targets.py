@@ -28,6 +28,7 @@ from typing import Dict
 import pytest
 import test_series
 from mla_seam import cli, gitlayer, releases
+from mla_seam.errors import PreimageUnavailableError
 from mla_seam.series import load_series, series_by_name
 from mla_seam.suite.trees import applied_line, inspect_tree, stage_archive
 from mla_seam.survey import series_for_ref
@@ -47,6 +48,10 @@ DATE = "2026-12-03T00:00:00+00:00"
         ("origin/dev", "dev"),
         ("refs/heads/main", "main"),
         ("refs/remotes/upstream/dev", "dev"),
+        ("upstream-main", "main"),  # where the nightly lands a followed branch
+        ("refs/heads/upstream-dev", "dev"),
+        ("upstream-feature", None),  # followed, but no moving target: no series of its own
+        ("origin/upstream-main", None),
         ("feature/x/dev", None),
         ("refs/tags/dev", None),
         ("core_v0.19.2", None),
@@ -56,6 +61,20 @@ DATE = "2026-12-03T00:00:00+00:00"
 )
 def test_a_ref_names_a_moving_target(ref, target):
     assert releases.moving_target(ref) == target
+
+
+def test_followed_branches_land_beside_the_clones_own_and_name_their_series_folder():
+    assert releases.followed_ref("dev") == "upstream-dev"
+    assert [releases.followed_branch(r) for r in ("upstream-dev", "refs/heads/upstream-x")] == [
+        "dev", "x"
+    ]  # fmt: skip
+    assert [releases.followed_branch(r) for r in ("dev", "upstream-", "a/upstream-dev")] == [
+        None, None, None
+    ]  # fmt: skip
+    assert releases.series_folder("upstream-main", "0.20.0") == "main"
+    assert releases.series_folder("main", "0.20.0") == "main"
+    assert releases.series_folder("core_v0.20.0", "0.20.0") == "core_v0.20"
+    assert releases.series_folder("upstream-feature", "0.21.0") == "core_v0.21"
 
 
 def test_a_series_records_the_commit_it_was_made_from():
@@ -253,6 +272,31 @@ def test_a_dev_fork_that_moved_a_hook_is_refused_with_its_commit(upstream, env, 
     assert (
         fork[:7] in refused.stderr and "fork: rewrite above the hook" in refused.stderr
     ), refused.stderr
+    assert snapshot(tree) == before
+
+
+def test_three_way_on_a_target_takes_its_files_from_the_clone_or_names_the_commit(
+    upstream, env, tmp_path
+):
+    """A moving target has no sdist: a dev fork whose repository lacks dev's files gets exit 30
+    naming the commit to fetch, tree unchanged; once fetched, --3way merges and reverts."""
+    fork = _checkout(upstream, tmp_path / "fork", "dev")
+    _edit_line(fork, MLA, 39, "        # fork: rewritten right above the hook")
+    tree = tmp_path / "tree"
+    shutil.copytree(fork, tree, ignore=shutil.ignore_patterns(".git"))
+    subprocess.run(["git", "init", "-q"], cwd=tree, check=True)
+    _commit(tree, "the fork, imported without its history")
+    before = snapshot(tree)
+    dev = str(upstream["dev"])
+    for flags in (["--check", "--3way"], ["--3way"], ["--commit", "--3way"]):
+        refused = _seam(env, "apply", "--series", "dev", *flags, str(tree))
+        assert refused.returncode == PreimageUnavailableError.exit_code, refused.stderr
+        assert f"git fetch origin {dev}" in refused.stderr and "Traceback" not in refused.stderr
+        assert snapshot(tree) == before
+    subprocess.run(["git", "fetch", "-q", str(upstream["up"]), "dev"], cwd=tree, check=True)
+    merged = _seam(env, "apply", "--series", "dev", "--3way", str(tree))
+    assert merged.returncode == 0 and "merged 3-way" in merged.stdout, merged.stderr
+    assert _seam(env, "apply", "--revert", str(tree)).returncode == 0
     assert snapshot(tree) == before
 
 

@@ -2,11 +2,15 @@
 
 Decisions are checked on literal inputs (the discovery JSON, drift report entries); the job
 runs end to end with real git and no GitHub: a local bare "upstream" (``test_partial_clones``:
-a new release tag moving three hooks, one offset, one clean 3-way, one conflict, and ``main``
-after it), a blobless clone of it, and a local bare "origin" of this project. Night one pushes
-the proposal branch, writes the pull-request and issue texts, records the GitHub calls (the one
-thin layer, in dry-run mode) and stages the proposed series for the GPU step (dry run on the
-CPU); night two, with nothing new upstream, changes nothing and calls GitHub not once.
+a new release tag moving three hooks, one offset, one clean 3-way, one conflict, ``main`` after
+it, and a ``dev`` branch that conflicts), a blobless clone of it, and a local bare "origin" of
+this project. Night one pushes main's proposal branch (an update of ``patches/main/``, main's own
+series), writes the pull-request and issue texts (the new tag and dev need a human), records the
+GitHub calls (the one thin layer, in dry-run mode) and stages the proposed series for the GPU
+step (dry run on the CPU); night two, with nothing new upstream, changes nothing and calls
+GitHub not once. Another test moves main after its proposal is merged: ok while the rebase
+writes the checked-in series (a new release tag beside it still gets its own line), a proposal
+once a hooked file moves.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from pathlib import Path
 import pytest
 from mla_seam import gitlayer, nightly, paths
 from mla_seam.nightly import cpu, github, publish, state, targets, texts
+from mla_seam.suite.trees import applied_line
 from support import REBASE_DATE as DATE
 from support import REPO
-from synthetic_upstream import SPARSE
+from synthetic_upstream import LM, SPARSE
 
 DISCOVERY = """[
   {"version": "0.19.2", "tag": "core_v0.19.2", "line": "0.19", "prerelease": false,
@@ -95,6 +100,7 @@ def test_targets_and_what_each_needs(megatron_checkout):
     from mla_seam.survey import load_lines
 
     lines = load_lines(REPO / "patches")
+    dev_made_from = next(s for s in lines if s.name == "dev").upstream["commit"]
     probes = contracts.probe_tree(contracts.DirSource(megatron_checkout("0.19.2")))
     report = {
         "tags": [
@@ -106,24 +112,65 @@ def test_targets_and_what_each_needs(megatron_checkout):
             _entry("core_v0.18.2", "0.18.2", ["conflict"], served=True, reasons=["H1 broke"]),
             _entry("upstream-main", "0.21.0", ["offset", "three_way"]),
             _entry("upstream-dev", "0.19.0", ["three_way"]),
+            _entry("upstream-feature", "0.19.0", ["three_way"]),
+            _entry("upstream-stale", "0.22.0", ["exact"]),  # not followed tonight
         ]
     }
     for entry in report["tags"]:
         entry["contracts"] = probes  # what the adapter handles (no contract problem)
-    found = {t.name: t for t in nightly.moving_targets(report, ["main", "dev"], lines)}
-    assert list(found) == ["core_v0.20.0", "core_v0.20.1", "core_v0.18.2", "main", "dev"]
+    follow = ["main", "dev", "feature"]
+    found = {t.name: t for t in nightly.moving_targets(report, follow, lines)}
+    assert list(found) == [
+        "core_v0.20.0", "core_v0.20.1", "core_v0.18.2", "main", "dev", "feature"
+    ]  # fmt: skip
     entries = {e["tag"]: e for e in report["tags"]}
     actions = {n: nightly.plan(t, entries[t.ref], lines).action for n, t in found.items()}
     assert actions == {
-        "core_v0.20.0": "propose",
         "core_v0.20.1": "human",
+        "core_v0.20.0": "propose",
         "core_v0.18.2": "human",  # the overlay broke on a release the series lists
-        "main": "propose",  # 0.21: no series of that line yet
-        "dev": "human",  # says 0.19.0, a release of core_v0.19: never written over it
+        "main": "propose",  # its own series, patches/main, whatever its version says
+        "dev": "propose",  # says 0.19.0, but patches/dev is written, never core_v0.19
+        "feature": "human",  # no series of its own, and 0.19's series serves releases
     }
     assert found["core_v0.18.2"].kind == "overlay"
-    assert "core_v0.19 series" in found["dev"].reasons[0]
+    assert {n: t.folder for n, t in found.items() if t.action == "propose"} == {
+        "core_v0.20.0": "core_v0.20", "main": "main", "dev": "dev"
+    }  # fmt: skip
+    assert "core_v0.19 series" in found["feature"].reasons[0]
+    assert "no moving target" in found["feature"].reasons[0]
     assert found["main"].branch == "mla-seam/propose/main"
+
+    # dev at the commit patches/dev was made from, surveyed with it: nothing to port.
+    at_snapshot = dict(_entry("upstream-dev", "0.19.0", ["exact"], "supported", ()))
+    at_snapshot.update(commit=dev_made_from, series="dev", served=True, contracts=probes)
+    (dev,) = nightly.moving_targets({"tags": [at_snapshot]}, ["dev"], lines)
+    assert nightly.plan(dev, at_snapshot, lines).action == "ok"
+    # ... a conflict on it still goes to a human, with the port's commands for dev.
+    conflict = dict(
+        at_snapshot,
+        commit="d" * 40,
+        patches=[{"hook": "H1", "class": "conflict", "name": "0001-H1.patch"}],
+    )
+    (dev,) = nightly.moving_targets({"tags": [conflict]}, ["dev"], lines)
+    assert nightly.plan(dev, conflict, lines).action == "human"
+    assert "--onto dev --from dev --keep" in texts.port_commands(dev, conflict["patches"])
+
+
+def test_a_proposal_digest_ignores_the_snapshot_commit_only():
+    manifest = {
+        "releases": ["main@d98e8a64dd"],
+        "upstream": {"commit": "d98e8a64dd" + "0" * 30},
+        "files": {"a.py": [{"pre": "1", "post": "2", "releases": ["main@d98e8a64dd"]}]},
+    }
+    moved = json.loads(json.dumps(manifest).replace("d98e8a64dd", "0123456789"))
+    patch = {"0001-H1.patch": b"diff\n"}
+    first = targets.proposal_digest({**patch, "manifest.json": json.dumps(manifest).encode()})
+    assert first == targets.proposal_digest({**patch, "manifest.json": json.dumps(moved).encode()})
+    moved["files"]["a.py"][0]["pre"] = "3"  # a hooked file moved: a new proposal
+    assert first != targets.proposal_digest({**patch, "manifest.json": json.dumps(moved).encode()})
+    other = {"0001-H1.patch": b"diff 2\n", "manifest.json": json.dumps(manifest).encode()}
+    assert first != targets.proposal_digest(other)
 
 
 def test_exit_code_precedence(tmp_path):
@@ -341,11 +388,11 @@ def test_gpu_runs_only_when_what_the_series_reads_changed(tmp_path):
 # --- end to end: two nights -------------------------------------------------------------------------
 
 
-def _night(tmp_path, name, clone, project):
+def _night(tmp_path, name, clone, project, follow="main,dev"):
     out = tmp_path / name
     common = [
         "--out", str(out), "--megatron", str(clone), "--remote", "origin", "--since", "0.19.2",
-        "--no-discover", "--no-plot", "--follow", "main", "--project", str(project),
+        "--no-discover", "--no-plot", "--follow", follow, "--project", str(project),
         "--github", "acme/mla-seam", "--github-dry-run", "--base-branch", "main",
     ]  # fmt: skip
     codes = {
@@ -373,25 +420,53 @@ def test_two_nights_end_to_end(upstream_remote, project, repo_bundle, tmp_path, 
     text = capsys.readouterr().out
     assert codes == {"cpu": 17, "publish": 0, "gpu": 0, "report": 0}, text
     plan = {t["name"]: t for t in json.loads((out / "targets.json").read_text())["targets"]}
-    assert {n: t["action"] for n, t in plan.items()} == {"core_v0.20.0": "human", "main": "propose"}
+    assert {n: t["action"] for n, t in plan.items()} == {
+        "core_v0.20.0": "human", "main": "propose", "dev": "human"
+    }  # fmt: skip
 
-    # main: every hook carries (H3 merged 3-way, recorded in its header); pushed to origin.
+    # main: every hook carries (H3 merged 3-way, recorded in its header); its own series,
+    # patches/main/, is written (main says 0.21.0: never patches/core_v0.21/), with the
+    # snapshot of the commit it was made from, and pushed to origin.
     main = plan["main"]
     assert main["classes"]["H3"] == "three_way" and main["classes"]["H4"] == "offset"
-    line = out / main["proposal"]["folder"] / "bundle" / "patches" / "core_v0.21"
+    assert main["proposal"]["line_dir"] == "main"
+    proposed = out / main["proposal"]["folder"] / "bundle" / "patches"
+    line = proposed / "main"
+    assert not (proposed / "core_v0.21").exists() and not (proposed / "core_v0.20").exists()
+    manifest = json.loads((line / "manifest.json").read_text())
+    snapshot = f"main@{upstream_remote.commits['main'][:10]}"
+    assert manifest["releases"] == [snapshot] and manifest["line"] == "main"
+    assert manifest["upstream"]["commit"] == upstream_remote.commits["main"]
     h3 = next(line.glob("*-H3-*")).read_text()
     assert "Merged-3way: 3-way onto upstream-main" in h3 and "Last-Update: 2026-12-01" in h3
     refs = _refs(project)
     head = refs["refs/heads/mla-seam/propose/main"]
     prepo = gitlayer.open_repo(project)
+    for name in ("series", "manifest.json"):
+        assert (
+            gitlayer.read_file_at(prepo, head, f"patches/main/{name}") == (line / name).read_bytes()
+        )
+    assert gitlayer.files_under(prepo, head, "patches/core_v0.21") == []
+    message = gitlayer.commit_author(prepo, head)[1]
+    assert "Mla-Seam-Proposal:" in message and "with patches/main/" in message
     assert (
-        gitlayer.read_file_at(prepo, head, "patches/core_v0.21/series")
-        == (line / "series").read_bytes()
-    )
-    assert "Mla-Seam-Proposal:" in gitlayer.commit_author(prepo, head)[1]
-    assert (
-        gitlayer.read_file_at(prepo, refs["refs/heads/main"], "patches/core_v0.21/series") is None
-    )
+        gitlayer.read_file_at(prepo, refs["refs/heads/main"], "patches/main/manifest.json")
+        != (line / "manifest.json").read_bytes()
+    )  # the default branch keeps its own main series until the PR is merged
+    pr_body = (out / main["proposal"]["folder"] / "PR.md").read_text()
+    assert "wrote `patches/main/`" in pr_body and f"`{snapshot}`" in pr_body
+
+    # dev: its own series exists, but H7 conflicts on it: a tracking issue for dev, with the
+    # hunk, the one culprit and the port's commands (onto dev: patches/dev is what they write).
+    dev_issue = (out / "issues" / "dev.md").read_text()
+    assert "transformer_layer.py" in dev_issue
+    hunks = dev_issue.split("## Hunks", 1)[1].split("\n## ", 1)[0]
+    assert "transformer_layer.py" in hunks and hunks.count(upstream_remote.commits["dev"][:12]) == 1
+    assert "mla-seam rebase --megatron CLONE --onto dev --from 0.19 --keep" in dev_issue
+    # the drift report carries main and dev as rows, with no GPU verdict yet (none committed)
+    md = (out / "drift" / "drift.md").read_text()
+    for row in ("upstream-main", "upstream-dev"):
+        assert re.search(rf"^\| {row} \|.*\| no GPU verdict yet \| needs_work \|$", md, re.M), md
 
     # core_v0.20.0: the conflict needs a human; the issue names the hunk, culprit and command.
     issue = (out / "issues" / "core_v0.20.0.md").read_text()
@@ -403,9 +478,11 @@ def test_two_nights_end_to_end(upstream_remote, project, repo_bundle, tmp_path, 
     posts = [
         (c["argv"][4].rsplit("/", 1)[-1], c["payload"]) for c in calls if c["argv"][3] == "POST"
     ]
-    assert [p[0] for p in posts] == ["labels", "issues", "pulls"]  # in the report's order
+    assert [p[0] for p in posts] == ["labels", "issues", "pulls", "issues"]  # the report's order
     assert "core_v0.20.0" in posts[1][1]["title"] and posts[1][1]["labels"] == ["mla-seam-drift"]
     assert posts[2][1]["head"] == "mla-seam/propose/main" and posts[2][1]["base"] == "main"
+    assert "patches/main" in posts[2][1]["title"]
+    assert posts[3][1]["title"] == "mla-seam: upstream dev needs a hand-made port"
     assert all(len(p[1].get("body", "")) < texts.BODY_LIMIT for p in posts)
 
     # The GPU step stages the proposed series on main (dry run: no GPU here).
@@ -415,6 +492,7 @@ def test_two_nights_end_to_end(upstream_remote, project, repo_bundle, tmp_path, 
     patched = Path(verdicts["main"]["trees"]["patched"])
     assert (patched / paths.ADAPTER_RELPATH).is_file()
     assert gitlayer.head_commit(gitlayer.open_repo(patched)) == upstream_remote.commits["main"]
+    assert applied_line(patched) == "main"  # the proposal's patches/main, filed as main
     saved = json.loads(
         gitlayer.read_file_at(prepo, _refs(project)["refs/heads/" + state.BRANCH], "state.json")
     )
@@ -510,3 +588,93 @@ def test_report_posts_a_gpu_verdict_once_on_the_pull_request_and_the_issue(tmp_p
     assert len((folder / "gpu-history.jsonl").read_text().splitlines()) == 1
     publish.run_report(nightly.Job(out, phase="report"), args, folder, gh)
     assert len(gh.calls) == 2  # the same verdict again: nobody is notified twice
+
+
+def _cpu_night(tmp_path, name, clone, project, follow="main"):
+    """The CPU phase alone; its exit code and the targets it decided, by name."""
+    out = tmp_path / name
+    code = nightly.main([
+        "--phase", "cpu", "--out", str(out), "--megatron", str(clone), "--remote", "origin",
+        "--since", "0.19.2", "--no-discover", "--no-plot", "--follow", follow,
+        "--project", str(project), "--state", str(tmp_path / "state"),
+    ])  # fmt: skip
+    plan = json.loads((out / "targets.json").read_text())["targets"]
+    return code, {t["name"]: t for t in plan}
+
+
+def _move_upstream(pusher: Path, parent: str, files: dict, message: str) -> str:
+    """Push a commit on upstream main (the bare the clone fetches from) that writes ``files``."""
+    repo = gitlayer.open_repo(pusher)
+    commit = gitlayer.commit_files(repo, parent, files, message, ("Upstream", "u@example.com"),
+                                   DATE)  # fmt: skip
+    assert gitlayer.push_ref(repo, "origin", commit, "refs/heads/main")[0]
+    return commit
+
+
+@pytest.mark.slow
+def test_main_is_ok_until_its_series_would_change(upstream_remote, project, repo_bundle, tmp_path):
+    """After main's proposal is merged: ok at the commit patches/main was made from; ok after a
+    commit that touches no hooked file (the rebase writes the checked-in folder, but for its
+    snapshot), while a release tag on that commit gets its own patches/core_v0.21/; a commit
+    that moves a hooked file gets a proposal that updates patches/main."""
+    from mla_seam import cli
+
+    bare = Path(shutil.copytree(upstream_remote.bare, tmp_path / "upstream.git"))  # moved here
+    clone, pusher = tmp_path / "megatron", tmp_path / "pusher"
+    gitlayer.clone(bare.as_uri(), clone, filter_spec="blob:none", sparse=SPARSE)
+    gitlayer.clone(bare.as_uri(), pusher)
+    # The first night's proposal, merged: patches/main made from upstream main by the rebase.
+    merged = ["--megatron", str(clone), "--onto", "main", "--from", "0.19", "--write"]
+    assert cli.main(["rebase", *merged, "--accept-three-way"]) == 0
+    checked_in = targets.folder_digest(repo_bundle / "patches" / "main")
+
+    code, found = _cpu_night(tmp_path, "at-snapshot", clone, project)
+    assert code == 17  # core_v0.20.0 still needs a human
+    main = found["main"]
+    assert (main["action"], main["series"], main["proposal"]) == ("ok", "main", None)
+    assert "made from" in main["note"]
+
+    notes = {"CHANGELOG.md": b"upstream notes\n"}
+    readme = _move_upstream(pusher, upstream_remote.commits["main"], notes, "upstream: notes\n")
+    # ... and upstream releases it (main says 0.21.0): a new release tag on the same commit.
+    assert gitlayer.push_ref(
+        gitlayer.open_repo(pusher), "origin", readme, "refs/tags/core_v0.21.0"
+    )[0]
+    code, found = _cpu_night(tmp_path, "readme", clone, project)
+    main = found["main"]
+    assert main["commit"] == readme and main["classes"] == {h: "exact" for h in main["classes"]}
+    assert (main["action"], main["proposal"]) == ("ok", None)
+    assert "the rebase writes the checked-in patches/main" in main["note"]
+    release = found["core_v0.21.0"]  # the new release still proposes a line of its own
+    assert (release["kind"], release["action"]) == ("release", "propose")
+    assert release["proposal"]["line_dir"] == "core_v0.21"
+    line = tmp_path / "readme" / release["proposal"]["folder"] / "bundle" / "patches"
+    assert json.loads((line / "core_v0.21" / "manifest.json").read_text())["releases"] == [
+        "0.21.0"
+    ]  # fmt: skip
+    assert targets.folder_digest(line / "main") == checked_in  # main's series left alone
+    written = tmp_path / "readme" / "proposals" / "main" / "bundle" / "patches" / "main"
+    assert targets.folder_digest(written) == checked_in  # but for the snapshot it records
+    assert json.loads((written / "manifest.json").read_text())["releases"] == [
+        f"main@{readme[:10]}"
+    ]  # fmt: skip
+
+    lm = gitlayer.read_file_at(gitlayer.open_repo(pusher), readme, LM)
+    hooked = _move_upstream(pusher, readme, {LM: lm + b"# upstream: a last line\n"}, "lm\n")
+    code, found = _cpu_night(tmp_path, "hooked", clone, project)
+    main = found["main"]
+    assert main["commit"] == hooked and main["action"] == "propose", main
+    assert any(  # served by trial, not refused: the reason says what to run
+        "is not the pre-image main recorded at main@" in r and "rebase --onto main --write" in r
+        for r in main["reasons"]
+    ), main["reasons"]
+    assert main["proposal"]["line_dir"] == "main" and not main["proposal"]["unchanged"]
+    written = tmp_path / "hooked" / main["proposal"]["folder"] / "bundle" / "patches" / "main"
+    assert targets.folder_digest(written) != checked_in
+    assert json.loads((written / "manifest.json").read_text())["releases"] == [
+        f"main@{hooked[:10]}"
+    ]  # fmt: skip
+    assert (
+        repo_bundle.joinpath("patches", "main", "manifest.json").read_bytes()
+        != (written / "manifest.json").read_bytes()
+    )  # the installed bundle is never written by the nightly

@@ -2,7 +2,7 @@
 
 This module also holds the helpers the apply tests share (``test_apply``, ``test_bad_inputs``,
 ``test_atomicity`` import them): a SYNTHETIC bundle (overlay + series for 0.16 and 0.19 made with
-:func:`mla_seam.series.write_series` from real upstream checkouts plus small committed hooks),
+:func:`mla_seam.export.write_series` from real upstream checkouts plus small committed hooks),
 writable tree copies, a CLI runner and tree snapshots. Everything runs real git on real trees.
 """
 
@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import pytest
-from mla_seam import gitlayer
+from mla_seam import gitlayer, preimages, releases
 from mla_seam.errors import SeriesCorruptError, UnsafePathError, UnsupportedVersionError, UsageError
+from mla_seam.export import write_series
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.series import (
+    MANIFEST_NAME,
+    SERIES_NAME,
     find_series,
     load_series,
     patch_files,
     series_by_name,
-    write_series,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -490,3 +492,38 @@ def test_real_series_load(line: str) -> None:
     assert series.patches and series.overlay
     blobs = gitlayer.hash_blobs(REPO_ROOT / "overlay", list(series.overlay))
     assert blobs == dict(series.overlay), "overlay/ and the manifest disagree: re-export the line"
+
+
+@pytest.mark.parametrize("line", REAL_LINES)
+def test_real_series_ship_no_upstream_file(line: str) -> None:
+    """A line folder holds our own files only (series, manifest, patches): the release files
+    a series was made for are named by blob id, never copied into the bundle."""
+    folder = REPO_ROOT / "patches" / line
+    names = sorted(p.name for p in folder.iterdir())
+    assert [n for n in names if n not in (SERIES_NAME, MANIFEST_NAME)] == sorted(
+        p.name for p in load_series(folder).patches
+    )
+    assert "pre_images" not in json.loads((folder / MANIFEST_NAME).read_bytes())
+
+
+@pytest.mark.parametrize("line", [n for n in REAL_LINES if n not in releases.MOVING_TARGETS])
+def test_real_series_pre_images_come_from_the_sdists(line: str) -> None:
+    """Every pre-image a release line's manifest records is in the PyPI sdist of a release it
+    lists (sha256-verified sdist, each file checked against its blob id): ``--3way`` and a
+    rebuilt revert have them on any clone, and main and dev take theirs from the user's clone."""
+    series = load_series(REPO_ROOT / "patches" / line)
+    pres = {img.pre for imgs in series.files.values() for img in imgs}
+    found, problems = preimages.from_sdists(series, pres, download=True)
+    assert not problems and sorted(found) == sorted(pres), problems
+    assert all(gitlayer.blob_id(data) == blob for blob, data in found.items())
+
+
+def test_synthetic_export_records_pre_images_by_blob_only(bundle: Path) -> None:
+    folder = bundle / "patches" / "core_v0.16"
+    series = load_series(folder)
+    pres = {img.pre for imgs in series.files.values() for img in imgs}
+    assert len(pres) == 4  # MLA differs at the variant release
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".patch")) == [
+        MANIFEST_NAME,
+        SERIES_NAME,
+    ]

@@ -8,60 +8,44 @@ git work trees and plain folders (site-packages, an sdist) go through the same c
 user's history is never rewritten, and the user commits the change when they want. Commit mode
 (``--commit``, git checkouts): one commit per patch plus one for the adapter, like ``git am``
 (:mod:`mla_seam.commitmode`). What is applied is recorded in the tree's state folder (see
-:mod:`mla_seam.tree`), which makes ``--status`` and ``--revert`` work where git cannot help.
+:mod:`mla_seam.statefolder`), which makes ``--status`` and ``--revert`` work where git cannot.
 
 A run goes: check the bundle -> lock the state folder -> recover an interrupted earlier run ->
 select the series (:mod:`mla_seam.selection`: by content, then by version) -> assess the tree
 (:mod:`mla_seam.assess`) -> plan the new bytes outside the tree (:mod:`mla_seam.engine`: release,
-fork, upgrade or revert) -> one journaled commit (:meth:`mla_seam.tree.StateFolder.commit`) that
-survives SIGKILL at any point. Patches apply strictly (no fuzz); offsets are reported. Applying
-twice changes nothing.
+fork, upgrade or revert) -> one journaled commit (:meth:`StateFolder.commit`) that survives
+SIGKILL at any point, HEAD included in commit mode. ``--check`` runs the same code to the last
+step before writing, so it exits with the code apply would. Patches apply strictly (no fuzz);
+offsets are reported. Applying twice changes nothing.
 
-With no MEGATRON_DIR, apply runs the embedded default job: materialize megatron-core
-:data:`DEFAULT_RELEASE` into ``./megatron-lm`` (or reuse it), apply, and print the adapter's
-summary (:func:`adapter_summary`).
+With no MEGATRON_DIR, apply runs the embedded default job (:mod:`mla_seam.defaultjob`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
-from mla_seam import commitmode, engine, output, paths
-from mla_seam.assess import (
-    MISSING,
-    POST,
-    PRE,
-    Assessment,
-    apply_problems,
-    assess,
-    revert_problems,
+from mla_seam import commitmode, engine, errors, output, paths
+from mla_seam.assess import MISSING, POST, PRE, Assessment, apply_problems, assess, revert_problems
+from mla_seam.defaultjob import (  # noqa: F401  (DEFAULT_* are part of this verb's interface)
+    DEFAULT_CHECKOUT,
+    DEFAULT_RELEASE,
+    adapter_summary,
+    default_tree,
 )
-from mla_seam.errors import (
-    STATUS_EXIT_CODES,
-    InterruptedRunError,
-    SeamError,
-    UpstreamError,
-    UsageError,
-)
+from mla_seam.errors import STATUS_EXIT_CODES, InterruptedRunError, SeamError, UsageError
+from mla_seam.patching import in_fork_text
 from mla_seam.selection import Selection, select_series
-from mla_seam.tree import MegatronTree, StateFolder, crash_point
+from mla_seam.statefolder import StateFolder
+from mla_seam.tree import MegatronTree, crash_point
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RELEASE = "0.19.2"
-DEFAULT_CHECKOUT = "megatron-lm"  # relative to the current directory
-PYTHON_ENV = "MLA_SEAM_PYTHON"  # interpreter for adapter_summary (default: one with torch)
 
 
 @dataclasses.dataclass
@@ -73,6 +57,7 @@ class Run:
     folder: StateFolder
     three_way: bool = False
     commit: bool = False
+    dry: bool = False  # --check: everything apply does, up to the first write
     lines: List[str] = dataclasses.field(default_factory=list)
     data: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -100,9 +85,10 @@ def _describe(a: Assessment) -> Dict[str, Any]:
         "git": a.tree.is_git,
         "series": a.series.name,
         "files": [
-            {"path": f.rel, "blob": f.blob, "kind": f.kind, "dirty": f.dirty, "symlink": f.symlink}
+            {"path": f.rel, "blob": f.blob, "kind": f.kind, "dirty": f.dirty, "symlink": f.symlink,
+             "crlf": f.crlf}
             for f in a.files
-        ],
+        ],  # fmt: skip
         "overlay": [{"path": o.rel, "blob": o.blob, "kind": o.kind} for o in a.overlay],
         "applied_by": (
             None
@@ -122,7 +108,7 @@ def _file_lines(a: Assessment) -> List[str]:
     lines = []
     for f in a.files:
         if f.kind == PRE:
-            text = "pristine (pre-image ok)"
+            text = "pristine (pre-image ok" + (", CRLF line endings)" if f.crlf else ")")
         elif f.kind == POST:
             text = "already patched" + (
                 f" (by {a.applier.tool})" if a.applier and not a.applier.current else ""
@@ -165,46 +151,80 @@ def _file_lines(a: Assessment) -> List[str]:
     return lines
 
 
-def _offset_lines(plan: engine.Plan) -> List[str]:
-    offsets = plan.offsets
-    lines = [f"  offset: {o}" for o in offsets]
-    if offsets:
-        lines.append(f"  {len(offsets)} hunk(s) applied at an offset (exact context, no fuzz)")
+def _plan_lines(plan: engine.Plan) -> List[str]:
+    lines = [f"  offset: {o}" for o in plan.offsets]
+    if plan.offsets:
+        lines.append(f"  {len(plan.offsets)} hunk(s) applied at an offset (exact context, no fuzz)")
+    lines += [f"  {in_fork_text(h)}: left out" for h in plan.in_fork]
     return lines
+
+
+def _would(a: Assessment, plan: engine.Plan) -> str:
+    if plan.upgrade_from:
+        return "upgrade"
+    if plan.method == "3way":
+        return "merge 3-way"
+    if plan.method == "fork" or any(f.kind not in (PRE, POST) for f in a.files if f.in_series):
+        return "apply on a fork"
+    return "apply"
 
 
 # --- modes ---------------------------------------------------------------------------------
 
 
 def do_apply(run: Run) -> int:
-    """Apply the series (fresh, on a fork, or upgrading an older one); return the exit code."""
+    """Apply the series (fresh, on a fork, or upgrading an older one); with ``run.dry``
+    (``--check``), stop before the first write and say what apply would do."""
     a = assess(run.tree, run.series, run.folder, run.selection.blobs)
     crash_point("preflight-done")
     run.data.update(_describe(a))
+    if run.dry:
+        run.say(f"check {run.selection.describe()} on {run.tree.describe()}")
+        run.lines += _file_lines(a)
     if a.current:
-        run.say(
-            f"mla-seam: already applied {run.series.name} ({a.counts()}) to {run.tree.root}; "
-            "nothing changed"
-        )
-        run.data["changed"] = []
+        what = "apply would change nothing" if run.dry else "nothing changed"
+        run.say(f"mla-seam: already applied {run.series.name} ({a.counts()}) to {run.tree.root}; "
+                f"{what}")  # fmt: skip
+        run.data["would" if run.dry else "changed"] = "nothing" if run.dry else []
         return 0
-    problems = apply_problems(a)
-    if problems:
-        raise problems[0]
-    plan = engine.apply_plan(a, run.folder, run.three_way, "commit" if run.commit else "worktree")
+    try:
+        if run.commit:
+            commitmode.preflight(a)
+        problems = apply_problems(a)
+        if problems:
+            raise problems[0]
+        mode = "commit" if run.commit else "worktree"
+        plan = engine.apply_plan(a, run.folder, run.three_way, mode)
+    except SeamError:
+        if run.dry:
+            run.say("mla-seam: check failed: apply would refuse (below)")
+            run.data["would"] = "refuse"
+        raise
     crash_point("post-images-built")
-    if run.commit:
-        _apply_commits(run, a, plan)
-    else:
+    if run.dry:
+        run.lines += engine.step_lines(plan)
+        run.data.update(would=_would(a, plan), method=plan.method,
+                        changed=sorted(c.rel for c in plan.changes))  # fmt: skip
+        run.say(
+            f"mla-seam: check passed: {run.series.name} ({a.counts()}) would "
+            f"{_would(a, plan)} on {run.tree.root}{' as commits' if run.commit else ''}"
+        )
+        return 0
+    commits = _apply_commits(run, a, plan) if run.commit else []
+    if not run.commit:
         run.folder.store_objects(plan.objects)
-        run.folder.commit("apply", plan.changes, plan.record)
+        run.folder.commit("apply", plan.changes, plan.applied)
     if plan.upgrade_from:
         run.say(f"mla-seam: upgraded {run.tree.root} from {plan.upgrade_from}")
     run.say(
         f"{run.series.name} for megatron-core {run.tree.version}: {len(plan.changes)} file(s) "
         "written"
     )
-    run.lines += _offset_lines(plan)
+    if commits:
+        run.say(
+            f"  {len(commits)} commit(s) on {run.tree.root}: {commits[0][:12]}..{commits[-1][:12]}"
+        )
+    run.lines += _plan_lines(plan)
     if plan.method == "fork":
         n = len(plan.offsets)
         run.say(
@@ -213,8 +233,8 @@ def do_apply(run: Run) -> int:
         )
     elif plan.method == "3way":
         run.say(
-            "  on a fork: merged 3-way without conflicts (review the hunks); --revert restores "
-            "the fork's own bytes exactly"
+            f"  on a fork: merged 3-way without conflicts ({', '.join(plan.merged)}; review the "
+            "hunks); --revert restores the fork's own bytes exactly"
         )
     if run.tree.is_git and not run.commit:
         log.info(
@@ -225,31 +245,26 @@ def do_apply(run: Run) -> int:
         state="applied",
         method=plan.method,
         offsets=[str(o) for o in plan.offsets],
+        in_fork=[in_fork_text(h) for h in plan.in_fork],
         changed=[c.rel for c in plan.changes],
-        commits=plan.record["applied"].get("commits", []),
+        commits=commits,
     )
     return 0
 
 
-def _apply_commits(run: Run, a: Assessment, plan: engine.Plan) -> None:
-    sources = {
-        rel: a.view.canonical(rel) if a.files and rel in a.raw_blobs else b""
-        for rel in run.series.touched
-    }
-    if any(f.kind == POST for f in a.files):
-        raise UsageError(
-            "--commit applies to a tree where nothing is applied yet; this one is patched "
-            f"by {a.applier.tool if a.applier else 'mla-seam'}",
-            "revert it first (mla-seam apply --revert [--commit]), then apply --commit",
+def _apply_commits(run: Run, a: Assessment, plan: engine.Plan) -> List[str]:
+    ids, head = commitmode.build_commits(a, plan, engine.overlay_bytes(run.series))
+    crash_point("commits-built")
+    applied = plan.applied
+    if head is not None and applied is not None:
+        applied = dataclasses.replace(
+            applied, mode="commit", commits=ids, head_before=head.old, head_after=head.new
         )
-    adapter = engine.overlay_bytes(run.series)
-    ids = commitmode.build_commits(a, plan, run.folder, sources, adapter)
+    elif applied is not None:  # every hook already in the fork: nothing to commit
+        applied = dataclasses.replace(applied, mode="worktree")
     run.folder.store_objects(plan.objects)
-    head = plan.record["applied"]["head_before"]
-    run.folder.commit("apply", plan.changes, plan.record)
-    paths_ = sorted(set(run.series.touched) | set(run.series.overlay))
-    commitmode.move_head(a, head, ids[-1], paths_, f"apply {run.series.name}")
-    run.say(f"  {len(ids)} commit(s) on {run.tree.root}: {ids[0][:12]}..{ids[-1][:12]}")
+    run.folder.commit("apply", plan.changes, applied, head=head)
+    return ids
 
 
 def do_revert(run: Run) -> int:
@@ -264,33 +279,33 @@ def do_revert(run: Run) -> int:
     problems = revert_problems(a)
     if problems:
         raise problems[0]
+    commit_mode = run.commit or (a.applier is not None and a.applier.mode == "commit")
+    commits = commitmode.revert_preflight(a) if commit_mode else []
     plan = engine.revert_plan(a, run.folder)
     crash_point("post-images-built")
-    if run.commit or (a.applier is not None and a.applier.mode == "commit"):
-        _revert_commits(run, a, plan)
+    if commit_mode:
+        changed = [c.rel for c in plan.changes] + list(run.series.overlay)
+        ids, head = commitmode.revert_commits(a, commits, changed)
+        crash_point("commits-built")
+        run.folder.commit("revert", plan.changes, None, head=head)
+        run.say(f"  {len(ids)} revert commit(s) on {run.tree.root}")
     else:
-        run.folder.commit("revert", plan.changes, {"applied": None})
+        run.folder.commit("revert", plan.changes, None)
     run.folder.drop_objects()
-    run.folder.write_state(None)
+    run.folder.delete_state()
     for rel in plan.kept:
         run.say(
             f"  kept {rel}: it was there before apply, or is committed in HEAD (yours); "
             "remove it yourself if you want it gone"
         )
+    record = a.applier.record if a.applier else None
+    for hunk in record.in_fork if record is not None else []:
+        run.say(f"  left alone: {in_fork_text(hunk)} (the fork's own)")
     run.say(f"mla-seam: reverted {run.series.name} ({a.counts()}) from {run.tree.root}")
     run.data.update(
         state="not applied", changed=[c.rel for c in plan.changes], kept=list(plan.kept)
     )
     return 0
-
-
-def _revert_commits(run: Run, a: Assessment, plan: engine.Plan) -> None:
-    ids = commitmode.revert_commits(a, plan)
-    head = plan.record["reverted"]["head_before"]
-    run.folder.commit("revert", plan.changes, {"applied": None})
-    paths_ = sorted({c.rel for c in plan.changes} | set(run.series.overlay))
-    commitmode.move_head(a, head, ids[-1], paths_, f"revert {run.series.name}")
-    run.say(f"  {len(ids)} revert commit(s) on {run.tree.root}")
 
 
 def do_status(run: Run) -> int:
@@ -300,17 +315,18 @@ def do_status(run: Run) -> int:
     run.say(a.headline())
     run.say(f"  {run.selection.describe()} on {run.tree.describe()}")
     run.lines += _file_lines(a)
-    applied = (a.record or {}).get("applied")
-    if applied:
-        notes = [] if applied.get("series_sha256") == run.series.sha256 else ["by another series"]
+    state = a.record
+    applied = state.applied if state is not None else None
+    if state is not None and applied is not None:
+        notes = [] if applied.series_sha256 == run.series.sha256 else ["by another series"]
         if a.state == "not applied":
             notes.append("stale: the files were restored outside mla-seam")
         run.say(
-            f"  recorded: {applied.get('line')} applied for {applied.get('release')} by "
-            f"{a.record.get('tool', 'mla-seam')} ({applied.get('method', 'exact')}, "
-            f"{applied.get('mode', 'worktree')} mode; txn {a.record.get('txn')})"
+            f"  recorded: {applied.line} applied for {applied.release} by {state.tool} "
+            f"({applied.method}, {applied.mode} mode; txn {state.txn})"
             f"{''.join('; ' + n for n in notes)}"
         )
+        run.lines += [f"  {in_fork_text(h)}: left out" for h in applied.in_fork]
     elif a.applier is not None and a.applier.source == "released":
         run.say(f"  recognised by content: patched by {a.applier.tool}")
     if a.pending:
@@ -327,43 +343,9 @@ def do_status(run: Run) -> int:
     return code
 
 
-def do_check(run: Run) -> int:
-    """Report what apply would do, without writing; raise apply's first problem, if any."""
-    a = assess(run.tree, run.series, run.folder, run.selection.blobs)
-    run.data.update(_describe(a))
-    run.say(f"check {run.selection.describe()} on {run.tree.describe()}")
-    run.lines += _file_lines(a)
-    if a.current:
-        run.say(
-            f"mla-seam: check: {run.series.name} is already applied to {run.tree.root}; "
-            "apply would change nothing"
-        )
-        run.data["would"] = "nothing"
-        return 0
-    problems: List[Exception] = list(apply_problems(a))
-    upgrading = a.applier is not None and a.state == "applied"
-    if upgrading:
-        run.say(f"  apply would upgrade it from {a.applier.tool}")
-    elif not a.symlinks:
-        lines, patch_problems = engine.simulate(a)
-        run.lines += lines
-        problems += patch_problems
-    if problems:
-        run.say(f"mla-seam: check failed: {len(problems)} problem(s); apply would refuse")
-        run.data["would"] = "refuse"
-        raise problems[0]
-    fork = any(f.kind not in (PRE, POST) for f in a.files if f.in_series)
-    run.data["would"] = "upgrade" if upgrading else "apply on a fork" if fork else "apply"
-    run.say(
-        f"mla-seam: check passed: {run.series.name} ({a.counts()}) would apply to "
-        f"{run.tree.root}{' (a fork: strictly, at the offsets above)' if fork else ''}"
-    )
-    return 0
-
-
 MODES: Dict[str, Callable[[Run], int]] = {
     "apply": do_apply,
-    "check": do_check,
+    "check": do_apply,
     "status": do_status,
     "revert": do_revert,
 }
@@ -378,36 +360,6 @@ class _Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
-
-
-def _default_tree(mode: str) -> Path:
-    """``./megatron-lm``: reused if it holds DEFAULT_RELEASE, materialized by apply if absent."""
-    dest = Path.cwd() / DEFAULT_CHECKOUT
-    if dest.exists():
-        version = MegatronTree.resolve(dest).version
-        if version != DEFAULT_RELEASE:
-            raise UsageError(
-                f"./{DEFAULT_CHECKOUT} holds megatron-core {version}, not the default "
-                f"{DEFAULT_RELEASE}",
-                f"pass the tree explicitly (mla-seam apply ./{DEFAULT_CHECKOUT}), or move it away "
-                "to let apply materialize the default release",
-            )
-        return dest
-    if mode != "apply":
-        raise UsageError(
-            f"no MEGATRON_DIR given and ./{DEFAULT_CHECKOUT} does not exist",
-            f"pass the tree to work on, or run `mla-seam apply` to create ./{DEFAULT_CHECKOUT}",
-        )
-    try:
-        from mla_seam import upstream  # pylint: disable=import-outside-toplevel
-    except ImportError as exc:
-        raise UpstreamError(
-            f"cannot materialize releases here: {exc}", "pass MEGATRON_DIR"
-        ) from None
-    log.info(
-        "mla-seam: materializing megatron-core %s into ./%s", DEFAULT_RELEASE, DEFAULT_CHECKOUT
-    )
-    return Path(upstream.get(DEFAULT_RELEASE, into=dest))
 
 
 def _interrupted(folder: StateFolder, exc: BaseException) -> InterruptedRunError:
@@ -427,6 +379,26 @@ def _interrupted(folder: StateFolder, exc: BaseException) -> InterruptedRunError
     return err
 
 
+def _system_failure(folder: StateFolder, exc: OSError) -> SeamError:
+    """An OSError during the run, with what it left in the tree (said only when known)."""
+    from mla_seam.cli import os_error  # pylint: disable=import-outside-toplevel
+
+    err = os_error(exc)
+    if folder.committed:
+        done = f"the {folder.committed} itself is complete (committed before the error)" + (
+            "; the next mla-seam run on the tree removes its journal" if folder.pending() else ""
+        )
+    elif folder.rolled_back:
+        done = "the change in progress was rolled back: the tree is as it was before this run"
+    elif folder.rolled_back is False or folder.pending():
+        done = "the change in progress could not be rolled back here; its journal stays, and " \
+            "the next mla-seam run on the tree restores the files"  # fmt: skip
+    else:
+        done = "nothing had been written to the tree"
+    err.hint = f"{done}; {err.hint}"
+    return err
+
+
 def _tree_arg(args: argparse.Namespace) -> Optional[Path]:
     """MEGATRON_DIR as given; an empty or blank one is a usage error (an unset variable)."""
     if args.megatron_dir is None:
@@ -437,6 +409,20 @@ def _tree_arg(args: argparse.Namespace) -> Optional[Path]:
             "pass the path of a Megatron-LM tree, or leave it out to use ./megatron-lm",
         )
     return Path(args.megatron_dir)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.series is not None and not args.series.strip():
+        raise UsageError(
+            "--series is empty (an unset shell variable?)",
+            "pass a release line such as core_v0.19, or leave --series out to select the line "
+            "by the tree's content",
+        )
+    if args.three_way and args.mode in ("status", "revert"):
+        raise UsageError(
+            f"--3way applies a series; it means nothing with --{args.mode}",
+            "drop --3way (or use it with apply and --check)",
+        )
 
 
 def _report(run: Optional[Run], args: argparse.Namespace, code: int) -> None:
@@ -451,8 +437,9 @@ def _report(run: Optional[Run], args: argparse.Namespace, code: int) -> None:
 
 def _execute(args: argparse.Namespace) -> int:
     given = _tree_arg(args)
+    _check_args(args)
     paths.check_bundle()  # before anything is written or materialized
-    tree = MegatronTree.resolve(given if given is not None else _default_tree(args.mode))
+    tree = MegatronTree.resolve(given if given is not None else default_tree(args.mode))
     folder = StateFolder(tree)
     run: Optional[Run] = None
     with folder.session(write=args.mode in ("apply", "revert")):
@@ -461,32 +448,46 @@ def _execute(args: argparse.Namespace) -> int:
             if folder.locked:
                 for note in folder.recover():
                     log.warning("mla-seam: repaired: %s", note)
-            selection = select_series(tree, args.series, folder.read_state())
-            run = Run(tree, selection, folder, args.three_way, args.commit)
-            if folder.locked:
+            state = folder.read_state()
+            selection = select_series(tree, args.series, state)
+            run = Run(tree, selection, folder, args.three_way, args.commit, args.mode == "check")
+            if (
+                folder.locked
+                and state is not None
+                and state.schema == 1
+                and (state.applied is not None and state.applied.mode == "commit")
+            ):
                 note = commitmode.finish(assess(tree, selection.series, folder), folder)
                 if note:
                     log.warning("mla-seam: repaired: %s", note)
             code = MODES[args.mode](run)
         except SeamError as err:
-            if run is not None and getattr(args, "json", False):
-                run.data["error"] = {
-                    "type": type(err).__name__,
-                    "message": err.message,
-                    "hint": err.hint,
-                    "exit_code": err.exit_code,
-                }
-                _report(run, args, err.exit_code)
-                err.reported = True  # type: ignore[attr-defined]
-            elif run is not None:
-                _report(run, args, err.exit_code)
+            _report_error(run, args, err)
             raise
+        except OSError as exc:
+            err = _system_failure(folder, exc)
+            _report_error(run, args, err)
+            raise err from None
         except (KeyboardInterrupt, _Terminated) as exc:
             raise _interrupted(folder, exc) from None
     _report(run, args, code)
     if args.mode == "apply" and given is None and code == 0 and not getattr(args, "json", False):
         output.emit(adapter_summary(tree))
     return code
+
+
+def _report_error(run: Optional[Run], args: argparse.Namespace, err: SeamError) -> None:
+    if run is not None and getattr(args, "json", False):
+        run.data["error"] = {
+            "type": type(err).__name__,
+            "message": err.message,
+            "hint": err.hint,
+            "exit_code": err.exit_code,
+        }
+        _report(run, args, err.exit_code)
+        err.reported = True  # type: ignore[attr-defined]
+    elif run is not None:
+        _report(run, args, err.exit_code)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -504,69 +505,20 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _summary_python() -> str:
-    """``$MLA_SEAM_PYTHON``, else the first of this interpreter and ``python3`` on PATH that can
-    import torch (the adapter needs it), else this interpreter (which then reports why)."""
-    override = os.environ.get(PYTHON_ENV)
-    if override:
-        return override
-    candidates = [sys.executable] + [p for p in [shutil.which("python3")] if p]
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"
-    for python in candidates:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            if (
-                subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode
-                == 0
-            ):
-                return python
-    return sys.executable
-
-
-#: What the main job prints: the adapter's one-line summary for DeepSeek-V2-Lite attention (YaRN,
-#: q_lora_rank=None), with the backend decided on this machine. Runs in the tree's interpreter.
-_SUMMARY_PROBE = """\
-from megatron.core.transformer import mla_adapter
-from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-config = MLATransformerConfig(
-    num_layers=1, hidden_size=2048, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
-    qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, rope_type="yarn",
-    rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=0.707, qk_layernorm=True,
-)
-mla_adapter.resolve_attention_backend(config, "te" if mla_adapter.HAVE_TE else "local")
-print(mla_adapter.describe(config))
-"""
-
-
-def adapter_summary(tree: Union[MegatronTree, os.PathLike]) -> str:
-    """The adapter's summary line for DeepSeek-V2-Lite attention, computed in a subprocess.
-
-    The interpreter comes from :func:`_summary_python`; the tree goes first on PYTHONPATH. A
-    failed import yields the reason instead of an exception.
-    """
-    root = tree.root if isinstance(tree, MegatronTree) else Path(tree)
-    python = _summary_python()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    code = _SUMMARY_PROBE
-    try:
-        proc = subprocess.run(
-            [python, "-c", code],
-            cwd=str(root),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"adapter summary unavailable: {exc}"
-    if proc.returncode == 0:
-        return proc.stdout.strip()
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    reason = lines[-1] if lines else f"exit {proc.returncode}"
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.exit_codes().items())
     return (
-        f"adapter summary unavailable ({python}): {reason} "
-        f"(set {PYTHON_ENV} to a python that has torch and the Megatron dependencies)"
+        "output:\n"
+        "  Results go to stdout (one line each), diagnostics to stderr.\n"
+        "  -q, --quiet   no result lines; only warnings and errors on stderr (the exit code\n"
+        "                says the outcome; --status -q prints nothing and exits with the state)\n"
+        "  --json        one JSON document on stdout instead of result lines, also for errors\n"
+        "                (bad arguments included): {\"mode\", \"exit_code\", \"state\", ...,\n"
+        "                \"error\": {\"type\", \"message\", \"hint\", \"exit_code\"}}\n"
+        "  Piped into `head`, output ends quietly and the exit code is still the real one.\n"
+        "\n"
+        f"exit codes:\n{codes}\n"
+        "  (README.md, section Exit codes, has the same table.)"
     )
 
 
@@ -577,9 +529,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="apply, check, show or revert the MLA adapter series on a Megatron tree",
         description=(
             "Apply the MLA adapter and its hook patches to MEGATRON_DIR, atomically and strictly "
-            "(no fuzz); nothing is committed. Without MEGATRON_DIR: materialize megatron-core "
-            f"{DEFAULT_RELEASE} into ./{DEFAULT_CHECKOUT}, apply, and print the adapter summary."
+            "(no fuzz); nothing is committed unless --commit. Without MEGATRON_DIR: materialize "
+            f"megatron-core {DEFAULT_RELEASE} into ./{DEFAULT_CHECKOUT}, apply, and print the "
+            "adapter summary."
         ),
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -587,21 +542,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="mode",
         action="store_const",
         const="check",
-        help="report what apply would do, write nothing; exit 0 only if it would succeed",
+        help="run apply up to its first write and say what it would do; exits with the code "
+        "apply would (every other flag counts)",
     )
     mode.add_argument(
         "--status",
         dest="mode",
         action="store_const",
         const="status",
-        help="print applied / not applied / partial / drifted with per-file details",
+        help="print applied / not applied / partial / drifted with per-file details; the exit "
+        "code says the state (0, 21, 22, 14)",
     )
     mode.add_argument(
         "--revert",
         dest="mode",
         action="store_const",
         const="revert",
-        help="undo the series byte-exactly and remove the adapter file",
+        help="give every file its bytes from before apply back (verified by blob id) and remove "
+        "the adapter; hunks the fork held before apply stay",
     )
     parser.add_argument(
         "--series",
@@ -613,14 +571,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--3way",
         dest="three_way",
         action="store_true",
-        help="on a fork whose changes reach a hunk's context: try a 3-way merge (git checkouts; "
-        "a merge with conflicts is rolled back, never left in the tree)",
+        help="where a fork changed a hunk's context: merge 3-way against the release's own "
+        "files (carried by mla-seam: any clone depth, plain folders too); a merge with "
+        "conflicts is thrown away, never left in the tree",
     )
     parser.add_argument(
         "--commit",
         action="store_true",
         help="git checkouts: apply as one commit per patch plus one for the adapter (like git "
-        "am); with --revert, add revert commits",
+        "am; a 3-way merge is said in its commit message); with --revert, add revert commits",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON document instead of text lines"

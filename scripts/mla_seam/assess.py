@@ -10,6 +10,14 @@ replaced), and what earlier mla-seam releases wrote (:mod:`mla_seam.released`). 
 Line endings: in a git work tree whose configuration converts files on checkout
 (``core.autocrlf=true``, ``eol`` attributes, clean/smudge filters), files are compared and
 patched in their committed form and written back in their checked-out form (:class:`TreeView`).
+A file whose committed form has CRLF endings throughout is compared (and patched) as its LF
+form (:func:`mla_seam.patching.to_patch_form`): a release file committed with CRLF is the
+release, not a fork change.
+
+A file that holds the series' result for some hooks while others are untouched, with no state
+record, is a fork that picked those hooks by hand (in a git tree: when the change is committed);
+it is then the fork's own content, and apply leaves those hunks out (``already in the fork``).
+The same state as an uncommitted change in a git tree is a half-applied series.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import gitlayer, released
+from mla_seam import gitlayer, patching, released
 from mla_seam.errors import (
     DirtyTreeError,
     DriftedTreeError,
@@ -28,8 +36,10 @@ from mla_seam.errors import (
     SeamError,
     UnsafePathError,
 )
+from mla_seam.record import Applied, State
 from mla_seam.series import Series
-from mla_seam.tree import MegatronTree, StateFolder
+from mla_seam.statefolder import StateFolder
+from mla_seam.tree import MegatronTree
 
 PRE, POST, ORIGINAL, OTHER, MISSING = "pre", "post", "original", "other", "missing"
 ABSENT, OURS, OLDER, FOREIGN = "absent", "ours", "older", "foreign"
@@ -48,7 +58,7 @@ class Applier:
     files: Dict[str, Tuple[str, str]]  # rel -> (pre blob, post blob)
     overlay: Dict[str, str]  # rel -> the adapter blob written
     overlay_before: Optional[Dict[str, Optional[str]]]  # rel -> blob before (None: absent)
-    record: Optional[dict]
+    record: Optional[Applied]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,7 @@ class FileCheck:
     dirty: bool
     symlink: bool
     writable: bool
+    crlf: bool = False  # committed with CRLF line endings throughout: patched as its LF form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +107,10 @@ class TreeView:
 
     def canonical(self, rel: str) -> bytes:
         """The committed form of the file's current bytes."""
-        data = self.raw(rel)
+        return self.canonical_of(rel, self.raw(rel))
+
+    def canonical_of(self, rel: str, data: bytes) -> bytes:
+        """The committed form of work-tree bytes ``data`` at ``rel``."""
         if not self.converts:
             return data
         blob = gitlayer.store_blob(self.tree.repo, data, rel)
@@ -119,7 +133,7 @@ class Assessment:
     files: Tuple[FileCheck, ...]
     overlay: Tuple[OverlayCheck, ...]
     applier: Optional[Applier]
-    record: Optional[dict]
+    record: Optional[State]
     pending: bool  # a journal of an interrupted run that could not be repaired (read-only)
     view: TreeView
     raw_blobs: Dict[str, Optional[str]]
@@ -207,33 +221,22 @@ def _writable(path: Path) -> bool:
     return folder_ok and (not path.exists() or os.access(path, os.W_OK))
 
 
-def _tool_of(record: dict) -> str:
-    return str(record.get("tool") or "mla-seam (unknown version)")
-
-
 def find_applier(
-    series: Series, record: Optional[dict], blobs: Dict[str, Optional[str]]
+    series: Series, state: Optional[State], blobs: Dict[str, Optional[str]]
 ) -> Optional[Applier]:
     """Who patched the tree: the state record first, else recognised post-images."""
-    applied = (record or {}).get("applied")
-    if isinstance(applied, dict) and isinstance(applied.get("files"), dict):
-        files = {
-            rel: (str(img.get("pre")), str(img.get("post")))
-            for rel, img in applied["files"].items()
-            if isinstance(img, dict)
-        }
-        overlay = {k: v for k, v in (applied.get("overlay") or {}).items() if isinstance(v, str)}
-        before = applied.get("overlay_before")
+    applied = state.applied if state is not None else None
+    if applied is not None and state is not None:
         return Applier(
             source="record",
-            tool=_tool_of(record or {}),
-            current=applied.get("series_sha256") == series.sha256 and overlay == series.overlay,
-            method=str(applied.get("method") or "exact"),
-            mode=str(applied.get("mode") or "worktree"),
-            offsets=int(applied.get("offsets") or 0),
-            files=files,
-            overlay=overlay,
-            overlay_before=dict(before) if isinstance(before, dict) else None,
+            tool=state.tool,
+            current=applied.series_sha256 == series.sha256 and applied.overlay == series.overlay,
+            method=applied.method,
+            mode=applied.mode,
+            offsets=applied.offsets,
+            files=applied.pre_post(),
+            overlay=dict(applied.overlay),
+            overlay_before=applied.overlay_before,
             record=applied,
         )
     posts = {rel: {img.post: img.pre for img in imgs} for rel, imgs in series.files.items()}
@@ -279,7 +282,7 @@ def assess(
 ) -> Assessment:
     """Compare the tree with ``series`` (one hash-object and one git status for all files)."""
     record = folder.read_state()
-    recorded = set(((record or {}).get("applied") or {}).get("files") or {})
+    recorded = set(record.applied.files) if record is not None and record.applied else set()
     old = set(released.old_images(series.name))
     wanted = sorted(set(series.touched) | recorded | old)
     overlay_rels = sorted(series.overlay)
@@ -293,41 +296,88 @@ def assess(
     blobs = dict(raw)
     if converts:
         blobs.update(gitlayer.filtered_blobs(tree.repo, [r for r in wanted if raw.get(r)]))
-    applier = find_applier(series, record, blobs)
+    view = TreeView(tree, converts)
+    match, crlf = _line_endings(view, series, record, blobs)
+    applier = find_applier(series, record, match)
     mine = set(applier.files) if applier else set()
     touched = sorted(set(series.touched) | mine)
     dirty = set(gitlayer.dirty_paths(tree.repo, touched)) if tree.is_git else set()
     pres = {rel: {img.pre: img.post for img in imgs} for rel, imgs in series.files.items()}
     files = []
     for rel in touched:
-        blob = blobs.get(rel)
-        kind, pristine, post = _classify(rel, blob, pres.get(rel, {}), applier)
+        kind, pristine, post = _classify(rel, blobs.get(rel), match.get(rel), pres.get(rel, {}),
+                                         applier)  # fmt: skip
         files.append(
             FileCheck(
-                rel, blob, kind, pristine, post, rel in series.files, rel in dirty,
-                rel in links, _writable(tree.root / rel),
+                rel, blobs.get(rel), kind, pristine, post, rel in series.files, rel in dirty,
+                rel in links, _writable(tree.root / rel), rel in crlf,
             )  # fmt: skip
         )
+    if _picked_by_hand(tree, applier, files):
+        applier = None
+        files = [
+            dataclasses.replace(f, kind=OTHER, pristine=None) if f.kind == POST else f
+            for f in files
+        ]
     overlay = _overlay_checks(tree, series, applier, raw, links)
     pending = not folder.locked and folder.journal_path.exists()
     return Assessment(
-        tree, series, tuple(files), tuple(overlay), applier, record, pending,
-        TreeView(tree, converts), raw,
+        tree, series, tuple(files), tuple(overlay), applier, record, pending, view, raw,
     )  # fmt: skip
 
 
+def _line_endings(
+    view: TreeView, series: Series, state: Optional[State], blobs: Dict[str, Optional[str]]
+) -> Tuple[Dict[str, Optional[str]], set]:
+    """The blobs to compare with the manifests (a CRLF file's LF form) and the CRLF files.
+
+    Only files that match no recorded image are read: the usual case costs nothing.
+    """
+    known = {b for imgs in series.files.values() for img in imgs for b in (img.pre, img.post)}
+    if state is not None and state.applied is not None:
+        known |= {b for img in state.applied.files.values() for b in (img.pre, img.post)}
+    match = dict(blobs)
+    crlf = set()
+    for rel in series.touched:
+        blob = blobs.get(rel)
+        if blob is None or blob in known:
+            continue
+        data = view.canonical(rel)
+        if patching.crlf(data):
+            crlf.add(rel)
+            match[rel] = gitlayer.blob_id(patching.to_patch_form(data, True))
+    return match, crlf
+
+
+def _picked_by_hand(tree: MegatronTree, applier: Optional[Applier], files: List[FileCheck]) -> bool:
+    """Files equal to the series' result next to untouched ones, recognised by content only (no
+    state record: mla-seam never leaves a half-applied tree without one), and in a git tree
+    committed (no uncommitted change): hooks the fork picked by hand, not a half-applied run."""
+    if applier is None or applier.source != "content":
+        return False
+    mine = [f for f in files if f.rel in applier.files and f.in_series]
+    posts = [f for f in mine if f.kind == POST]
+    return bool(posts) and len(posts) < len(mine) and not any(f.dirty for f in posts)
+
+
 def _classify(
-    rel: str, blob: Optional[str], pres: Dict[str, str], applier: Optional[Applier]
+    rel: str,
+    blob: Optional[str],
+    match: Optional[str],
+    pres: Dict[str, str],
+    applier: Optional[Applier],
 ) -> Tuple[str, Optional[str], Optional[str]]:
-    """``(kind, pristine blob, manifest post)`` of one touched file."""
+    """``(kind, pristine blob, manifest post)`` of one touched file (``match``: the blob to
+    compare with the manifest, a CRLF file's LF form)."""
     if blob is None:
         return MISSING, None, None
     mine = applier.files.get(rel) if applier else None
-    if mine and blob == mine[1] and blob != mine[0]:
-        return POST, mine[0], None
-    if blob in pres:
-        return PRE, blob, pres[blob]
-    if mine and blob == mine[0]:
+    got = blob if applier is not None and applier.source == "record" else match
+    if mine and got == mine[1]:
+        return POST, mine[0], None  # (pre == post: apply left it as it was, all in the fork)
+    if match in pres:
+        return PRE, blob, pres[match]
+    if mine and got == mine[0]:
         return ORIGINAL, blob, None
     return OTHER, (mine[0] if mine else None), None
 

@@ -16,16 +16,19 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, NoReturn, Optional, Sequence
 
 from mla_seam import __version__
 from mla_seam.errors import (
     BROKEN_PIPE_EXIT,
     GitError,
+    GitLockedError,
     ReadOnlyTreeError,
     SeamError,
     SystemFailureError,
+    UsageError,
 )
 
 log = logging.getLogger("mla_seam")
@@ -36,12 +39,25 @@ VERBS = ("apply", "upstream", "rebase", "drift", "suite")
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors become a UsageError (exit 2, and a JSON document with ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{message}", f"see `{self.prog} --help`")
+
+
 def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
     """``-v`` / ``-q`` on ``parser``; below the top level they default to "not given"."""
     default = {} if top else {"default": argparse.SUPPRESS}
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging", **default)
     parser.add_argument(
-        "-q", "--quiet", action="store_true", help="only warnings and errors", **default
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no result lines on stdout, only warnings and errors on stderr (the exit code says "
+        "the outcome; --json output is still printed)",
+        **default,
     )
 
 
@@ -56,7 +72,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentPa
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every verb registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mla-seam",
         description="MLA adapter overlay for Megatron-LM: apply, rebase, drift, suite.",
     )
@@ -88,20 +104,29 @@ def os_error(exc: OSError) -> SeamError:
             text, "make the tree writable for this user, or run as its owner; nothing was lost"
         )
     hints = {
-        errno.ENOSPC: "free some space on that file system and run again; a change in progress "
-        "was rolled back",
+        errno.ENOSPC: "free some space on that file system and run again",
         errno.ENAMETOOLONG: "move the tree to a shorter path (mla-seam adds a few path "
         "components below it for its state folder)",
         errno.EDQUOT: "free some of your disk quota and run again",
     }
     return SystemFailureError(
         f"{text} ({errno.errorcode.get(exc.errno or 0, 'OSError')})",
-        hints.get(
-            exc.errno or 0,
-            "check the file system (dmesg, df) and run again; a change in "
-            "progress was rolled back",
-        ),
+        hints.get(exc.errno or 0, "check the file system (dmesg, df) and run again"),
     )
+
+
+def _lost_cwd() -> Optional[SeamError]:
+    """The error for a current directory that no longer exists (deleted under the shell)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        shell = os.environ.get("PWD", "")
+        where = f" {shell}" if shell and not os.path.exists(shell) else ""  # the shell's word
+        return SystemFailureError(
+            f"the current directory{where} no longer exists (deleted while the shell was in it)",
+            "cd to an existing directory and run the command again; nothing was written",
+        )
+    return None
 
 
 def git_error(exc: Exception) -> SeamError:
@@ -114,9 +139,25 @@ def git_error(exc: Exception) -> SeamError:
     fatal = (
         [ln for ln in lines if "fatal:" in ln or "error:" in ln] or lines or [type(exc).__name__]
     )
+    what = fatal[0].removeprefix("stderr: ")
+    text = f"git failed ({command or 'git'}): {what}"
+    if "dubious ownership" in stderr:
+        where = next((ln.split("'")[1] for ln in lines if ln.count("'") >= 2), "THE_REPOSITORY")
+        return GitError(
+            text,
+            "the repository belongs to another user and git refuses to work in it for you: run "
+            f"as its owner, or mark it safe (git config --global --add safe.directory {where}); "
+            "mla-seam changed nothing",
+        )
+    if ".lock': File exists" in stderr or ".lock': file exists" in stderr.lower():
+        return GitLockedError(
+            text,
+            "another git process is working in this repository, or one crashed and left the "
+            "lock: wait for it, or remove the stale lock file named above; mla-seam changed "
+            "nothing",
+        )
     return GitError(
-        f"git failed ({command or 'git'}): {fatal[0].removeprefix('stderr: ')}",
-        "check the repository (git status, git fsck); mla-seam left the tree as it was",
+        text, "check the repository (git status, git fsck); mla-seam left the tree as it was"
     )
 
 
@@ -139,10 +180,16 @@ def _report(verb: str, err: SeamError, args: Optional[argparse.Namespace]) -> in
     return err.exit_code
 
 
+def _json_wanted(argv: List[str]) -> argparse.Namespace:
+    """A stand-in for the parsed arguments when parsing failed: is ``--json`` among them?"""
+    return argparse.Namespace(json="--json" in argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    verb = (list(argv) if argv is not None else sys.argv[1:2] or ["?"])[0]
+    words = list(argv) if argv is not None else sys.argv[1:]
+    verb = (words[:1] or ["?"])[0]
     args: Optional[argparse.Namespace] = None
     try:
         from mla_seam import output  # pylint: disable=import-outside-toplevel
@@ -150,10 +197,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         crash_point("startup")
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(words)
+        except UsageError as err:
+            return _report(verb, err, _json_wanted(words))
         verb = args.verb
         level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
         logging.getLogger().setLevel(level)
+        output.set_quiet(bool(args.quiet))
         import git  # pylint: disable=import-outside-toplevel
 
         try:
@@ -168,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         output.handle_broken_pipe()
         return BROKEN_PIPE_EXIT
     except OSError as exc:
-        return _report(verb, os_error(exc), args)
+        return _report(verb, _lost_cwd() or os_error(exc), args)
     except KeyboardInterrupt:
         log.error("mla-seam %s: interrupted; the tree is left as it was before this run", verb)
         return 130

@@ -124,7 +124,8 @@ class DeviceError(SeamError):
 
 
 class StateCorruptError(SeamError):
-    """mla-seam's own state folder holds a journal it cannot read (disk error or hand edit)."""
+    """mla-seam's state folder is damaged: state record or journal malformed or failing its
+    checksum, or the folder or its lock not what mla-seam made."""
 
     exit_code = 19
 
@@ -145,6 +146,44 @@ class SystemFailureError(SeamError):
     """The operating system refused a read or write (disk full, name too long, I/O error)."""
 
     exit_code = 24
+
+
+class IntegrityError(SeamError):
+    """Bytes to be written back fail verification (a stored pristine copy or a backup is not the
+    recorded blob); nothing was written.
+
+    The message names the tree file and the damaged copy; the hint says how to get the file back
+    (delete the copy and run again, ``git checkout``, or the fork commit that has the blob)."""
+
+    exit_code = 27
+
+
+class GitLockedError(SeamError):
+    """A git lock (``index.lock``, a ref's ``.lock``) is held by another git process or left by a
+    crashed one; found before anything moved."""
+
+    exit_code = 28
+
+
+class HeadMovedError(SeamError):
+    """Commit mode: HEAD moved away from the series' commits (branch switched, reset, or new
+    commits), so they cannot be added, completed or reverted.
+
+    Raised when an interrupted commit-mode run finds HEAD neither where it started nor where it
+    was going, and when ``--revert --commit`` finds the series' commits outside HEAD's history."""
+
+    exit_code = 29
+
+
+class PreimageUnavailableError(SeamError):
+    """The release files a 3-way merge or a restore needs are nowhere to be had: not in the
+    tree's repository, no megatron-core sdist cached or downloadable, or a moving target's commit
+    not fetched; nothing was written.
+
+    The message names the files and blobs; the hint says which commit to fetch (``main``,
+    ``dev``) or how to get the sdist onto a machine without network access."""
+
+    exit_code = 30
 
 
 class InterruptedRunError(SeamError):
@@ -176,3 +215,29 @@ class GitHubError(SeamError):
 
 #: 128 + SIGPIPE: the reader of our output went away before the command could report.
 BROKEN_PIPE_EXIT = 141
+
+
+def _first_line(cls: type) -> str:
+    doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+    return doc.replace("``", "`").rstrip(".")
+
+
+def exit_codes() -> "dict[int, str]":
+    """Every exit code of ``mla-seam`` with its meaning (for ``--help`` and the README's table;
+    one home: the error classes' docstrings and the constants above)."""
+    meanings = {0: "ok; `apply --status`: applied"}
+    pending = list(SeamError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.exit_code not in (1, InterruptedRunError.exit_code):
+            meanings.setdefault(cls.exit_code, _first_line(cls))
+    meanings[STATUS_EXIT_CODES["not applied"]] = "`apply --status`: not applied"
+    meanings[STATUS_EXIT_CODES["partial"]] = (
+        "`apply --status`: partial (half applied, or an interrupted run left a journal)"
+    )
+    meanings[NIGHTLY_OVERLAY_BROKE_EXIT] = "nightly job: the overlay broke"
+    meanings[NIGHTLY_JOB_BROKE_EXIT] = "nightly job: the job itself broke"
+    meanings[130] = "interrupted by SIGINT (143: SIGTERM); the tree was rolled back or completed"
+    meanings[BROKEN_PIPE_EXIT] = "stdout closed before the command could report"
+    return dict(sorted(meanings.items()))

@@ -1,16 +1,15 @@
-"""Forks: running the series on files that are not a release's, and explaining a refusal.
+"""Forks: the hunks of a patch against a fork's files, and explaining a refusal.
 
-A fork's touched files differ from every recorded pre-image. The series still goes in when
-every hunk applies strictly (``git apply``: exact context, offsets allowed, never fuzz). When a
-hunk does not, :func:`conflict_error` names the file, the patch and hunk, the release lines the
-fork changed there and the fork's commits that changed them (``git log -L`` from the commit
-where the file left the release's content). ``--3way`` (:func:`three_way`) merges through the
-blob ids the patches record, in a scratch repository that borrows the fork's objects; a merge
-with conflicts is thrown away, so conflict markers never reach the tree.
+A fork's touched files differ from every recorded pre-image; :mod:`mla_seam.patching` runs the
+series on them patch by patch. This module reads a patch's hunks (:func:`hunks_of`), tells a
+hunk the fork already holds verbatim (:func:`already_in`) and the fork commit that added it
+(:func:`commit_adding`), writes a patch without some hunks (:func:`without_hunks`), and, when a
+hunk's context is gone, builds the refusal (:func:`conflict_error`): the file, the patch and
+hunk, the release lines the fork changed there and the fork's commits that changed them
+(``git log -L`` from the commit where the file left the release's content).
 
-This module also finds a file's pristine bytes for revert and upgrade
-(:func:`pristine_bytes`): the state folder's store, the series run backwards, the tree's own
-git objects, or a cached release checkout.
+It also serves the revert's fallbacks for pristine bytes: the series run backwards
+(:func:`reverse_series`) and the cached release checkouts (:func:`cached_release_repos`).
 """
 
 from __future__ import annotations
@@ -25,21 +24,23 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import git
 from mla_seam import gitlayer
 from mla_seam.errors import PreimageMismatchError, SeamError
-from mla_seam.series import PatchEntry, PatchResult, Series, apply_patches
+from mla_seam.series import PatchResult, Series, apply_patches
 
 _HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
-_MARKER_RE = re.compile(rb"^(<{7}|={7}|>{7})( |$)", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hunk:
-    """One hunk of a patch: where it sits in the file it was made for, and its old side."""
+    """One hunk of a patch: where it sits in the file it was made for, its old and new side."""
 
     number: int  # 1-based within its file in its patch
     start: int  # first old-side line (1-based)
     count: int
     header: str  # "@@ -120,7 +120,8 @@ def __init__"
     old: Tuple[bytes, ...]  # context and removed lines, in order
+    new: Tuple[bytes, ...] = ()  # context and added lines, in order
+    added: Tuple[bytes, ...] = ()  # the added lines only
+    span: Tuple[int, int] = (0, 0)  # the hunk's lines in the patch text (header .. last body)
 
 
 def hunks_of(data: bytes) -> Dict[str, List[Hunk]]:
@@ -55,40 +56,105 @@ def hunks_of(data: bytes) -> Dict[str, List[Hunk]]:
             result.setdefault(current, [])
         match = _HUNK_RE.match(raw) if current else None
         if match:
+            first = i
             start, count = int(match.group(1)), int(match.group(2) or 1)
             new_count = int(match.group(4) or 1)
             old: List[bytes] = []
+            new: List[bytes] = []
+            added: List[bytes] = []
             left_old, left_new = count, new_count
             i += 1
-            while i < len(lines) and (left_old > 0 or left_new > 0):
+            while i < len(lines) and (left_old > 0 or left_new > 0 or lines[i][:1] == b"\\"):
                 body = lines[i]
                 tag = body[:1]
                 if tag in (b" ", b""):
                     old.append(body[1:])
+                    new.append(body[1:])
                     left_old, left_new = left_old - 1, left_new - 1
                 elif tag == b"-":
                     old.append(body[1:])
                     left_old -= 1
                 elif tag == b"+":
+                    new.append(body[1:])
+                    added.append(body[1:])
                     left_new -= 1
                 i += 1
             hunks = result[current]
             header = raw.decode("utf-8", errors="replace")
-            hunks.append(Hunk(len(hunks) + 1, start, count, header, tuple(old)))
+            hunks.append(
+                Hunk(len(hunks) + 1, start, count, header, tuple(old), tuple(new), tuple(added),
+                     (first, i))  # fmt: skip
+            )
             continue
         i += 1
     return result
 
 
-def _contains(lines: Sequence[bytes], block: Sequence[bytes]) -> bool:
+def without_hunks(data: bytes, drop: Iterable[Tuple[str, int]]) -> bytes:
+    """The patch ``data`` with the hunks ``(file, number)`` left out (a file left without any
+    hunk loses its diff header too). Later hunks keep their old-side line numbers: ``git apply``
+    finds them at their offset."""
+    dropped = set(drop)
+    lines = data.split(b"\n")
+    gone = set()
+    for rel, hunks in hunks_of(data).items():
+        for hunk in hunks:
+            if (rel, hunk.number) in dropped:
+                gone.update(range(*hunk.span))
+    keep = [line for k, line in enumerate(lines) if k not in gone]
+    out: List[bytes] = []
+    k = 0
+    while k < len(keep):  # drop the header block of a file left without hunks
+        line = keep[k]
+        if line.startswith(b"diff --git "):
+            end = k + 1
+            while end < len(keep) and not keep[end].startswith((b"diff --git ", b"@@ ")):
+                if keep[end].startswith(b"-- ") or keep[end] == b"--":
+                    break
+                end += 1
+            if end >= len(keep) or not keep[end].startswith(b"@@ "):
+                k = end
+                continue
+        out.append(line)
+        k += 1
+    if out and out[-1] != b"":
+        out.append(b"")  # the patch text ends with a newline
+    return b"\n".join(out)
+
+
+def contains(lines: Sequence[bytes], block: Sequence[bytes]) -> Optional[int]:
+    """The 0-based index where ``block`` starts in ``lines``, or ``None``."""
     if not block:
-        return True
+        return 0
     first = block[0]
     n = len(block)
-    return any(
-        lines[k] == first and tuple(lines[k : k + n]) == tuple(block)
-        for k in range(len(lines) - n + 1)
+    for k in range(len(lines) - n + 1):
+        if lines[k] == first and tuple(lines[k : k + n]) == tuple(block):
+            return k
+    return None
+
+
+def already_in(lines: Sequence[bytes], hunk: Hunk) -> bool:
+    """Whether the file (as ``lines``) already holds the hunk's result verbatim and not its
+    old side: the fork made that change itself (a hook picked by hand)."""
+    return (
+        bool(hunk.added)
+        and contains(lines, hunk.new) is not None
+        and (contains(lines, hunk.old) is None)
     )
+
+
+def commit_adding(repo: Optional[git.Repo], rel: str, hunk: Hunk) -> str:
+    """``abc1234 (subject)`` of the newest commit in HEAD's history that added the hunk's lines
+    to ``rel`` (``git log -S``), or ``""``."""
+    if repo is None or not hunk.added:
+        return ""
+    needle = b"\n".join(hunk.added).decode("utf-8", errors="replace")
+    try:
+        rows = gitlayer.log_touching(repo, "HEAD", [rel], limit=1, needle=needle)
+    except git.GitCommandError:
+        return ""
+    return f"{rows[0][0][:12]} ({rows[0][1]})" if rows else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,27 +164,6 @@ class HunkConflict:
     patch: str
     rel: str
     hunk: Hunk
-
-
-def failing_hunks(series: Series, sources: Dict[str, bytes], scratch: Path) -> List[HunkConflict]:
-    """Run the patches one by one on copies of ``sources``; list the hunks that do not apply."""
-    for rel, data in sources.items():
-        target = scratch / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    conflicts: List[HunkConflict] = []
-    for patch in series.patches:
-        try:
-            gitlayer.apply_patch(scratch, patch.path)
-            continue
-        except git.GitCommandError:
-            pass
-        for rel, hunks in hunks_of(patch.path.read_bytes()).items():
-            lines = (scratch / rel).read_bytes().split(b"\n") if (scratch / rel).is_file() else []
-            for hunk in hunks:
-                if not _contains(lines, hunk.old):
-                    conflicts.append(HunkConflict(patch.name, rel, hunk))
-    return conflicts
 
 
 def _fork_lines(pristine: bytes, fork: bytes, start: int, count: int) -> Optional[Tuple[int, int]]:
@@ -194,46 +239,7 @@ def conflict_error(
     )
 
 
-def three_way(
-    repo: git.Repo, patches: Sequence[PatchEntry], sources: Dict[str, bytes], scratch: Path
-) -> Tuple[Optional[Dict[str, bytes]], str]:
-    """3-way apply of ``patches`` to ``sources`` in a scratch repository borrowing ``repo``'s
-    objects. Returns the new bytes, or ``None`` and the conflict report (nothing kept)."""
-    work = gitlayer.scratch_repo(scratch / "merge", alternate=repo)
-    root = Path(work.working_tree_dir)
-    for rel, data in sources.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    gitlayer.add_paths(work, sorted(sources))
-    for patch in patches:
-        ok, report = gitlayer.apply_index(root, patch.path, three_way=True)
-        if not ok:
-            lines = [
-                ln
-                for ln in report.splitlines()
-                if ln.startswith(("error", "U ")) or ln.endswith("with conflicts.")
-            ]
-            return None, f"{patch.name}: " + ("; ".join(lines) or report.strip()[-300:])
-    result = {rel: (root / rel).read_bytes() for rel in sources}
-    for rel, data in result.items():
-        if len(_MARKER_RE.findall(data)) > len(_MARKER_RE.findall(sources[rel])):
-            return None, f"{rel}: the merge left conflict markers"
-    return result, ""
-
-
 # --- pristine bytes ------------------------------------------------------------------------
-
-
-def from_objects(repos: Sequence[git.Repo], wanted: Dict[str, str]) -> Dict[str, bytes]:
-    """Committed-form bytes of the wanted blobs found in any of ``repos``' object stores."""
-    found: Dict[str, bytes] = {}
-    for rel, blob in wanted.items():
-        for repo in repos:
-            data = gitlayer.blob_bytes(repo, blob)
-            if data is not None:
-                found[rel] = data
-                break
-    return found
 
 
 def cached_release_repos() -> List[git.Repo]:

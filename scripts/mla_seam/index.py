@@ -123,16 +123,51 @@ def refresh(oldest: str, cache: Optional[Path] = None) -> Dict[str, dict]:
     return found
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _entry_ok(version: object, entry: object) -> bool:
+    """One recorded release: a dict naming its sdist file, URL and sha256 (what the index said)."""
+    return (
+        isinstance(version, str)
+        and isinstance(entry, dict)
+        and isinstance(entry.get("filename"), str)
+        and bool(_SDIST_RE.match(entry["filename"]))
+        and isinstance(entry.get("url"), str)
+        and isinstance(entry.get("sha256"), str)
+        and bool(_HEX64.match(entry["sha256"]))
+    )
+
+
 def indexed(cache: Optional[Path] = None) -> Dict[str, dict]:
-    """The releases the last refresh recorded (empty before the first refresh)."""
-    releases = _read_json(_cache(cache) / INDEX_FILE).get("releases")
-    return dict(releases) if isinstance(releases, dict) else {}
+    """The releases the last refresh recorded (empty before the first refresh).
+
+    Read back through one check (:func:`_entry_ok`): a damaged entry is left out with a warning
+    saying how to rebuild the file, never handed on.
+    """
+    path = _cache(cache) / INDEX_FILE
+    releases = _read_json(path).get("releases")
+    if releases is None:
+        return {}
+    good = (
+        {v: dict(e) for v, e in releases.items() if _entry_ok(v, e)}
+        if isinstance(releases, dict)
+        else {}
+    )
+    if not isinstance(releases, dict) or len(good) != len(releases):
+        log.warning(
+            "mla-seam: %s has damaged entries (left out); `mla-seam upstream list --refresh` "
+            "rebuilds it",
+            path,
+        )
+    return good
 
 
 def recorded_sha256(version: str, cache: Optional[Path] = None) -> Optional[str]:
-    """The sha256 verified when the sdist of ``version`` was first downloaded, if any."""
+    """The sha256 verified when the sdist of ``version`` was first downloaded, if any (a value
+    that is not a sha256 counts as none)."""
     value = _read_json(_cache(cache) / "sdists" / RECORDED_FILE).get(version)
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and _HEX64.match(value) else None
 
 
 def expected_sha256(version: str, cache: Optional[Path] = None) -> Optional[str]:

@@ -1,6 +1,7 @@
 """The one place mla-seam writes results to stdout: text lines, or one JSON document.
 
-Results go to stdout, diagnostics (logging) to stderr. When the reader of stdout goes away
+Results go to stdout, diagnostics (logging) to stderr; ``-q`` drops the result lines (never a
+JSON document, which was asked for explicitly). When the reader of stdout goes away
 (``mla-seam apply --status | head -1``), the command still runs to its end and exits with its
 real code: the first failed write points stdout at ``/dev/null`` and later writes are dropped.
 """
@@ -14,6 +15,13 @@ import sys
 from typing import Any
 
 _closed = False
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``-q``: drop result lines from now on (JSON documents are still written)."""
+    global _quiet  # pylint: disable=global-statement
+    _quiet = quiet
 
 
 def _drop_stdout() -> None:
@@ -43,8 +51,9 @@ def _write(text: str) -> None:
 
 
 def emit(text: str) -> None:
-    """Write one result line (or several, joined by newlines) to stdout."""
-    _write(text.rstrip("\n") + "\n")
+    """Write one result line (or several, joined by newlines) to stdout (not with ``-q``)."""
+    if not _quiet:
+        _write(text.rstrip("\n") + "\n")
 
 
 def emit_json(obj: Any) -> None:

@@ -112,13 +112,14 @@ def check_bundle() -> Path:
     series happens when it is loaded.
 
     Raises:
-        BundleError: missing bundle, no line folders, or overlay files that differ from what the
-            manifests recorded (the adapter and the series come from different mla-seam versions).
+        BundleError: missing bundle, no line folders, overlay files that differ from what the
+            manifests recorded (the adapter and the series come from different mla-seam
+            versions).
     """
     from mla_seam import gitlayer  # pylint: disable=import-outside-toplevel
 
     root = bundle_root()
-    wanted: Dict[str, str] = {}
+    wanted: Dict[str, Dict[str, str]] = {}  # overlay file -> line -> the blob its manifest says
     lines = sorted(p for p in (root / "patches").iterdir() if p.is_dir())
     if not lines:
         raise BundleError(
@@ -126,20 +127,24 @@ def check_bundle() -> Path:
         )
     for line in lines:
         try:
-            overlay = json.loads((line / "manifest.json").read_bytes()).get("overlay")
+            manifest = json.loads((line / "manifest.json").read_bytes())
+            overlay = manifest.get("overlay")
         except (OSError, ValueError, AttributeError):
             continue  # an unreadable manifest is the series loader's to report
         if isinstance(overlay, dict):
-            wanted.update({k: v for k, v in overlay.items() if isinstance(v, str)})
+            for rel, blob in overlay.items():
+                if isinstance(blob, str):
+                    wanted.setdefault(rel, {})[line.name] = blob
     rels = sorted(wanted)
     blobs = gitlayer.hash_blobs(root / "overlay", [r for r in rels if "/../" not in f"/{r}/"])
-    bad = [rel for rel in rels if blobs.get(rel) != wanted[rel]]
+    bad = [rel for rel in rels if any(blobs.get(rel) != b for b in wanted[rel].values())]
     if bad:
+        lines_bad = sorted({n for r in bad for n, b in wanted[r].items() if blobs.get(r) != b})
         raise BundleError(
             f"overlay/{', overlay/'.join(bad)} "
             f"{'is missing' if all(blobs.get(r) is None for r in bad) else 'does not match'} "
-            f"the blob in the manifests under {root / 'patches'}: the adapter and the series "
-            "come from different mla-seam versions",
+            f"the blob in the manifests under {root / 'patches'} ({', '.join(lines_bad)}): the "
+            "adapter and the series come from different mla-seam versions",
             "reinstall mla-seam; in a repository, re-export the series with "
             "`mla-seam rebase --write --refresh-overlay` or restore overlay/ from git",
         )

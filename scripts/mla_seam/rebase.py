@@ -190,7 +190,7 @@ def _resolved_head(ws: Workspace, tree_repo: git.Repo, ref: str, s: Survey) -> s
 def _write(ws: Workspace, s: Survey, head: str, args: argparse.Namespace, root: Path) -> None:
     version = s.onto_version
     moving = releases.moving_target(s.onto)
-    target = root / (moving or releases.line_dir_name(releases.line_of(version)))
+    target = root / releases.series_folder(s.onto, version)
     if moving and args.releases:
         raise UsageError(
             f"--releases {args.releases}: the {moving} series serves the commit it is made from",

@@ -13,7 +13,9 @@ Beside the release lines stand upstream's moving targets (:data:`MOVING_TARGETS`
 ``dev``), branches served like lines, each by its own series folder named after it. Their
 version string is no guide (dev says ``0.19.0``, main ``0.20.0``): a tree gets their series by
 content (:mod:`mla_seam.selection`), and a series records the commit it was made from as its one
-release, ``dev@d48bd6be0a`` (:func:`snapshot`).
+release, ``dev@d48bd6be0a`` (:func:`snapshot`). The nightly job lands each branch it follows as
+``upstream-<branch>`` in its clone (:func:`followed_ref`); such a ref names its moving target
+too, so a rebase onto it writes ``patches/<branch>/`` (:func:`series_folder`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ TAG_PREFIX = "core_v"
 #: has its own series folder, ``patches/<name>/``. The one home of which moving targets exist:
 #: every tool that lists, names or picks lines asks here.
 MOVING_TARGETS: Tuple[str, ...] = ("main", "dev")
+
+#: Where the nightly job lands a branch it follows in its clone: ``main`` -> ``upstream-main``
+#: (a local branch beside the clone's own ones, never over them).
+FOLLOW_PREFIX = "upstream-"
 
 _LINE_RE = re.compile(r"^(?:core_v|v)?(\d+)\.(\d+)$")
 _SNAPSHOT_RE = re.compile(r"^([A-Za-z0-9._-]+)@([0-9a-f]{7,40})$")
@@ -138,12 +144,31 @@ def version_of_tag(tag: str) -> str:
 # --- moving targets ------------------------------------------------------------------------
 
 
+def followed_ref(branch: str) -> str:
+    """Where the nightly lands a followed upstream branch in its clone: ``main`` ->
+    ``upstream-main``."""
+    return f"{FOLLOW_PREFIX}{branch}"
+
+
+def followed_branch(ref: str) -> Optional[str]:
+    """The upstream branch a ref of :func:`followed_ref` lands (``upstream-main`` and
+    ``refs/heads/upstream-main`` -> ``main``), else ``None``."""
+    name = ref.strip().removeprefix("refs/heads/")
+    if "/" in name or not name.startswith(FOLLOW_PREFIX) or name == FOLLOW_PREFIX:
+        return None
+    return name[len(FOLLOW_PREFIX) :]
+
+
 def moving_target(ref: str) -> Optional[str]:
     """The moving target a git ref names, else ``None``.
 
-    ``dev``, ``origin/dev``, ``refs/heads/dev`` and ``refs/remotes/upstream/dev`` name ``dev``;
-    ``feature/dev``'s deeper paths, tags and commits name none.
+    ``dev``, ``origin/dev``, ``refs/heads/dev``, ``refs/remotes/upstream/dev`` and the nightly's
+    ``upstream-dev`` (:func:`followed_ref`) name ``dev``; ``feature/dev``'s deeper paths, tags
+    and commits name none.
     """
+    followed = followed_branch(ref)
+    if followed is not None:
+        return followed if followed in MOVING_TARGETS else None
     parts = ref.strip().split("/")
     if parts[-1] not in MOVING_TARGETS:
         return None
@@ -153,6 +178,12 @@ def moving_target(ref: str) -> Optional[str]:
         len(parts) == 4 and parts[:2] == ["refs", "remotes"],
     )
     return parts[-1] if any(shapes) else None
+
+
+def series_folder(ref: str, version: str) -> str:
+    """The series folder a rebase onto ``ref`` writes: the moving target's own (``main`` for
+    ``upstream-main``), else the release line of ``version`` (``core_v0.20``)."""
+    return moving_target(ref) or line_dir_name(line_of(version))
 
 
 def snapshot(target: str, commit: str) -> str:

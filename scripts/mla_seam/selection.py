@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from mla_seam import gitlayer, paths, released, releases
 from mla_seam.assess import TreeView, _converts
-from mla_seam.errors import SeamError, UnsupportedVersionError
+from mla_seam.errors import SeamError, UnsupportedVersionError, UsageError
+from mla_seam.record import State
 from mla_seam.series import (
     MANIFEST_NAME,
     Series,
@@ -117,27 +118,32 @@ def _newest_line(root: Path) -> Optional[str]:
 def select_series(
     tree: MegatronTree,
     forced: Optional[str] = None,
-    record: Optional[dict] = None,
+    record: Optional[State] = None,
     root: Optional[Path] = None,
 ) -> Selection:
     """The series for ``tree`` (see the module docstring for the order).
 
     Raises:
-        UsageError: ``--series`` names no line.
+        UsageError: ``--series`` is empty or names no line.
         UnsupportedVersionError: nothing matches and no line serves the version.
         SeriesCorruptError: the chosen line's folder is damaged.
     """
     root = Path(root) if root is not None else paths.patches_dir()
-    if forced:
+    if forced is not None:
+        if not forced.strip():
+            raise UsageError(
+                "--series is empty (an unset shell variable?)",
+                "pass a release line such as core_v0.19, or leave --series out",
+            )
         return Selection(series_by_name(forced, root), "forced", f"--series {forced}", {})
-    applied = (record or {}).get("applied") or {}
-    line = applied.get("line")
-    if isinstance(line, str) and line:
+    applied = record.applied if record is not None else None
+    if applied is not None and record is not None:
+        line = applied.line
         if not (root / line).is_dir():
             raise UnsupportedVersionError(
-                f"the tree records {line} as applied (by {record.get('tool', 'mla-seam')}), and "
-                f"this mla-seam has no {line} series; supported: {supported_lines(root)}",
-                f"revert it with the mla-seam version that applied it, or pass --series LINE",
+                f"the tree records {line} as applied (by {record.tool}), and this mla-seam has "
+                f"no {line} series; supported: {supported_lines(root)}",
+                "revert it with the mla-seam version that applied it, or pass --series LINE",
             )
         return Selection(load_series(root / line), "recorded", "the tree's state folder", {})
     matches, blobs = fingerprint(tree, root)

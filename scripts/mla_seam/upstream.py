@@ -305,6 +305,22 @@ def fetch_sdist(ref: str, *, cache: Optional[Path] = None) -> Path:
     return found
 
 
+def cached_sdist(ref: str, *, cache: Optional[Path] = None) -> Optional[Path]:
+    """The verified sdist of a release when the cache holds it (nothing is downloaded); ``None``
+    for a release the cache lacks or mla-seam does not know.
+
+    Raises:
+        UpstreamError: the cached file does not have the package index's sha256.
+    """
+    try:
+        version = version_for(ref)
+    except UpstreamError:
+        return None
+    if _find_sdist(sdists_dir(cache), version) is None:
+        return None
+    return fetch_sdist(version, cache=cache)
+
+
 def _download_into(folder: Path, version: str) -> Path:
     _sweep(folder, version)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=folder))

@@ -7,8 +7,10 @@ with several cards, the newest run. The slot holds the verdict, card, versions, 
 trees, the attribution counts, the reasons, every finding that moved, the performance findings
 (for the per-tag ratio plot) and the golden curves of the folder (for the curve plot).
 
-A moving target's row (``main``, ``dev``) takes the verdict of ``<DIR>/<target>/`` only (dev's
-package_info says 0.19.0, which is no release of it).
+A moving target's row (``main``, ``origin/dev``, the nightly's ``upstream-main``:
+:func:`mla_seam.releases.moving_target`) takes the verdict of ``<DIR>/<target>/`` only (dev's
+package_info says 0.19.0, which is no release of it); without one its row says so (never a
+pass, :data:`mla_seam.drift.render.NO_GPU_VERDICT`).
 
 A GPU verdict of ``overlay_broke`` or ``upstream_changed`` makes the tag ``needs_work`` with a
 ``GPU:`` reason: drift is behaviour too. ``pass`` and ``incomplete`` leave the verdict alone

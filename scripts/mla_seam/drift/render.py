@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mla_seam import contracts
+from mla_seam import contracts, releases
 from mla_seam.drift.gpu import multigpu_failure, multigpu_passed
 from mla_seam.drift.sweep import SUPPORTED
 
@@ -62,10 +62,14 @@ def _since(doc: Mapping[str, Any]) -> List[str]:
     return out + [""]
 
 
+#: The GPU cell of a moving target's row (main, dev) that has no verdict: never read as a pass.
+NO_GPU_VERDICT = "no GPU verdict yet"
+
+
 def _gpu_cell(entry: Mapping[str, Any]) -> str:
     gpu = entry.get("gpu")
     if not gpu:
-        return "-"
+        return NO_GPU_VERDICT if releases.moving_target(str(entry["tag"])) else "-"
     cell = f"{gpu['verdict']} ({gpu.get('card_slug')})"
     multigpu = gpu.get("multigpu")
     if multigpu:
@@ -100,7 +104,9 @@ def markdown(doc: Dict[str, object], trend: Optional[Sequence[Mapping[str, Any]]
         "",
         "Patch classes: exact, offset (moved by N lines), 3-way (merged, review), CONFLICT, "
         "upstream (already in the tag), obsolete (its Obsolete-If holds), - (not in the series). "
-        "GPU: the three-tree suite's verdict (pass, upstream_changed, overlay_broke, incomplete).",
+        "GPU: the three-tree suite's verdict (pass, upstream_changed, overlay_broke, incomplete; "
+        f"- none; a moving target's row says {NO_GPU_VERDICT} until the results hold one of its "
+        "own).",
         "",
         "| tag | series | " + " | ".join(hooks) + " | contract changes | GPU | verdict |",
         "|---|---|" + "---|" * len(hooks) + "---|---|---|",
@@ -245,6 +251,19 @@ def _run_line(doc: Mapping[str, Any]) -> str:
     )
 
 
+def _waiting(entries: Sequence[Mapping[str, Any]]) -> List[str]:
+    """A line per moving target's row without a GPU verdict (where the suite would file one)."""
+    out = []
+    for e in entries:
+        target = releases.moving_target(str(e["tag"]))
+        if target and not e.get("gpu"):
+            out.append(
+                f"- {e['tag']}: {NO_GPU_VERDICT} (the suite files it as "
+                f"<DIR>/{target}/<card>/verdict.json)"
+            )
+    return out + [""] if out else []
+
+
 def _gpu_sections(entries: Sequence[Mapping[str, Any]]) -> List[str]:
     with_gpu = [e for e in entries if e.get("gpu")]
     if not with_gpu:
@@ -254,7 +273,7 @@ def _gpu_sections(entries: Sequence[Mapping[str, Any]]) -> List[str]:
             "No GPU results attached (mla-seam drift --gpu-results DIR; the three-tree suite "
             "writes <DIR>/<tag>/<card>/verdict.json).",
             "",
-        ]
+        ] + _waiting(entries)
     out = ["## GPU verdicts", ""]
     out.append("| tag | card | verdict | " + " | ".join(_ATTRIBUTIONS) + " | trees |")
     out.append("|---|---|---|" + "---|" * len(_ATTRIBUTIONS) + "---|")
@@ -270,6 +289,7 @@ def _gpu_sections(entries: Sequence[Mapping[str, Any]]) -> List[str]:
             + f" | {trees} |"
         )
     out.append("")
+    out += _waiting(entries)
     failing = []
     for e in with_gpu:
         multigpu = e["gpu"].get("multigpu") or {}

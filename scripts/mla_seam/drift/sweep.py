@@ -149,7 +149,15 @@ def _preimage_problems(ws: Workspace, s: Series, version: str, commit: str) -> L
     blobs = gitlayer.tree_blobs(ws.repo, commit, list(images))
     problems = []
     for rel, options in images.items():
-        if blobs.get(rel) not in {img.pre for img in options}:
+        if blobs.get(rel) in {img.pre for img in options}:
+            continue
+        if s.name in releases.MOVING_TARGETS:  # apply serves a later commit by trial
+            problems.append(
+                f"{rel} at {commit[:10]} is not the pre-image {s.name} recorded at "
+                f"{', '.join(s.releases)} (apply serves it only where every hunk applies "
+                f"strictly); update the series with mla-seam rebase --onto {s.name} --write"
+            )
+        else:
             problems.append(
                 f"{rel} at {version} is not a pre-image {s.name} recorded (apply would refuse); "
                 f"re-export the line with mla-seam rebase --write"

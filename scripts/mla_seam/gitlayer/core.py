@@ -8,6 +8,7 @@ whatever the user's ``~/.gitconfig`` says. Callers never build git command lines
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -160,21 +161,26 @@ def git_dir(repo: git.Repo) -> Path:
 def hash_blobs(root: os.PathLike, relpaths: Iterable[str]) -> Dict[str, Optional[str]]:
     """Git blob ids of files under ``root`` (``None`` for a path that does not exist).
 
-    ``--no-filters`` hashes the raw bytes: no clean filter or CRLF conversion applies, so the
-    id is the same in a git checkout and in a plain folder such as site-packages.
+    The ids of the raw bytes (``git hash-object --no-filters``: no clean filter or CRLF
+    conversion), so the id is the same in a git checkout and in a plain folder such as
+    site-packages; computed in-process (:func:`blob_id`), no repository needed.
     """
-    relpaths = list(relpaths)
-    present = [p for p in relpaths if (Path(root) / p).is_file()]
-    result: Dict[str, Optional[str]] = {p: None for p in relpaths}
-    if present:
-        # GIT_DIR: hash-object without -w needs no repository; a broken one in root must not
-        # stop it.
-        cmd = command(root)
-        cmd.update_environment(GIT_DIR=os.devnull)
-        out = cmd.hash_object("--no-filters", "--", *present)
-        for rel, blob in zip(present, out.splitlines()):
-            result[rel] = blob.strip()
+    result: Dict[str, Optional[str]] = {}
+    for rel in relpaths:
+        path = Path(root) / rel
+        try:
+            result[rel] = blob_id(path.read_bytes()) if path.is_file() else None
+        except (FileNotFoundError, NotADirectoryError):
+            result[rel] = None
     return result
+
+
+def blob_id(data: bytes) -> str:
+    """The git blob id of ``data`` (``git hash-object --no-filters``), computed in-process.
+
+    SHA-1, the object format of every repository mla-seam records blobs for; cheap enough to
+    verify every byte mla-seam writes back."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def apply_patch(
@@ -226,7 +232,9 @@ def dirty_paths(repo: git.Repo, relpaths: Iterable[str]) -> List[str]:
         return []
     # The user's own configuration decides what "changed" means (core.autocrlf, core.fileMode,
     # filters): a clean checkout made with core.autocrlf=true is clean. No -c pins here.
-    out = user_command(repo).status(
+    cmd = user_command(repo)
+    cmd.update_environment(GIT_OPTIONAL_LOCKS="0")  # a look only: never take the index's lock
+    out = cmd.status(
         "--porcelain=v1",  # stable, script-oriented format
         "-z",  # NUL-separated: paths with spaces or newlines stay intact
         "--untracked-files=all",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import git
-from mla_seam.gitlayer.core import argv, init_repo, stdin_file, user_command
+from mla_seam.gitlayer.core import argv, command, init_repo, stdin_file, user_command
 
 # --- apply engine: forks, pristine bytes, commit mode ---
 # Used by mla_seam.apply, mla_seam.forks and mla_seam.commitmode.
@@ -36,6 +36,23 @@ def store_blob(repo: git.Repo, data: bytes, path: Optional[str] = None) -> str:
     with stdin_file(data) as stdin:
         out = user_command(repo).execute(["git", *args], istream=stdin)
     return out.strip()
+
+
+def store_blobs(repo: git.Repo, contents: Sequence[bytes]) -> List[str]:
+    """Write raw ``contents`` into ``repo``'s object store in one ``hash-object -w``; return
+    their ids, in order."""
+    if not contents:
+        return []
+    with tempfile.TemporaryDirectory(prefix="mla-seam-blobs-") as tmp:
+        names = []
+        for k, data in enumerate(contents):
+            (Path(tmp) / str(k)).write_bytes(data)
+            names.append(str(Path(tmp) / str(k)))
+        with stdin_file(("\n".join(names) + "\n").encode()) as stdin:
+            out = user_command(repo).execute(
+                ["git", "hash-object", "-w", "--no-filters", "--stdin-paths"], istream=stdin
+            )
+    return [line.strip() for line in out.splitlines()]
 
 
 def blob_bytes(repo: git.Repo, blob: str) -> Optional[bytes]:
@@ -200,3 +217,103 @@ def reset_index(repo: git.Repo, rev: str, relpaths: Sequence[str]) -> None:
 def head_commit_message(repo: git.Repo, rev: str) -> str:
     """The raw message of ``rev``."""
     return repo.git.execute(argv("log", "-1", "--format=%B", rev))
+
+
+def head_ref(repo: git.Repo) -> Optional[str]:
+    """The ref HEAD points to (``refs/heads/main``), or ``None`` when HEAD is detached."""
+    status, out, _ = repo.git.execute(
+        argv("symbolic-ref", "-q", "HEAD"), with_extended_output=True, with_exceptions=False
+    )
+    return out.strip() if status == 0 and out.strip() else None
+
+
+def held_locks(repo: git.Repo) -> List[Path]:
+    """The lock files of ``repo`` that a commit-mode run needs and someone else holds: the
+    index's, HEAD's, the checked-out branch's and ``packed-refs``'s (``*.lock`` files that git
+    creates while it writes them and leaves behind when it crashes)."""
+    private, common = Path(repo.git_dir), Path(repo.common_dir)
+    candidates = [private / "index.lock", private / "HEAD.lock", common / "packed-refs.lock"]
+    ref = head_ref(repo)
+    if ref:
+        candidates.append(common / f"{ref}.lock")
+    return [path for path in candidates if os.path.lexists(path)]
+
+
+def merge_file(
+    ours: bytes, base: bytes, theirs: bytes, labels: Tuple[str, str, str]
+) -> Tuple[bytes, int]:
+    """Three-way merge of one file's contents (``git merge-file -p``; no repository needed).
+
+    Returns the merged bytes (with conflict markers where both sides changed the same lines)
+    and the number of conflicts (0: a clean merge).
+    """
+    with tempfile.TemporaryDirectory(prefix="mla-seam-merge-") as tmp:
+        names = []
+        for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+            (Path(tmp) / name).write_bytes(data)
+            names.append(name)
+        cmd = command(tmp)
+        cmd.update_environment(GIT_DIR=os.devnull)  # no repository: never read one's config
+        status, out, err = cmd.execute(
+            argv("merge-file", "-p", *(x for label in labels for x in ("-L", label)), *names),
+            with_extended_output=True,
+            with_exceptions=False,
+            stdout_as_string=False,
+            strip_newline_in_stdout=False,
+        )
+    if status < 0 or status > 127:
+        raise git.GitCommandError(["git", "merge-file"], status, err, "")
+    return (out if isinstance(out, bytes) else out.encode()), status
+
+
+class TreeBuilder:
+    """Trees made one after the other from a commit's tree with some paths changed, in one
+    temporary index (``read-tree`` once, then ``update-index`` and ``write-tree`` per tree); the
+    user's index is never touched. A context manager."""
+
+    def __init__(self, repo: git.Repo, commit: str) -> None:
+        self.repo = repo
+        self._tmp = tempfile.TemporaryDirectory(prefix="mla-seam-index-")
+        self.env = {"GIT_INDEX_FILE": str(Path(self._tmp.name) / "index")}
+        repo.git.execute(argv("read-tree", commit), env=self.env)
+
+    def tree(self, files: Mapping[str, Optional[Tuple[str, str]]]) -> str:
+        """The tree of the last one with ``files`` replaced: ``path -> (mode, blob)``, or
+        ``None`` to remove the path."""
+        lines = [
+            f"0 {'0' * 40}\t{rel}" if entry is None else f"{entry[0]} {entry[1]}\t{rel}"
+            for rel, entry in files.items()
+        ]
+        with stdin_file(("\n".join(lines) + "\n").encode("utf-8")) as stdin:
+            self.repo.git.execute(argv("update-index", "--index-info"), env=self.env, istream=stdin)
+        return self.repo.git.execute(argv("write-tree"), env=self.env).strip()
+
+    def __enter__(self) -> "TreeBuilder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+
+def tree_entries(repo: git.Repo, ref: str, relpaths: Iterable[str]) -> Dict[str, Tuple[str, str]]:
+    """``path -> (mode, blob id)`` of the paths ``ref``'s tree has (one ``ls-tree``)."""
+    relpaths = list(relpaths)
+    if not relpaths:
+        return {}
+    out = repo.git.ls_tree("-r", "-z", "--full-tree", ref, "--", *relpaths)
+    entries = {}
+    for entry in out.split("\0"):
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if path and len(parts) == 3 and parts[1] == "blob":
+            entries[path] = (parts[0], parts[2])
+    return entries
+
+
+def commit_subjects(repo: git.Repo, commits: Sequence[str]) -> Dict[str, str]:
+    """``commit -> subject`` for each of ``commits`` (one ``git log --no-walk``)."""
+    if not commits:
+        return {}
+    out = repo.git.execute(argv("log", "--no-walk=unsorted", "--no-color", "--format=%H%x09%s",
+                                *commits))  # fmt: skip
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)

@@ -3,7 +3,8 @@
 ::
 
     python -m mla_seam.nightly --out DIR --phase cpu [--megatron CLONE --remote origin]
-        [--follow main,dev] [--pre] [--state DIR | --state-branch] [--no-discover]
+        [--follow main,dev] [--pre] [--results DIR] [--state DIR | --state-branch]
+        [--no-discover]
     python -m mla_seam.nightly --out DIR --phase publish [--github OWNER/NAME] [--push-state]
     python -m mla_seam.nightly --out DIR --phase gpu [--gpu auto|on|off|dry-run]
     python -m mla_seam.nightly --out DIR --phase report [--github OWNER/NAME] [--push-state]
@@ -13,12 +14,14 @@ permissions it needs) and on a workstation (``ci/nightly.sh``, phase ``all``). P
 
 1. **cpu** (:mod:`~mla_seam.nightly.cpu`): new releases on the package index, new tags and the
    followed branches from the clone's remote (blobless, treeless and shallow clones work), the
-   drift sweep with the history of earlier nights, then per moving target (a new release tag,
-   each followed branch, a served release that broke) a proposal (``rebase --write
-   --accept-three-way`` into a bundle copy, :mod:`~mla_seam.nightly.propose`) or a
-   tracking-issue text naming the hunks, the culprits and the command that finishes the port,
-   and the targets the GPU job has to test (those whose hooked or probed files, series or
-   adapter changed since their last GPU run);
+   drift sweep with the history of earlier nights (main and dev are rows beside the tags,
+   with their own GPU verdicts), then per moving target (a new release tag, each followed
+   branch, a served release that broke) a proposal (``rebase --write --accept-three-way`` into
+   a bundle copy, :mod:`~mla_seam.nightly.propose`: ``patches/core_vX.Y/`` for a release,
+   ``patches/main/`` and ``patches/dev/`` for those branches, nothing when the rebase writes
+   what is checked in) or a tracking-issue text naming the hunks, the culprits and the command
+   that finishes the port, and the targets the GPU job has to test (those whose hooked or
+   probed files, series or adapter changed since their last GPU run);
 2. **publish** (:mod:`~mla_seam.nightly.publish`): proposal branches pushed (never forced) and
    their pull requests opened or updated, tracking issues opened, updated with a comment or
    closed: only what changed;
@@ -44,6 +47,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mla_seam import releases
 from mla_seam.nightly import cpu, gpu, publish, state
 from mla_seam.nightly.cpu import (
     BASELINE_LINE,
@@ -157,14 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--phase", choices=PHASES, default="all", help="which part of the job (default: all)")
     add("--megatron", metavar="CLONE", help="a Megatron-LM clone (else the PyPI sdists)")
     add("--remote", metavar="NAME", help="fetch tags and the followed branches from this remote")
-    add("--follow", default="main", metavar="B,B", help="upstream branches to follow (main)")
+    add("--follow", default=",".join(releases.MOVING_TARGETS), metavar="B,B",
+        help="upstream branches to follow (default: the moving targets, %(default)s)")  # fmt: skip
     add("--pre", action="store_true", help="also the upcoming pre-releases (rc, dev)")
     add("--since", default=FIRST_LINE, metavar="LINE", help=f"first line swept ({FIRST_LINE})")
     add("--no-discover", action="store_true", help="skip the package index (built-in list)")
     add("--no-plot", action="store_true", help="no PNG figures in the drift report")
     add("--no-sweep-cache", action="store_true",
         help="survey every tag again (default: reuse the entries of unchanged tags)")  # fmt: skip
-    add("--results", metavar="DIR", help="attach stored GPU results to the drift report")
+    add("--results", metavar="DIR",
+        help="GPU results for the drift report (default: results/ of --project, if there)")  # fmt: skip
     add("--state", metavar="DIR", help="the state folder to start from (and keep it there)")
     add("--state-branch", action="store_true",
         help=f"start from {state.BRANCH} of --project-remote instead")  # fmt: skip

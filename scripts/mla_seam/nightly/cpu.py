@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 BASELINE_LINE = "0.16"
 FIRST_LINE = "0.13"
-MAIN_BRANCH = targets.branch_ref("main")
+MAIN_BRANCH = releases.followed_ref("main")
 #: Pre-releases a ``--pre`` night sweeps from the package index: the newest few that are newer
 #: than every final release (what is coming), so the night stays bounded.
 PRE_MAX = 3
@@ -111,7 +111,7 @@ def fetch_remote(megatron: Path, remote: str, follow: Sequence[str]) -> str:
     if repo is None:
         raise JobBroke(f"--megatron {megatron} is not a git clone (the remote step needs one)")
     shape = gitlayer.clone_shape(repo)
-    branches = {b: f"refs/heads/{targets.branch_ref(b)}" for b in follow}
+    branches = {b: f"refs/heads/{releases.followed_ref(b)}" for b in follow}
     try:
         gitlayer.fetch_upstream(repo, remote, branches, unshallow=shape.shallow)
     except git.GitCommandError as exc:
@@ -164,11 +164,10 @@ def plan_gpu(
         return {"run": False, "why": "no series applies (a human has to port it)"}
     if target.proposal is not None:
         series_digest = str(target.proposal.get("fingerprint"))
-    else:
-        found = [
-            s for s in load_lines(paths.patches_dir(), strict=False) if s.name == target.series
-        ]
-        series_digest = found[0].sha256 if found else target.series
+    else:  # the checked-in series the patched tree gets: a moving target's own, else the line's
+        name = target.moving or target.series
+        found = [s for s in load_lines(paths.patches_dir(), strict=False) if s.name == name]
+        series_digest = found[0].sha256 if found else name
     fingerprint = gpu_fingerprint(megatron, target, series_digest)
     last = (data["targets"].get(target.slug) or {}).get("gpu") or {}
     if fingerprint is not None and last.get("fingerprint") == fingerprint:
@@ -196,6 +195,8 @@ def decide(
     for target in found:
         entry = entries[target.ref]
         targets.plan(target, entry, lines)
+        if target.action == "ok" and target.moving:
+            target.note = f"at the commit patches/{target.folder} was made from"
         if target.action == "propose":
             target.proposal = propose.propose(target, entry, megatron, job.out, md)
             if not target.proposal["ok"]:
@@ -203,6 +204,10 @@ def decide(
                 target.reasons.insert(
                     0, f"rebase --write failed: {target.proposal.get('error', '?')}"
                 )
+            elif target.moving and target.proposal.get("unchanged"):
+                # Only the snapshot commit would move: the checked-in series serves it.
+                target.action, target.proposal = "ok", None
+                target.note = f"the rebase writes the checked-in patches/{target.folder}"
         if target.action == "human":
             body, whole = texts.issue_body(target, entry)
             folder = job.out / "issues"
@@ -248,7 +253,7 @@ def run(job: Job, args: Any, state_dir: Path) -> None:
                 step.note += f"; fetched tags and {', '.join(follow) or 'no branch'}"
             else:
                 step.status, step.note = "skipped", "no --remote: the clone's refs as they are"
-            megatron["branches"] = [targets.branch_ref(b) for b in follow]
+            megatron["branches"] = [releases.followed_ref(b) for b in follow]
         else:
             megatron["path"] = materialize_all(out_megatron(job.out), known)
             megatron["branches"] = []
@@ -267,7 +272,7 @@ def run(job: Job, args: Any, state_dir: Path) -> None:
                 include=include,
                 include_pre=args.pre,
                 pre_after=newest_final(include) if args.pre else None,
-                gpu_results=Path(args.results) if args.results else None,
+                gpu_results=gpu_results(args),
                 history_file=history_file,
                 also=[b for b in branches if b != end],
                 sweep_cache=None if args.no_sweep_cache else paths.cache_dir() / "sweeps",
@@ -307,6 +312,16 @@ def run(job: Job, args: Any, state_dir: Path) -> None:
     job.step("remote", remote_step)
     job.step("drift", drift_step)
     job.step("targets", targets_step)
+
+
+def gpu_results(args: Any) -> Optional[Path]:
+    """The GPU results the drift report attaches: ``--results``, else the project's committed
+    ``results/`` (``results/<tag>/<card>/verdict.json``; main's and dev's under their names),
+    else none."""
+    if args.results:
+        return Path(args.results)
+    committed = Path(args.project) / "results"
+    return committed if committed.is_dir() else None
 
 
 def upstream_url(megatron: Optional[Path], remote: Optional[str]) -> Optional[str]:

@@ -162,7 +162,8 @@ def summary(job: Job) -> str:
         )
     rows = [
         f"{t['name']} ({t['kind']}): {t['action']}"
-        + (f", proposal {t['proposal'].get('line_dir')}" if t.get("proposal") else "")
+        + (f", proposal patches/{t['proposal'].get('line_dir')}/" if t.get("proposal") else "")
+        + (f" ({t['note']})" if t.get("note") else "")
         + (" (proposal failed)" if t.get("proposal") and not t["proposal"].get("ok") else "")
         for t in job.targets
     ]

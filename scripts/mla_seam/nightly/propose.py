@@ -4,6 +4,11 @@
 (``bundle/patches``, ``bundle/overlay``: what the GPU job stages the proposed series from),
 the rebase's output and JSON survey, ``proposal.json`` and the pull-request body (``PR.md``,
 under the size limit, and ``PR-full.md``). The repository's own ``patches/`` is never written.
+
+The series folder is the target's (:attr:`~mla_seam.nightly.targets.Target.folder`):
+``patches/core_v0.20/`` for a new release, ``patches/main/`` for upstream main (the rebase onto
+``upstream-main`` writes it, as ``rebase --onto main`` does). The record says ``unchanged``
+when the written folder is the checked-in one but for the snapshot commit it records.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
-from mla_seam import paths, releases
+from mla_seam import paths
 from mla_seam.nightly import texts
-from mla_seam.nightly.targets import Target, proposal_digest
+from mla_seam.nightly.targets import Target, folder_digest, proposal_digest
 
 
 def bundle_copy(dest: Path) -> Path:
@@ -44,8 +49,9 @@ def propose(
     """Write the series of ``target`` into a bundle copy; return the proposal record.
 
     The record has ``ok`` (the rebase wrote a series), ``folder`` (relative to ``out``),
-    ``line_dir``, ``fingerprint`` (:func:`~mla_seam.nightly.targets.proposal_digest`),
-    ``exit`` and, on failure, ``error``.
+    ``line_dir`` (the series folder), ``fingerprint``
+    (:func:`~mla_seam.nightly.targets.proposal_digest`), ``unchanged`` (the checked-in folder
+    has that fingerprint too), ``exit`` and, on failure, ``error``.
     """
     folder = out / "proposals" / target.slug
     shutil.rmtree(folder, ignore_errors=True)
@@ -62,7 +68,7 @@ def propose(
     )
     output = (proc.stdout + ("\n" + proc.stderr if proc.stderr.strip() else "")).strip()
     (folder / "rebase.txt").write_text(output + "\n", encoding="utf-8")
-    line_dir = releases.line_dir_name(releases.line_of(target.version))
+    line_dir = target.folder
     record: Dict[str, Any] = {
         "ok": proc.returncode == 0,
         "exit": proc.returncode,
@@ -77,6 +83,7 @@ def propose(
         return record
     files = {p.name: p.read_bytes() for p in sorted(written.iterdir()) if p.is_file()}
     record["fingerprint"] = proposal_digest(files)
+    record["unchanged"] = record["fingerprint"] == folder_digest(paths.patches_dir() / line_dir)
     record["files"] = sorted(files)
     record["title"] = texts.pr_title(target, line_dir)
     body, whole = texts.pr_body(target, entry, record, proc.stdout, drift_md)

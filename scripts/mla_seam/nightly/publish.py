@@ -102,7 +102,8 @@ class Publisher:
         }
         changes.update({f"{folder}/{name}": data for name, data in files.items()})
         message = (
-            f"patches: serve {target.label} with {target.proposal['line_dir']} (mla-seam nightly)"
+            f"patches: serve {target.label} with patches/{target.proposal['line_dir']}/ "
+            "(mla-seam nightly)"
             f"\n\nmla-seam rebase --write --accept-three-way onto {target.name} "
             f"({target.commit}), from {target.series}.\n\n"
             f"{TRAILER} {fingerprint}\nMla-Seam-Target: {target.name} {target.commit}\n"

@@ -3,17 +3,24 @@
 A target is something upstream moves that the series must follow:
 
 * ``release``: a ``core_vX.Y.Z`` tag of a final release no series lists (a new release);
-* ``branch``: a branch the job follows (``--follow main,dev``; swept as ``upstream-<branch>``);
+* ``branch``: a branch the job follows (``--follow main,dev``; swept as ``upstream-<branch>``,
+  :func:`mla_seam.releases.followed_ref`);
 * ``overlay``: a release a series lists whose patches, pre-images or contracts fail now (the
   series no longer does what it claims: the overlay broke, not upstream).
 
 :func:`plan` gives each target an action: ``propose`` (every hook carries, exact, offset or a
 clean 3-way merge, and the adapter handles every contract: ``rebase --write
 --accept-three-way`` writes the series, a pull request carries it), ``human`` (a conflict, a
-contract the adapter does not handle, or a branch whose version belongs to a line that serves
-releases: a tracking issue names the hunk, the culprits and the command that finishes the port),
-or ``ok`` (nothing to write). Fingerprints (:func:`digest`) say when a proposal, an issue or a
-GPU run would differ from the last night's.
+contract the adapter does not handle, or a followed branch that is no moving target and whose
+version belongs to a line that serves releases: a tracking issue names the hunk, the culprits
+and the command that finishes the port), or ``ok`` (nothing to write).
+
+A followed branch that is one of the moving targets (:data:`mla_seam.releases.MOVING_TARGETS`:
+main, dev) has a series of its own, ``patches/<branch>/``: its proposal updates that folder
+(the rebase onto ``upstream-<branch>`` writes it, recording its snapshot ``main@<commit>``),
+whatever its version string says; it is ``ok`` at the commit its series was made from, or when
+the rebase writes what is checked in (:func:`folder_digest`). Fingerprints (:func:`digest`) say
+when a proposal, an issue or a GPU run would differ from the last night's.
 """
 
 from __future__ import annotations
@@ -21,20 +28,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from mla_seam import contracts, releases
 from mla_seam.series import Series
 
-BRANCH_PREFIX = "upstream-"
 CARRIED = ("exact", "offset", "three_way")
 DROPPED = ("upstream", "obsolete")
 PROPOSAL_BRANCH = "mla-seam/propose/{slug}"
-
-
-def branch_ref(branch: str) -> str:
-    """Where a followed branch lands in the clone (``main`` -> ``upstream-main``)."""
-    return f"{BRANCH_PREFIX}{branch}"
 
 
 def digest(value: Any) -> str:
@@ -60,6 +62,7 @@ class Target:
     proposal: Optional[Dict[str, Any]] = None
     issue: Optional[Dict[str, Any]] = None
     gpu: Optional[Dict[str, Any]] = None
+    note: str = ""  # why an ``ok`` moving target needs nothing tonight
 
     @property
     def slug(self) -> str:
@@ -81,6 +84,18 @@ class Target:
         """``core_v0.20.0`` / ``upstream main``."""
         return f"upstream {self.name}" if self.kind == "branch" else self.name
 
+    @property
+    def moving(self) -> Optional[str]:
+        """The moving target this is (``main``, ``dev``: a series folder of its own), else
+        ``None``."""
+        return releases.moving_target(self.ref) if self.kind == "branch" else None
+
+    @property
+    def folder(self) -> str:
+        """The series folder a proposal writes: ``main`` for upstream main, ``core_v0.20`` for
+        a release of that line (:func:`mla_seam.releases.series_folder`)."""
+        return releases.series_folder(self.ref, self.version)
+
     def to_json(self) -> Dict[str, Any]:
         """The ``targets.json`` entry."""
         data = dataclasses.asdict(self)
@@ -99,12 +114,12 @@ def moving_targets(
 ) -> List[Target]:
     """The targets of one drift report (see the module doc), in the report's order."""
     listed = {v for s in lines for v in s.releases}
-    branches = {branch_ref(b): b for b in follow}
     found = []
     for entry in report["tags"]:
         tag, version = str(entry["tag"]), str(entry["version"])
-        if tag in branches:
-            kind, name = "branch", branches[tag]
+        branch = releases.followed_branch(tag)
+        if branch is not None and branch in follow:
+            kind, name = "branch", branch
         elif not tag.startswith(releases.TAG_PREFIX) or releases.is_prerelease(version):
             continue
         elif version not in listed and releases.version_of_tag(tag) not in listed:
@@ -143,6 +158,14 @@ def plan(target: Target, entry: Mapping[str, Any], lines: Sequence[Series]) -> T
     if "conflict" in classes or problems:
         target.action = "human"
         return target
+    if target.moving is not None:
+        own = own_series(target, lines)
+        made_from = str(own.upstream.get("commit") or "") if own is not None else ""
+        if target.series == target.moving and made_from == target.commit:
+            target.action = "ok"  # the commit its series was made from: nothing to port
+            return target
+        target.action = "propose"  # ok after all when the rebase writes what is checked in
+        return target
     if target.kind == "branch":
         owner = _line_serving_releases(target, lines)
         if owner is not None:
@@ -151,8 +174,9 @@ def plan(target: Target, entry: Mapping[str, Any], lines: Sequence[Series]) -> T
                 0,
                 f"{target.name} says megatron-core {target.version}, a version of the "
                 f"{owner.name} series, which serves the releases {', '.join(owner.releases)}: "
-                f"the nightly does not write {target.name}'s series over theirs; port it by "
-                "hand (a series of its own per branch is planned)",
+                f"the nightly does not write {target.name}'s series over theirs, and "
+                f"{target.name} is no moving target with a series of its own (those are "
+                f"{', '.join(releases.MOVING_TARGETS)}); port it by hand",
             )
             return target
         if entry["verdict"] == "supported":
@@ -160,6 +184,11 @@ def plan(target: Target, entry: Mapping[str, Any], lines: Sequence[Series]) -> T
             return target
     target.action = "propose"
     return target
+
+
+def own_series(target: Target, lines: Sequence[Series]) -> Optional[Series]:
+    """The checked-in series of a moving target (``patches/main``), if there is one."""
+    return next((s for s in lines if target.moving and s.name == target.moving), None)
 
 
 def _line_serving_releases(target: Target, lines: Sequence[Series]) -> Optional[Series]:
@@ -172,18 +201,37 @@ def _line_serving_releases(target: Target, lines: Sequence[Series]) -> Optional[
 
 
 def proposal_digest(files: Mapping[str, bytes]) -> str:
-    """Fingerprint of a proposed line folder: the patches and the manifest without its
-    ``upstream`` record (the target commit it was exported from moves with every upstream
-    commit; the patches' bytes move only when a hooked file does)."""
+    """Fingerprint of a proposed series folder: the patches and the manifest without its
+    ``upstream`` record and with a moving target's snapshot reduced to its name (``main@`` for
+    ``main@d98e8a64dd``): the commit it was exported from moves with every upstream commit; the
+    patches' bytes and the recorded images move only when a hooked file does."""
     parts = {}
     for name, data in sorted(files.items()):
         if name == "manifest.json":
             manifest = json.loads(data)
             manifest.pop("upstream", None)
-            parts[name] = digest(manifest)
+            parts[name] = digest(_without_snapshots(manifest))
         else:
             parts[name] = hashlib.sha256(data).hexdigest()
     return digest(parts)
+
+
+def _without_snapshots(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_snapshots(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_snapshots(v) for v in value]
+    if isinstance(value, str):
+        parsed = releases.parse_snapshot(value)
+        return f"{parsed[0]}@" if parsed else value
+    return value
+
+
+def folder_digest(folder: Path) -> Optional[str]:
+    """:func:`proposal_digest` of a series folder on disk (``None``: there is none)."""
+    if not folder.is_dir():
+        return None
+    return proposal_digest({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
 
 
 def issue_digest(target: Target, entry: Mapping[str, Any]) -> str:

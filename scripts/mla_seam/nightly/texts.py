@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mla_seam import contracts
+from mla_seam import contracts, releases
 from mla_seam.nightly.targets import Target
 
 BODY_LIMIT = 60_000
@@ -133,7 +133,9 @@ def port_commands(target: Target, conflicts: Sequence[Mapping[str, Any]]) -> str
 
 def pr_title(target: Target, line_dir: str) -> str:
     """The proposal's pull-request title."""
-    return f"mla-seam: serve {target.label} (megatron-core {target.version}) with {line_dir}"
+    return (
+        f"mla-seam: serve {target.label} (megatron-core {target.version}) with patches/{line_dir}"
+    )
 
 
 def pr_body(
@@ -154,6 +156,15 @@ def pr_body(
         "series by hand; the hooks that needed a 3-way merge say so in their header "
         "(`Merged-3way:`), with `Last-Update:` moved to the newest upstream commit of their file."
     )
+    if target.moving:
+        label = releases.snapshot(target.moving, target.commit)
+        intro += (
+            f"\n\n`patches/{proposal['line_dir']}/` is the series of the moving target "
+            f"{target.moving}: it records its snapshot `{label}` (the commit it was made "
+            f"from); later commits of {target.moving} are served where "
+            "every hunk still applies strictly, and the nightly proposes an update when one no "
+            "longer does or a hooked file moves."
+        )
     sections: List[Section] = [("", intro), ("Hooks", hooks_table(entry))]
     if review:
         sections.append(("Review these 3-way merges", "\n".join(review)))
