@@ -1,4 +1,9 @@
-"""Session fixtures shared by the test suite: upstream Megatron-LM checkouts.
+"""Fixtures more than one test module uses (all of them are here; shared helpers that are not
+fixtures are in ``support.py``): upstream Megatron-LM checkouts; the synthetic bundle and
+writable trees of the apply tests (``bundle``, ``make_tree``, ``seam_base``, ``seam_env``); the
+six-release checkout, the bundle copy and the bare synthetic upstream of the rebase, drift,
+partial-clone and nightly tests (``combo``, ``repo_bundle``, ``upstream_remote``). Tests marked
+``slow`` are left out of the default run (``--run-slow`` runs them; ``.ci/run`` does).
 
 Checkouts come from the mla-seam cache (``$MLA_SEAM_CACHE``, else the user's normal cache
 ``~/.cache/mla-seam``), so CI reuses downloaded sdists and built checkouts across runs. The only
@@ -13,6 +18,7 @@ Without it they are skipped, saying so; CI has none.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -20,7 +26,16 @@ import pytest
 from mla_seam import gitlayer, releases, upstream
 from mla_seam.paths import cache_dir
 from mla_seam.series import load_series
-from support import COMBO, make_bundle
+from support import (
+    _MEMO,
+    COMBO,
+    REPO_ROOT,
+    _template,
+    _variant_template,
+    copy_tree,
+    make_bundle,
+    synthetic_bundle,
+)
 from synthetic_upstream import Upstream, build_upstream
 
 #: A git clone (or bare mirror) of NVIDIA/Megatron-LM for the tests of main and dev.
@@ -197,3 +212,54 @@ def repo_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def upstream_remote(tmp_path_factory, fresh_checkout) -> Upstream:
     """The bare upstream of :mod:`synthetic_upstream` (built once per session)."""
     return build_upstream(tmp_path_factory.mktemp("upstream"), fresh_checkout)
+
+
+# --- the apply tests: the synthetic bundle and writable trees -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def seam_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One session folder for templates and the bundle, shared by every test module."""
+    if "base" not in _MEMO:
+        _MEMO["base"] = tmp_path_factory.mktemp("seam")
+    return _MEMO["base"]
+
+
+@pytest.fixture(scope="session")
+def bundle(fresh_checkout: Callable[[str, Path], Path], seam_base: Path) -> Path:
+    """The synthetic bundle (MLA_SEAM_ROOT layout)."""
+    return synthetic_bundle(fresh_checkout, seam_base)
+
+
+@pytest.fixture
+def seam_env(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, str]:
+    """Environment for CLI subprocesses (and this process) pointing at the synthetic bundle."""
+    monkeypatch.setenv("MLA_SEAM_ROOT", str(bundle))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT / "scripts"), env.get("PYTHONPATH")])
+    )
+    env["MLA_SEAM_PYTHON"] = sys.executable
+    for name in ("MLA_SEAM_CRASH_AT", "MLA_SEAM_CRASH_SIGNAL"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture
+def make_tree(
+    fresh_checkout: Callable[[str, Path], Path], seam_base: Path, tmp_path: Path
+) -> Callable[..., Path]:
+    """Factory ``(version, git=True, name=...) -> Path``: a writable tree of a release.
+
+    ``version`` "0.16.0" is the synthetic variant (MLA moved by a few lines).
+    """
+
+    def factory(version: str, git: bool = True, name: Optional[str] = None) -> Path:
+        if version == "0.16.0":
+            template = _variant_template(fresh_checkout, seam_base)
+        else:
+            template = _template(fresh_checkout, version, seam_base)
+        dest = tmp_path / (name or f"tree-{version}-{'git' if git else 'plain'}")
+        return copy_tree(template, dest, with_git=git)
+
+    return factory

@@ -16,7 +16,8 @@ import pytest
 from mla_seam import suite
 from mla_seam.suite import attribution
 from mla_seam.suite.attribution import attribute, good_or_bad, identical, lower_is_better
-from test_suite_cpu import GPU, _tree
+from support import GPU
+from support import fake_tree as _tree
 
 PERF = lower_is_better(attribution.PERF_TOLERANCE)
 
