@@ -1,4 +1,9 @@
-"""Session fixtures shared by the test suite: upstream Megatron-LM checkouts.
+"""Fixtures more than one test module uses (all of them are here; shared helpers that are not
+fixtures are in ``support.py``): upstream Megatron-LM checkouts; the synthetic bundle and
+writable trees of the apply tests (``bundle``, ``make_tree``, ``seam_base``, ``seam_env``); the
+six-release checkout, the bundle copy and the bare synthetic upstream of the rebase, drift,
+partial-clone and nightly tests (``combo``, ``repo_bundle``, ``upstream_remote``). Tests marked
+``slow`` are left out of the default run (``--run-slow`` runs them; ``.ci/run`` does).
 
 Checkouts come from the mla-seam cache (``$MLA_SEAM_CACHE``, else the user's normal cache
 ``~/.cache/mla-seam``), so CI reuses downloaded sdists and built checkouts across runs. The only
@@ -13,24 +18,76 @@ Without it they are skipped, saying so; CI has none.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 from mla_seam import gitlayer, releases, upstream
 from mla_seam.paths import cache_dir
 from mla_seam.series import load_series
+from support import (
+    _MEMO,
+    COMBO,
+    REPO_ROOT,
+    _template,
+    _variant_template,
+    copy_tree,
+    make_bundle,
+    synthetic_bundle,
+)
+from synthetic_upstream import Upstream, build_upstream
 
 #: A git clone (or bare mirror) of NVIDIA/Megatron-LM for the tests of main and dev.
 CLONE_ENV = "MLA_SEAM_UPSTREAM_CLONE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Marker of the tests the default run leaves out (``--run-slow`` or ``-m slow`` runs them).
+SLOW = "slow"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--run-slow``: also run the tests marked ``slow`` (``.ci/run`` does)."""
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run the tests marked slow (real-tree builds per release, kill trials, "
+        "end-to-end nights); the default run leaves them out, .ci/run runs them",
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    """Say which cache the upstream checkouts come from, and which clone main and dev do."""
+    """Say which cache the upstream checkouts come from, which clone main and dev do, and
+    whether the slow tests run."""
     origin = "MLA_SEAM_CACHE" if os.environ.get("MLA_SEAM_CACHE") else "default; MLA_SEAM_CACHE"
     clone = os.environ.get(CLONE_ENV) or f"none: main/dev tests skip ({CLONE_ENV} names one)"
-    return f"mla-seam cache: {cache_dir()} ({origin} overrides)\nupstream clone: {clone}"
+    slow = "run" if _runs_slow(config) else "left out (--run-slow runs them)"
+    return (
+        f"mla-seam cache: {cache_dir()} ({origin} overrides)\nupstream clone: {clone}\n"
+        f"slow tests: {slow}"
+    )
+
+
+def _runs_slow(config: pytest.Config) -> bool:
+    return bool(config.getoption("--run-slow")) or SLOW in (config.option.markexpr or "")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Leave the ``slow`` tests out of the default run (deselected, counted by pytest), unless
+    ``--run-slow``, a ``-m`` naming them, or the test's own node id was asked for."""
+    if _runs_slow(config):
+        return
+    asked = [arg for arg in config.args if "::" in arg]  # node ids named on the command line
+
+    def named(item: pytest.Item) -> bool:
+        return any(item.nodeid == a or item.nodeid.startswith((a + "[", a + "::")) for a in asked)
+
+    slow = [item for item in items if item.get_closest_marker(SLOW) and not named(item)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        left_out = set(slow)
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,5 +186,80 @@ def target_checkout(upstream_clone: Path) -> Callable[..., Path]:
             pytest.skip(f"{upstream_clone} lacks {target}'s {wanted} (git fetch it there)")
         gitlayer.checkout_branch(repo, target, commit)
         return dest
+
+    return factory
+
+
+# --- the rebase, drift, partial-clone and nightly tests ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def combo(tmp_path_factory: pytest.TempPathFactory, seam_cache: Path) -> Path:
+    """READ-ONLY checkout with the tags of :data:`COMBO`, HEAD at the last (rebase never writes)."""
+    dest = tmp_path_factory.mktemp("combo") / "megatron"
+    return upstream.get_many(list(COMBO), dest, cache=seam_cache)
+
+
+@pytest.fixture
+def repo_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A bundle copy that mla-seam uses for this test (``MLA_SEAM_ROOT``)."""
+    root = make_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("MLA_SEAM_ROOT", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def upstream_remote(tmp_path_factory, fresh_checkout) -> Upstream:
+    """The bare upstream of :mod:`synthetic_upstream` (built once per session)."""
+    return build_upstream(tmp_path_factory.mktemp("upstream"), fresh_checkout)
+
+
+# --- the apply tests: the synthetic bundle and writable trees -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def seam_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One session folder for templates and the bundle, shared by every test module."""
+    if "base" not in _MEMO:
+        _MEMO["base"] = tmp_path_factory.mktemp("seam")
+    return _MEMO["base"]
+
+
+@pytest.fixture(scope="session")
+def bundle(fresh_checkout: Callable[[str, Path], Path], seam_base: Path) -> Path:
+    """The synthetic bundle (MLA_SEAM_ROOT layout)."""
+    return synthetic_bundle(fresh_checkout, seam_base)
+
+
+@pytest.fixture
+def seam_env(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, str]:
+    """Environment for CLI subprocesses (and this process) pointing at the synthetic bundle."""
+    monkeypatch.setenv("MLA_SEAM_ROOT", str(bundle))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT / "scripts"), env.get("PYTHONPATH")])
+    )
+    env["MLA_SEAM_PYTHON"] = sys.executable
+    for name in ("MLA_SEAM_CRASH_AT", "MLA_SEAM_CRASH_SIGNAL"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture
+def make_tree(
+    fresh_checkout: Callable[[str, Path], Path], seam_base: Path, tmp_path: Path
+) -> Callable[..., Path]:
+    """Factory ``(version, git=True, name=...) -> Path``: a writable tree of a release.
+
+    ``version`` "0.16.0" is the synthetic variant (MLA moved by a few lines).
+    """
+
+    def factory(version: str, git: bool = True, name: Optional[str] = None) -> Path:
+        if version == "0.16.0":
+            template = _variant_template(fresh_checkout, seam_base)
+        else:
+            template = _template(fresh_checkout, version, seam_base)
+        dest = tmp_path / (name or f"tree-{version}-{'git' if git else 'plain'}")
+        return copy_tree(template, dest, with_git=git)
 
     return factory

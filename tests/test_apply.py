@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-import test_series
 from mla_seam.apply import DEFAULT_CHECKOUT, DEFAULT_RELEASE, adapter_summary
 from mla_seam.errors import (
     STATUS_EXIT_CODES,
@@ -26,7 +25,8 @@ from mla_seam.errors import (
 )
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.tree import MegatronTree
-from test_series import (
+from support import newest_fast
+from support import (
     BASE,
     LM,
     MLA,
@@ -44,12 +44,6 @@ from test_series import (
 )
 
 TREES = [("0.16.1", True), ("0.19.2", True), ("0.16.1", False), ("0.19.2", False)]
-
-# Fixtures shared with the other apply tests (defined in test_series), registered here.
-bundle = test_series.bundle
-make_tree = test_series.make_tree
-seam_base = test_series.seam_base
-seam_env = test_series.seam_env
 
 
 def _line(version: str) -> str:
@@ -374,7 +368,9 @@ REAL_RELEASES = [
 
 
 @pytest.mark.skipif(not REAL_RELEASES, reason="the real series are not written yet")
-@pytest.mark.parametrize("line, release", REAL_RELEASES, ids=[r for _, r in REAL_RELEASES])
+@pytest.mark.parametrize(
+    "line, release", newest_fast(REAL_RELEASES, version=lambda row: row[1], ids=lambda row: row[1])
+)
 def test_real_series_checks_on_every_listed_release(
     line: str,
     release: str,

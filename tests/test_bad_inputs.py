@@ -25,10 +25,9 @@ from typing import Callable, Dict, List, Optional
 
 import integrity
 import pytest
-import test_series
 from mla_seam import errors
 from mla_seam.paths import ADAPTER_RELPATH
-from test_series import (
+from support import (
     LM,
     MLA,
     TC,
@@ -39,12 +38,6 @@ from test_series import (
     snapshot,
     state_dir,
 )
-
-# Fixtures shared with the other apply tests (defined in test_series), registered here.
-bundle = test_series.bundle
-make_tree = test_series.make_tree
-seam_base = test_series.seam_base
-seam_env = test_series.seam_env
 
 
 @dataclasses.dataclass

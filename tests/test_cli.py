@@ -12,15 +12,10 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-import test_series
+import support
 from mla_seam import errors
 from mla_seam.errors import STATUS_EXIT_CODES, DirtyTreeError, UsageError
-from test_series import LM, MLA, REPO_ROOT, TC, insert_lines, run_cli, snapshot
-
-bundle = test_series.bundle
-make_tree = test_series.make_tree
-seam_base = test_series.seam_base
-seam_env = test_series.seam_env
+from support import LM, MLA, REPO_ROOT, TC, insert_lines, run_cli, snapshot
 
 
 def _cmd(*args: str) -> list:
@@ -122,7 +117,7 @@ def test_own_committed_adapter_survives_revert(
     tree = make_tree("0.16.1")
     target = tree / "megatron/core/transformer/mla_adapter.py"
     shutil.copy2(bundle / "overlay" / "megatron/core/transformer/mla_adapter.py", target)
-    test_series.commit(tree, "our own copy of the adapter")
+    support.commit(tree, "our own copy of the adapter")
     before = snapshot(tree)
     assert run_cli(seam_env, str(tree)).returncode == 0
     undo = run_cli(seam_env, "--revert", str(tree))

@@ -9,11 +9,9 @@ import shutil
 import pytest
 from mla_seam import drift, gitlayer, upstream
 from mla_seam.suite import attribution
-from test_rebase import (  # noqa: F401 (fixtures)
+from support import (
     MLA,
     REPO,
-    bundle,
-    combo,
     commit_all,
     edit,
     files_of,
@@ -29,7 +27,7 @@ def _drift(capsys, *args: str):
     return run(capsys, "drift", *args)
 
 
-def test_report_validates_and_renders(combo, bundle, tmp_path, capsys):
+def test_report_validates_and_renders(combo, repo_bundle, tmp_path, capsys):
     before = repo_state(combo)
     out = tmp_path / "out"
     code, text = _drift(
@@ -72,7 +70,7 @@ def test_report_validates_and_renders(combo, bundle, tmp_path, capsys):
     assert repo_state(combo) == before
 
 
-def test_report_is_deterministic(combo, bundle, tmp_path, capsys, monkeypatch):
+def test_report_is_deterministic(combo, repo_bundle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
     docs = []
     for k in range(2):
@@ -94,7 +92,7 @@ def test_report_is_deterministic(combo, bundle, tmp_path, capsys, monkeypatch):
     assert docs[0] == docs[1]
 
 
-def test_exit_17_when_a_ref_needs_work(fresh_checkout, bundle, tmp_path, capsys):
+def test_exit_17_when_a_ref_needs_work(fresh_checkout, repo_bundle, tmp_path, capsys):
     """A branch past the last release edits the line H1 replaces: the CI gate trips."""
     tree = fresh_checkout("0.19.2", tmp_path / "upstream")
     edit(
@@ -127,8 +125,8 @@ def test_exit_17_when_a_ref_needs_work(fresh_checkout, bundle, tmp_path, capsys)
     assert doc["summary"]["needs_work_tags"] == ["next"]
 
 
-def test_unserved_release_needs_work(combo, bundle, tmp_path, capsys):
-    shutil.rmtree(bundle / "patches" / "core_v0.19")
+def test_unserved_release_needs_work(combo, repo_bundle, tmp_path, capsys):
+    shutil.rmtree(repo_bundle / "patches" / "core_v0.19")
     out = tmp_path / "out"
     code, _ = _drift(
         capsys,
@@ -147,8 +145,8 @@ def test_unserved_release_needs_work(combo, bundle, tmp_path, capsys):
     assert "--onto core_v0.19.2 --from 0.18" in entry["reasons"][0]
 
 
-def test_bad_ranges(combo, bundle):
-    env = {"MLA_SEAM_ROOT": str(bundle)}
+def test_bad_ranges(combo, repo_bundle):
+    env = {"MLA_SEAM_ROOT": str(repo_bundle)}
     done = run_subprocess(env, "drift", "--megatron", str(combo), "--tags", "0.19")
     assert done.returncode == 2 and "is not FROM..TO" in done.stderr
     done = run_subprocess(env, "drift", "--megatron", str(combo), "--tags", "0.19..nosuchref")
@@ -180,7 +178,7 @@ def with_rc(fresh_checkout, tmp_path):
     return tree
 
 
-def test_prereleases_are_skipped_unless_asked(with_rc, bundle, tmp_path, capsys):
+def test_prereleases_are_skipped_unless_asked(with_rc, repo_bundle, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--megatron", str(with_rc), "--tags", "0.19.2..main", "--no-plot"]
     code, _ = _drift(capsys, *args, "--out", str(out))
@@ -231,7 +229,7 @@ THD_256 = {
 }
 
 
-def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
+def test_gpu_verdicts_and_history(combo, repo_bundle, tmp_path, capsys, monkeypatch):
     results = tmp_path / "results"
     for tag, version, verdict, findings in (
         ("core_v0.18.2", "0.18.2", "pass", []),
@@ -273,13 +271,13 @@ def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
     drift.validate(doc)
     by_tag = {e["tag"]: e for e in doc["tags"]}
     assert by_tag["core_v0.18.2"]["gpu"]["verdict"] == "pass"
-    # ... but a multi-GPU case fails on its patched tree: the tag needs work, and says which.
-    assert by_tag["core_v0.18.2"]["gpu"]["multigpu"]["cases"] == 2
-    assert by_tag["core_v0.18.2"]["verdict"] == "needs_work"
-    assert by_tag["core_v0.18.2"]["reasons"][-1] == (
-        "GPU (h200, 2 GPUs): tp2-sp/layer/te fails on the patched tree (grads<=0.005); "
-        "vanilla: fails alike (grads<=0.005)"
-    )
+    # ... and a multi-GPU case fails on its patched tree: summarized, but judged only by the
+    # folder's verdict.json (the suite's attribution), which predates that run: stale, said so.
+    slot = by_tag["core_v0.18.2"]["gpu"]
+    assert slot["multigpu"]["failed"][0]["case"] == "tp2-sp/layer/te"
+    assert by_tag["core_v0.18.2"]["verdict"] == "supported"
+    assert "derived without the multi-GPU run beside it" in slot["stale"]
+    assert "--reattribute" in slot["stale"] and "stale" not in by_tag["core_v0.19.2"]["gpu"]
     assert by_tag["core_v0.19.0"]["gpu"] is None
     hit = by_tag["core_v0.19.2"]
     assert (
@@ -295,7 +293,7 @@ def test_gpu_verdicts_and_history(combo, bundle, tmp_path, capsys, monkeypatch):
     md = (out / "drift.md").read_text()
     assert md.index("## Since the previous run") < md.index("## Matrix")
     assert "upstream_changed (h200)" in md and "## Trend (history file)" in md
-    assert "| pass (h200); 2 GPUs 1/2 |" in md
+    assert "| pass (h200); 2 GPUs 1/2 (stale verdict.json: re-derive it with --reattribute) |" in md
     assert len(history_file.read_text().splitlines()) == 2
     pytest.importorskip("matplotlib")
     for name in ("drift.png", "drift-perf.png", "drift-golden.png"):
@@ -345,8 +343,8 @@ def test_main_and_dev_rows_take_their_own_gpu_verdicts_or_say_there_is_none(tmp_
     assert NO_GPU_VERDICT in drift.html_table(doc)
 
 
-def test_bad_gpu_results_folder(combo, bundle, tmp_path):
-    env = {"MLA_SEAM_ROOT": str(bundle)}
+def test_bad_gpu_results_folder(combo, repo_bundle, tmp_path):
+    env = {"MLA_SEAM_ROOT": str(repo_bundle)}
     done = run_subprocess(
         env, "drift", "--megatron", str(combo), "--tags", "0.19.2..0.19.2",
         "--gpu-results", str(tmp_path / "none"),
@@ -354,9 +352,9 @@ def test_bad_gpu_results_folder(combo, bundle, tmp_path):
     assert done.returncode == 2 and "is not a folder" in done.stderr
 
 
-def test_bad_baseline_names_its_own_option(combo, bundle):
+def test_bad_baseline_names_its_own_option(combo, repo_bundle):
     done = run_subprocess(
-        {"MLA_SEAM_ROOT": str(bundle)}, "drift", "--megatron", str(combo), "--tags",
+        {"MLA_SEAM_ROOT": str(repo_bundle)}, "drift", "--megatron", str(combo), "--tags",
         "0.19.2..0.19.2", "--baseline", "0.99",
     )  # fmt: skip
     assert done.returncode == 2 and "--baseline 0.99: no such release line" in done.stderr
@@ -390,7 +388,7 @@ def test_history_lines_that_are_not_records_are_skipped_with_a_message(tmp_path,
     assert len(history.load(path)) == 1
 
 
-def test_sweep_cache_reuses_unchanged_tags(combo, bundle, tmp_path, monkeypatch, caplog):
+def test_sweep_cache_reuses_unchanged_tags(combo, repo_bundle, tmp_path, monkeypatch, caplog):
     """The nightly's per-tag cache: a second sweep surveys nothing and reports the same;
     a changed series is a new key (surveyed again)."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
@@ -401,8 +399,8 @@ def test_sweep_cache_reuses_unchanged_tags(combo, bundle, tmp_path, monkeypatch,
         again = drift.build(combo, "0.18.2..0.19.2", baseline="0.16", sweep_cache=cache)
     assert caplog.text.count("(unchanged: cached)") == 3
     assert again == first and again["tags"][1]["contract_changes"]  # recomputed from the cache
-    patch = next((bundle / "patches" / "core_v0.19").glob("*H9*.patch"))
-    manifest = bundle / "patches" / "core_v0.19" / "manifest.json"
+    patch = next((repo_bundle / "patches" / "core_v0.19").glob("*H9*.patch"))
+    manifest = repo_bundle / "patches" / "core_v0.19" / "manifest.json"
     patch.write_bytes(patch.read_bytes().replace(b"Why:", b"Why: (edited)", 1))
     data = json.loads(manifest.read_text())
     for item in data["patches"]:

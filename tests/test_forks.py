@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import integrity
 import pytest
-import test_series
+import support
 from mla_seam import upstream
 from mla_seam.errors import (
     STATUS_EXIT_CODES,
@@ -25,9 +25,8 @@ from mla_seam.errors import (
 )
 from mla_seam.paths import ADAPTER_RELPATH
 from mla_seam.series import load_series
-from test_series import LM, MLA, REPO_ROOT, TC, commit, snapshot, tree_hash
+from support import LM, MLA, REPO_ROOT, TC, commit, snapshot, tree_hash
 
-seam_base = test_series.seam_base
 RELEASE = "0.19.2"
 LINE = "core_v0.19"
 
@@ -130,7 +129,7 @@ def fork_template(fresh_checkout: Callable[[str, Path], Path], seam_base: Path) 
 
 
 def _fork(template: Path, dest: Path, edit: Callable[[Path], None]) -> Path:
-    test_series.copy_tree(template, dest)
+    support.copy_tree(template, dest)
     edit(dest)
     commit(dest, f"fork: {edit.__name__.replace('_', ' ')}")
     return dest

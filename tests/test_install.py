@@ -26,7 +26,7 @@ import pytest
 from mla_seam import earlier_versions
 from mla_seam.errors import BundleError
 from mla_seam.paths import ADAPTER_RELPATH
-from test_series import REPO_ROOT, copy_tree, snapshot, tree_hash
+from support import REPO_ROOT, copy_tree, snapshot, tree_hash
 
 OLD = "20c7d69"  # the 0.1.0 bundle
 RELEASE = "0.16.1"

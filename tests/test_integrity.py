@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import integrity
 import pytest
 import sweep
+from support import sample_fast
 
 TRIALS = integrity.trials()
 
@@ -36,7 +37,10 @@ def test_there_are_at_least_200_kill_trials() -> None:
     }
 
 
-@pytest.mark.parametrize("trial", TRIALS, ids=[t.id for t in TRIALS])
+# The default run: the first trial of each (op, mode, tree) and every tenth; --run-slow: all.
+@pytest.mark.parametrize(
+    "trial", sample_fast(TRIALS, lambda t: (t.variant, t.op, t.mode), 10, lambda t: t.id)
+)
 def test_sigkill(trial: integrity.Trial, templates: integrity.Templates, tmp_path: Path) -> None:
     # Every trial checks the repaired tree; one in three (and every kill during recovery or
     # from outside) also runs the command again to the end.
@@ -59,7 +63,8 @@ def test_there_are_at_least_200_distinct_bad_inputs() -> None:
     assert {r.kind for r in ROWS} == {"state", "journal", "store", "bundle", "args", "git", "tree"}
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+# The default run: the first row of each kind and every tenth; --run-slow: all.
+@pytest.mark.parametrize("row", sample_fast(ROWS, lambda r: r.kind, 10, lambda r: r.id))
 def test_bad_input(row: sweep.Row, templates: integrity.Templates, tmp_path: Path) -> None:
     problem = sweep.run_row(row, templates, tmp_path)
     assert problem == "", problem

@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
-import test_series
+import support
 from mla_seam import cli, gitlayer, releases
 from mla_seam.errors import PreimageUnavailableError
 from mla_seam.series import load_series, series_by_name
 from mla_seam.suite import lines
 from mla_seam.suite.trees import Source, applied_line, inspect_tree, stage
 from mla_seam.survey import series_for_ref
-from test_series import LM, MLA, REPO_ROOT, insert_lines, set_version, snapshot
+from support import LM, MLA, REPO_ROOT, insert_lines, set_version, snapshot
 
-seam_base = test_series.seam_base
 DATE = "2026-12-03T00:00:00+00:00"
 
 # --- naming ----------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def upstream(fresh_checkout, seam_base, tmp_path_factory) -> Dict[str, object]:
     """The synthetic upstream, a bundle copy with patches/main and patches/dev written by the
     product's rebase, and what each step reported."""
     base = tmp_path_factory.mktemp("moving")
-    bundle = shutil.copytree(test_series.synthetic_bundle(fresh_checkout, seam_base), base / "b")
+    bundle = shutil.copytree(support.synthetic_bundle(fresh_checkout, seam_base), base / "b")
     up = fresh_checkout("0.19.2", base / "upstream")
     repo = gitlayer.open_repo(up)
     gitlayer.checkout_branch(repo, "dev", "core_v0.19.2")

@@ -26,8 +26,9 @@ import pytest
 from mla_seam import gitlayer, nightly, paths
 from mla_seam.nightly import cpu, github, publish, state, targets, texts
 from mla_seam.suite.trees import applied_line
-from test_partial_clones import LM, SPARSE, upstream_remote  # noqa: F401 (fixture)
-from test_rebase import DATE, REPO, bundle  # noqa: F401 (fixture)
+from support import REBASE_DATE as DATE
+from support import REPO
+from synthetic_upstream import LM, SPARSE
 
 DISCOVERY = """[
   {"version": "0.19.2", "tag": "core_v0.19.2", "line": "0.19", "prerelease": false,
@@ -409,7 +410,7 @@ def _calls(out: Path) -> list:
 
 
 @pytest.mark.slow
-def test_two_nights_end_to_end(upstream_remote, project, bundle, tmp_path, capsys):
+def test_two_nights_end_to_end(upstream_remote, project, repo_bundle, tmp_path, capsys):
     clone = tmp_path / "megatron"
     gitlayer.clone(upstream_remote.url, clone, filter_spec="blob:none", sparse=SPARSE)
     repo = gitlayer.open_repo(clone)
@@ -611,7 +612,7 @@ def _move_upstream(pusher: Path, parent: str, files: dict, message: str) -> str:
 
 
 @pytest.mark.slow
-def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bundle, tmp_path):
+def test_main_is_ok_until_its_series_would_change(upstream_remote, project, repo_bundle, tmp_path):
     """After main's proposal is merged: ok at the commit patches/main was made from; ok after a
     commit that touches no hooked file (the rebase writes the checked-in folder, but for its
     snapshot), while a release tag on that commit gets its own patches/core_v0.21/; a commit
@@ -625,7 +626,7 @@ def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bund
     # The first night's proposal, merged: patches/main made from upstream main by the rebase.
     merged = ["--megatron", str(clone), "--onto", "main", "--from", "0.19", "--write"]
     assert cli.main(["rebase", *merged, "--accept-three-way"]) == 0
-    checked_in = targets.folder_digest(bundle / "patches" / "main")
+    checked_in = targets.folder_digest(repo_bundle / "patches" / "main")
 
     code, found = _cpu_night(tmp_path, "at-snapshot", clone, project)
     assert code == 17  # core_v0.20.0 still needs a human
@@ -674,6 +675,6 @@ def test_main_is_ok_until_its_series_would_change(upstream_remote, project, bund
         f"main@{hooked[:10]}"
     ]  # fmt: skip
     assert (
-        bundle.joinpath("patches", "main", "manifest.json").read_bytes()
+        repo_bundle.joinpath("patches", "main", "manifest.json").read_bytes()
         != (written / "manifest.json").read_bytes()
     )  # the installed bundle is never written by the nightly

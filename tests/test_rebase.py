@@ -6,7 +6,7 @@ core_v0.16.1 give the survey real history: a hook's change landing upstream, and
 hunk's context with the commit that made it. ``--write`` always targets a copy of the bundle
 (``MLA_SEAM_ROOT``), never the repository's own ``patches/``.
 
-Helpers here are shared with ``test_drift``.
+Its fixtures (``combo``, ``repo_bundle``) are in conftest.py, its helpers in support.py.
 """
 
 from __future__ import annotations
@@ -24,87 +24,26 @@ from mla_seam import cli, gitlayer, upstream
 from mla_seam.releases import MOVING_TARGETS
 from mla_seam.series import load_series
 from mla_seam.survey import PatchClass, split_hunks
+from support import newest_fast
 
-REPO = Path(__file__).resolve().parents[1]
-COMBO = ("0.13.1", "0.14.0", "0.16.1", "0.17.1", "0.18.2", "0.19.2")
-MLA = "megatron/core/transformer/multi_latent_attention.py"
-LM = "megatron/core/models/common/language_module/language_module.py"
-TL = "megatron/core/transformer/transformer_layer.py"
-TC = "megatron/core/transformer/transformer_config.py"
-DATE = "2026-11-27T12:00:00+00:00"
+from support import (  # noqa: F401  (shared with test_drift, test_nightly)
+    COMBO,
+    LM,
+    MLA,
+    REBASE_DATE,
+    REPO,
+    TC,
+    TL,
+    commit_all,
+    edit,
+    files_of,
+    make_bundle,
+    repo_state,
+    run,
+    run_subprocess,
+)
 
-
-# --- shared helpers ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def combo(tmp_path_factory: pytest.TempPathFactory, seam_cache: Path) -> Path:
-    """READ-ONLY checkout with the tags of :data:`COMBO`, HEAD at the last (rebase never writes)."""
-    dest = tmp_path_factory.mktemp("combo") / "megatron"
-    return upstream.get_many(list(COMBO), dest, cache=seam_cache)
-
-
-def make_bundle(dest: Path) -> Path:
-    """A writable copy of the repository's ``patches/`` and ``overlay/`` at ``dest``."""
-    for name in ("patches", "overlay"):
-        shutil.copytree(REPO / name, dest / name)
-    return dest
-
-
-@pytest.fixture
-def bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A bundle copy that mla-seam uses for this test (``MLA_SEAM_ROOT``)."""
-    root = make_bundle(tmp_path / "bundle")
-    monkeypatch.setenv("MLA_SEAM_ROOT", str(root))
-    return root
-
-
-def run(capsys: pytest.CaptureFixture, *args: str) -> Tuple[int, str]:
-    """``mla-seam ARGS`` in this process: exit code and stdout."""
-    code = cli.main(list(args))
-    return code, capsys.readouterr().out
-
-
-def run_subprocess(env: Dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """``python -m mla_seam ARGS`` (for exit codes under signals and messages on stderr)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mla_seam", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def files_of(folder: Path) -> Dict[str, bytes]:
-    """Every file under ``folder`` (relative path -> bytes)."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def repo_state(path: Path) -> Tuple[str, str, str, str]:
-    """HEAD, refs, index and work-tree status of a checkout: what rebase must never change."""
-    repo = gitlayer.open_repo(path)
-    assert repo is not None
-    return (
-        repo.git.rev_parse("HEAD"),
-        repo.git.for_each_ref(),
-        repo.git.ls_files("--stage"),
-        repo.git.status("--porcelain", "--ignored"),
-    )
-
-
-def commit_all(repo_dir: Path, message: str) -> str:
-    """Commit every change in ``repo_dir`` with a fixed identity (a synthetic upstream commit)."""
-    repo = gitlayer.open_repo(repo_dir)
-    return gitlayer.commit_all(repo, message, DATE)
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert text.count(old) == 1, old
-    path.write_text(text.replace(old, new))
+DATE = REBASE_DATE
 
 
 def survey_json(capsys, tmp_path: Path, *args: str) -> Tuple[int, dict]:
@@ -173,7 +112,7 @@ def line_patch(line: str, hook: str) -> Path:
     ],
 )
 def test_rebase_016_onto_newer_lines_writes_series_that_apply(
-    onto, expected, combo, bundle, capsys, tmp_path, fresh_checkout
+    onto, expected, combo, repo_bundle, capsys, tmp_path, fresh_checkout
 ):
     before = repo_state(combo)
     code, doc = survey_json(
@@ -186,7 +125,7 @@ def test_rebase_016_onto_newer_lines_writes_series_that_apply(
     changes = {c["probe"] for c in doc["contract_changes"]}
     assert "tl.cp_comm_type_index" in changes  # the reason H6 became obsolete
     line = upstream.line_of(onto.removeprefix("core_v"))
-    written = load_series(bundle / "patches" / f"core_v{line}")
+    written = load_series(repo_bundle / "patches" / f"core_v{line}")
     assert [p.name.split("-")[3] for p in written.patches] == ["H1", "H2", "H3", "H4", "H7", "H8"]
     assert written.upstream["tag"] == onto
     assert set(written.releases) == {v for v in upstream.RELEASES if upstream.line_of(v) == line}
@@ -375,7 +314,7 @@ def test_export_is_byte_identical_across_runs(combo, tmp_path, monkeypatch, caps
     assert outputs[0] == outputs[1]
 
 
-def test_reexport_of_a_line_onto_its_own_base_keeps_every_byte(combo, bundle, capsys):
+def test_reexport_of_a_line_onto_its_own_base_keeps_every_byte(combo, repo_bundle, capsys):
     for line, base in (("0.16", "core_v0.16.1"), ("0.19", "core_v0.19.2")):
         before = files_of(REPO / "patches" / f"core_v{line}")
         code, out = run(
@@ -383,10 +322,10 @@ def test_reexport_of_a_line_onto_its_own_base_keeps_every_byte(combo, bundle, ca
         )
         assert code == 0
         assert f"{len(before)} file(s) unchanged (bytes kept), 0 changed" in out
-        assert files_of(bundle / "patches" / f"core_v{line}") == before
+        assert files_of(repo_bundle / "patches" / f"core_v{line}") == before
 
 
-def test_hand_written_hook_workflow(synthetic, bundle, capsys, tmp_path):
+def test_hand_written_hook_workflow(synthetic, repo_bundle, capsys, tmp_path):
     """--keep, write the conflicting hook there, --resolved --write; the line then applies.
 
     Upstream puts a statement right below ``super().__post_init__()`` in
@@ -437,7 +376,7 @@ def test_hand_written_hook_workflow(synthetic, bundle, capsys, tmp_path):
     assert "mla-seam H4: validate MLA config in MLATransformerConfig" in out
     assert "written by hand" in out
     assert "mla-seam H1: build MLA core attention through the adapter: as surveyed" in out
-    written = load_series(bundle / "patches" / "core_v0.16")
+    written = load_series(repo_bundle / "patches" / "core_v0.16")
     hooks = [p.name.split("-")[3] for p in written.patches]
     assert hooks == ["H1", "H2", "H3", "H6", "H7", "H8", "H4"]
     assert cli.main(["apply", str(synthetic)]) == 0
@@ -446,27 +385,29 @@ def test_hand_written_hook_workflow(synthetic, bundle, capsys, tmp_path):
 # --- refreshing the overlay blob ---------------------------------------------------------------
 
 
-def test_refresh_overlay_is_byte_stable(bundle, capsys):
+def test_refresh_overlay_is_byte_stable(repo_bundle, capsys):
     code, out = run(capsys, "rebase", "--refresh-overlay", "--check")
     assert code == 0 and "stale: none" in out
-    adapter = bundle / "overlay" / "megatron/core/transformer/mla_adapter.py"
+    adapter = repo_bundle / "overlay" / "megatron/core/transformer/mla_adapter.py"
     adapter.write_bytes(adapter.read_bytes() + b"# edited\n")
     code, out = run(capsys, "rebase", "--refresh-overlay", "--check")
     assert code == 16 and "core_v0.13" in out and "core_v0.19" in out
-    before = files_of(bundle / "patches")
+    before = files_of(repo_bundle / "patches")
     assert run(capsys, "rebase", "--refresh-overlay")[0] == 0
-    after = files_of(bundle / "patches")
+    after = files_of(repo_bundle / "patches")
     changed = sorted(k for k in after if after[k] != before[k])
     assert changed == sorted(
-        f"{d.name}/manifest.json" for d in (bundle / "patches").iterdir() if d.is_dir()
+        f"{d.name}/manifest.json" for d in (repo_bundle / "patches").iterdir() if d.is_dir()
     )
-    blob = gitlayer.hash_blobs(bundle / "overlay", ["megatron/core/transformer/mla_adapter.py"])
+    blob = gitlayer.hash_blobs(
+        repo_bundle / "overlay", ["megatron/core/transformer/mla_adapter.py"]
+    )
     for name in changed:
         manifest = json.loads(after[name])
         assert manifest["overlay"] == blob
-        load_series(bundle / "patches" / name.split("/")[0])
+        load_series(repo_bundle / "patches" / name.split("/")[0])
     assert run(capsys, "rebase", "--refresh-overlay")[0] == 0
-    assert files_of(bundle / "patches") == after
+    assert files_of(repo_bundle / "patches") == after
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -478,9 +419,9 @@ def _refused(env, *args: str, code: int, needle: str) -> None:
     assert needle in done.stderr, done.stderr
 
 
-def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synthetic):
-    env = {"MLA_SEAM_ROOT": str(bundle)}
-    patches, state = files_of(bundle / "patches"), repo_state(combo)
+def test_bad_inputs_are_refused_and_change_nothing(combo, repo_bundle, tmp_path, synthetic):
+    env = {"MLA_SEAM_ROOT": str(repo_bundle)}
+    patches, state = files_of(repo_bundle / "patches"), repo_state(combo)
     _refused(
         env,
         "--megatron",
@@ -510,7 +451,7 @@ def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synt
         code=7,
         needle="uncommitted changes",
     )
-    damaged = next((bundle / "patches" / "core_v0.16").glob("*H2*.patch"))
+    damaged = next((repo_bundle / "patches" / "core_v0.16").glob("*H2*.patch"))
     damaged.write_bytes(damaged.read_bytes().replace(b"normalize", b"normalise", 1))
     _refused(
         env,
@@ -535,7 +476,7 @@ def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synt
         code=2,
         needle="--from 0.99: no such release line",  # its own option, not --series
     )
-    assert files_of(bundle / "patches") == patches and repo_state(combo) == state
+    assert files_of(repo_bundle / "patches") == patches and repo_state(combo) == state
 
 
 @pytest.mark.parametrize(
@@ -546,9 +487,13 @@ def test_bad_inputs_are_refused_and_change_nothing(combo, bundle, tmp_path, synt
         ("rebase-staged", "KILL", -9),
     ],
 )
-def test_interrupted_rebase_changes_nothing(combo, bundle, point, sig, code):
-    env = {"MLA_SEAM_ROOT": str(bundle), "MLA_SEAM_CRASH_AT": point, "MLA_SEAM_CRASH_SIGNAL": sig}
-    patches, state = files_of(bundle / "patches"), repo_state(combo)
+def test_interrupted_rebase_changes_nothing(combo, repo_bundle, point, sig, code):
+    env = {
+        "MLA_SEAM_ROOT": str(repo_bundle),
+        "MLA_SEAM_CRASH_AT": point,
+        "MLA_SEAM_CRASH_SIGNAL": sig,
+    }
+    patches, state = files_of(repo_bundle / "patches"), repo_state(combo)
     done = run_subprocess(
         env,
         "rebase",
@@ -564,12 +509,12 @@ def test_interrupted_rebase_changes_nothing(combo, bundle, point, sig, code):
     if sig == "TERM":
         assert "interrupted by SIGTERM" in done.stderr
     visible = {
-        k: v for k, v in files_of(bundle / "patches").items() if not k.startswith(".rebase-")
+        k: v for k, v in files_of(repo_bundle / "patches").items() if not k.startswith(".rebase-")
     }
     assert visible == patches and repo_state(combo) == state
     # A later run sweeps what SIGKILL left behind and writes the line.
     done = run_subprocess(
-        {"MLA_SEAM_ROOT": str(bundle)},
+        {"MLA_SEAM_ROOT": str(repo_bundle)},
         "rebase",
         "--megatron",
         str(combo),
@@ -580,8 +525,8 @@ def test_interrupted_rebase_changes_nothing(combo, bundle, point, sig, code):
         "--write",
     )
     assert done.returncode == 0, done.stderr
-    assert not list((bundle / "patches").glob(".rebase-*"))
-    load_series(bundle / "patches" / "core_v0.17")
+    assert not list((repo_bundle / "patches").glob(".rebase-*"))
+    load_series(repo_bundle / "patches" / "core_v0.17")
 
 
 # --- apply on every supported line -------------------------------------------------------------
@@ -597,7 +542,7 @@ def _served() -> List[Tuple[str, str]]:
     return rows
 
 
-@pytest.mark.parametrize("line,release", _served())
+@pytest.mark.parametrize("line,release", newest_fast(_served(), version=lambda row: row[1]))
 def test_apply_works_on_every_listed_release(line, release, fresh_checkout, tmp_path, capsys):
     tree = fresh_checkout(release, tmp_path / "tree")
     code, out = run(capsys, "apply", str(tree))
@@ -629,7 +574,7 @@ def test_patch_class_values_are_stable():
     ]
 
 
-def test_three_way_merge_is_flagged_and_needs_acceptance(synthetic, bundle, capsys, tmp_path):
+def test_three_way_merge_is_flagged_and_needs_acceptance(synthetic, repo_bundle, capsys, tmp_path):
     """Upstream edits a context line of H1 two lines away from it: only a 3-way merge carries it."""
     edit(
         synthetic / MLA,
@@ -639,18 +584,18 @@ def test_three_way_merge_is_flagged_and_needs_acceptance(synthetic, bundle, caps
     nearby = commit_all(synthetic, "upstream: annotate the mask type")
     gitlayer.create_tag(gitlayer.open_repo(synthetic), "synthetic-3way", nearby)
     args = ("--megatron", str(synthetic), "--onto", "synthetic-3way", "--from", "0.16", "--write")
-    before = files_of(bundle / "patches")
+    before = files_of(repo_bundle / "patches")
     code, doc = survey_json(capsys, tmp_path, *args)
-    assert code == 16 and files_of(bundle / "patches") == before
+    assert code == 16 and files_of(repo_bundle / "patches") == before
     h1 = next(p for p in doc["patches"] if p["hook"] == "H1")
     assert h1["class"] == "three_way" and "review" in h1["detail"]
     assert [c["commit"] for c in h1["hunks"][0]["culprits"]] == [nearby]
     code, doc = survey_json(capsys, tmp_path, *args, "--accept-three-way")
     assert code == 16  # the merged H1 does not fit 0.16.0, the line's other release
-    assert files_of(bundle / "patches") == before
+    assert files_of(repo_bundle / "patches") == before
     code, doc = survey_json(capsys, tmp_path, *args, "--accept-three-way", "--releases", "0.16.1")
     assert code == 0
-    written = load_series(bundle / "patches" / "core_v0.16")
+    written = load_series(repo_bundle / "patches" / "core_v0.16")
     assert written.upstream["commit"] == nearby
     text = next(p for p in written.patches if "-H1-" in p.name).path.read_text()
     assert "attn_mask_type=self.attn_mask_type,  # mask" in text
@@ -663,7 +608,7 @@ def test_committed_manifests_record_the_current_overlay():
     assert refresh_overlay(REPO / "patches", check=True) == []
 
 
-def test_rebase_onto_a_ref_that_already_holds_the_series(synthetic, bundle, capsys, tmp_path):
+def test_rebase_onto_a_ref_that_already_holds_the_series(synthetic, repo_bundle, capsys, tmp_path):
     """A fork that committed the applied series: every hook is upstream, the range-diff says so.
 
     git range-diff refuses the empty new range (``fatal: need two commit ranges``); the survey
@@ -680,7 +625,7 @@ def test_rebase_onto_a_ref_that_already_holds_the_series(synthetic, bundle, caps
     assert set(classes(doc).values()) == {"upstream"}
     assert "the new series is empty" in doc["range_diff"]
     assert doc["range_diff"].count(" < -:  ------- mla-seam H") == len(doc["patches"])
-    env = {"MLA_SEAM_ROOT": str(bundle)}
+    env = {"MLA_SEAM_ROOT": str(repo_bundle)}
     done = run_subprocess(
         env,
         "rebase",

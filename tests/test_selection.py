@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-import test_series
 from mla_seam.selection import fingerprint
 from mla_seam.tree import MegatronTree
-from test_series import LM, REPO_ROOT, commit, insert_lines, set_version, snapshot
-
-seam_base = test_series.seam_base
+from support import LM, REPO_ROOT, commit, insert_lines, set_version, snapshot
 
 CASES = [
     ("0.19.2", "0.19.1", "core_v0.19"),  # tag core_v0.19.0

@@ -16,7 +16,8 @@ import pytest
 from mla_seam import suite
 from mla_seam.suite import attribution
 from mla_seam.suite.attribution import attribute, good_or_bad, identical, lower_is_better
-from test_suite_cpu import GPU, _tree
+from support import GPU
+from support import fake_tree as _tree
 
 PERF = lower_is_better(attribution.PERF_TOLERANCE)
 
@@ -415,3 +416,58 @@ def test_golden_moves_from_initialization_only_are_upstream_and_not_regressions(
     assert (native.attribution, native.regressed) == expected
     if not expected[1]:
         assert "initializes the model differently" in native.cause
+
+
+# --- the folder's verdict: the multi-GPU run beside the suite run -----------------------------
+
+_RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _case(name: str, patched: bool, vanilla: bool, checks=("grads<=0.005",)) -> Dict[str, Any]:
+    def side(ok: bool) -> Dict[str, Any]:
+        return {"ok": ok, "outcome": "ran", "failed_checks": [] if ok else list(checks)}
+
+    return {"name": name, "patched": side(patched), "vanilla": side(vanilla)}
+
+
+def _multigpu(tag: str, started: str, *cases: Dict[str, Any]) -> Dict[str, Any]:
+    return {"tag": tag, "started": started, "parallel": {"world_size": 2}, "cases": list(cases)}
+
+
+def test_multigpu_cases_are_findings_of_the_folder_verdict(tmp_path):
+    """A multi-GPU case failing on the patched tree decides the tag as a failing test would."""
+    from mla_seam.suite.runner import MULTIGPU_RESULTS, folder_verdict  # noqa: PLC0415
+
+    results = json.loads((_RESULTS / "core_v0.14.0" / "h200" / "results.json").read_text())
+    assert results["trees"]["base"]["tag"] == "core_v0.16.1"
+    folder = tmp_path / "core_v0.14.0" / "h200"
+    base = tmp_path / "core_v0.16.1" / "h200"
+    alone = folder_verdict(results, folder)
+    assert alone["verdict"] == "pass" and "multigpu" not in alone
+
+    def put(where: Path, doc: Dict[str, Any]) -> None:
+        (where / MULTIGPU_RESULTS).parent.mkdir(parents=True, exist_ok=True)
+        (where / MULTIGPU_RESULTS).write_text(json.dumps(doc))
+
+    # fails alike on vanilla, no base run on 2 GPUs: nobody to blame yet
+    put(folder, _multigpu("core_v0.14.0", "T1", _case("tp2-sp/layer/te", False, False)))
+    undecided = folder_verdict(results, folder)
+    attribution.validate(undecided)
+    assert undecided["verdict"] == "incomplete"
+    assert undecided["multigpu"] == {"world_size": 2, "started": "T1", "base_started": None}
+    assert undecided["reasons"][0].startswith("unattributed: 2 GPUs: tp2-sp/layer/te passed: ")
+    # the base release passes it on 2 GPUs: upstream moved and the adapter does not absorb it
+    put(base, _multigpu("core_v0.16.1", "T0", _case("tp2-sp/layer/te", True, True)))
+    moved = folder_verdict(results, folder)
+    assert moved["verdict"] == "upstream_changed" and moved["multigpu"]["base_started"] == "T0"
+    assert "(vanilla, patched: grads<=0.005)" in moved["reasons"][0]
+    # vanilla passes where patched fails: the overlay broke it
+    put(folder, _multigpu("core_v0.14.0", "T2", _case("cp2/sweep/te", False, True, ["out<=0.02"])))
+    broke = folder_verdict(results, folder)
+    assert broke["verdict"] == "overlay_broke"
+    assert broke["reasons"] == [
+        "2 GPUs: cp2/sweep/te passed: vanilla True, patched False (patched: out<=0.02)"
+    ]
+    # a run of another tag in the folder is not read as this one's
+    put(folder, _multigpu("core_v0.19.2", "T3", _case("cp2/sweep/te", False, True)))
+    assert folder_verdict(results, folder) == alone

@@ -16,33 +16,8 @@ import pytest
 from mla_seam import cli, suite
 from mla_seam.errors import DeviceError, UsageError
 from mla_seam.suite import attribution
-
-GPU = suite.DeviceInfo(
-    python="3.12.0",
-    torch="2.11.0",
-    cuda=True,
-    cuda_build="12.9",
-    device_count=1,
-    name="NVIDIA H100 80GB HBM3",
-    capability=[9, 0],
-    memory_gib=79.1,
-    cudnn=91000,
-    te="2.20.2",
-    transformers="5.17.0",
-)
-
-
-def _tree(root: Path, version=(0, 19, 2), patched=True) -> Path:
-    core = root / "megatron" / "core"
-    (core / "transformer").mkdir(parents=True)
-    major, minor, patch = version
-    (core / "package_info.py").write_text(
-        f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\nPRE_RELEASE = ''\n"
-    )
-    if patched:
-        (root / suite.ADAPTER_RELPATH).write_text("# adapter\n")
-    return root
-
+from support import GPU
+from support import fake_tree as _tree
 
 # --- golden values -------------------------------------------------------------------------------
 

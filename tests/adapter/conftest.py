@@ -21,6 +21,8 @@ if not TREE:
     collect_ignore_glob = ["test_*.py"]  # collected only through test_adapter_lines.py
 else:
     sys.path.insert(0, str(Path(TREE).resolve()))
+    # tests/gpu's helpers: the one PackedSeqParams builder (mla_build.packed_seq_params)
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "gpu"))
 
 
 def pytest_report_header(config):

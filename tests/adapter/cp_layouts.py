@@ -89,12 +89,10 @@ class Batch:
 
     def params(self, layout: str, **sizes: Any):
         """The batch's ``PackedSeqParams`` in ``layout`` (dev's fields)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
+        from mla_build import packed_seq_params
 
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=self.cu,
-            cu_seqlens_kv=self.cu,
+        return packed_seq_params(
+            cu=self.cu,
             cu_seqlens_q_padded=self.cu_padded,
             cu_seqlens_kv_padded=self.cu_padded,
             max_seqlen_q=sizes.get("q", self.longest),

@@ -5,16 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mla_seam import deepseek
+
 #: DeepSeek-V2-Lite attention: hidden 2048, 16 heads, kv_lora 512, no q_lora, 128/64/128.
-V2_LITE = dict(
-    hidden_size=2048,
-    num_attention_heads=16,
-    q_lora_rank=None,
-    kv_lora_rank=512,
-    qk_head_dim=128,
-    qk_pos_emb_head_dim=64,
-    v_head_dim=128,
-)
+V2_LITE = dict(deepseek.V2_LITE)
 #: De-aliased: 32 heads, so hidden/heads (64) is neither the q/k (192) nor the v (128) width.
 DEALIASED = dict(V2_LITE, num_attention_heads=32)
 #: With a query LoRA (DeepSeek-V3 style q path).
@@ -29,8 +23,8 @@ SMALL = dict(
     qk_pos_emb_head_dim=16,
     v_head_dim=40,
 )
-YARN = dict(rope_type="yarn", rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=1.0)
-ROPE = dict(rope_type="rope", rotary_scaling_factor=40.0, mscale=0.707, mscale_all_dim=1.0)
+YARN = dict(deepseek.YARN)
+ROPE = dict(YARN, rope_type="rope")
 
 
 def make_config(dims: dict, rope: dict = YARN, **overrides: Any):

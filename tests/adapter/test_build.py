@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from mla_build import packed_seq_params
 from mla_configs import SMALL, YARN, make_config
 
 
@@ -120,7 +120,7 @@ def test_thd_equals_per_sequence_bshd(mla_layer):
     lengths = [1, 37, 64, 5]
     x = torch.randn(sum(lengths), 1, mla_layer.config.hidden_size, requires_grad=True)
     cu = _cu(lengths)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    packed = packed_seq_params(cu=cu)
     thd, _ = mla_layer(x, None, packed_seq_params=packed)
     grad_thd = torch.autograd.grad(thd.square().sum(), x)[0]
     ref = _per_sequence(mla_layer, x, lengths)
@@ -134,13 +134,7 @@ def test_thd_with_padded_offsets(mla_layer):
     hidden = mla_layer.config.hidden_size
     chunks = [torch.randn(p, 1, hidden) for p in padded]
     x = torch.cat(chunks)
-    packed = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=_cu(lengths),
-        cu_seqlens_kv=_cu(lengths),
-        cu_seqlens_q_padded=_cu(padded),
-        cu_seqlens_kv_padded=_cu(padded),
-    )
+    packed = packed_seq_params(lengths, padded, with_max=False, dev="cpu")
     out, _ = mla_layer(x, None, packed_seq_params=packed)
     assert out.shape[0] == sum(padded)
     start = 0

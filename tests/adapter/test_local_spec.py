@@ -12,10 +12,10 @@ import importlib.util
 
 import pytest
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
+from mla_build import packed_seq_params
 from mla_configs import SMALL, YARN, make_config
 
 WITH_Q_LORA = dict(SMALL, q_lora_rank=48)
@@ -119,7 +119,7 @@ def test_thd_of_many_sequences_equals_per_sequence_bshd(dims, cpu_device):
     lengths = [1, 7, 30, 2, 1, 19, 64, 3, 11, 5, 1, 40, 8, 2, 26, 9]
     x = torch.randn(sum(lengths), 1, layer.config.hidden_size, requires_grad=True)
     cu = _cu(lengths)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    packed = packed_seq_params(cu=cu)
     thd, _ = layer(x, None, packed_seq_params=packed)
     grad = torch.randn_like(thd)
     thd_grads = torch.autograd.grad(thd, [x] + list(layer.parameters()), grad)
@@ -153,13 +153,7 @@ def test_one_pass_rope_in_a_layer_equals_upstreams(sizes, cpu_device, monkeypatc
     weights = [x] + list(layer.parameters())
 
     def run():
-        packed = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=sizes[0],
-            max_seqlen_kv=sizes[1],
-        )
+        packed = packed_seq_params(cu=cu, max_seqlen_q=sizes[0], max_seqlen_kv=sizes[1])
         out, _ = layer(x, None, packed_seq_params=packed)
         return out, torch.autograd.grad(out, weights, grad), packed
 

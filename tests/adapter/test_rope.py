@@ -23,6 +23,7 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
+from mla_build import packed_seq_params
 from mla_configs import SMALL, make_config
 from rope_calls import CPGroup, mla_rope_kwargs, takes
 from rope_calls import freqs as _freqs
@@ -48,7 +49,7 @@ def _assert_same(ours, theirs):
 
 def _batch_for(cu, tokens, cp_size):
     config = make_config(SMALL, context_parallel_size=1)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    params = packed_seq_params(cu=cu)
     lengths = (cu[1:] - cu[:-1]).tolist()
     params.max_seqlen_q = params.max_seqlen_kv = max(lengths)
     hidden = torch.zeros(tokens, 1, config.hidden_size)
@@ -107,13 +108,7 @@ def test_positions_restart_per_sequence_and_cover_cp_chunks():
 def test_padded_offsets_rotate_at_the_padded_starts(parallel_state):
     lengths, padded = [3, 37, 20], [8, 40, 24]
     config = make_config(SMALL)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=_offsets(lengths),
-        cu_seqlens_kv=_offsets(lengths),
-        cu_seqlens_q_padded=_offsets(padded),
-        cu_seqlens_kv_padded=_offsets(padded),
-    )
+    params = packed_seq_params(lengths, padded, with_max=False, dev="cpu")
     layer = types.SimpleNamespace(config=config)
     rope_params = mla_adapter.normalize_packed_seq(layer, params, torch.zeros(72, 1, 128))
     assert torch.equal(rope_params.cu_seqlens_q, params.cu_seqlens_q_padded)
@@ -207,7 +202,7 @@ def test_a_table_cut_per_cp_rank_is_rebuilt_whole_for_packed_batches(cp_size, pa
     for rank in range(cp_size):
         group = CPGroup(cp_size, rank)
         tokens = int(cu[-1]) // cp_size
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params = packed_seq_params(cu=cu)
         params.max_seqlen_q = params.max_seqlen_kv = longest
         layer = types.SimpleNamespace(config=config, rotary_pos_emb=CutTable(group))
         mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))
@@ -254,7 +249,7 @@ def test_separate_q_and_kv_max_seqlen_rotate_as_upstream(cp_size, parallel_state
     q, k = torch.randn(tokens, 4, 16), torch.randn(tokens, 1, 16)
     for rank in range(cp_size):
         group = CPGroup(cp_size, rank)
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        params = packed_seq_params(cu=cu)
         params.max_seqlen_q, params.max_seqlen_kv = longest, table.size(0)
         layer = types.SimpleNamespace(config=config)
         mla_adapter.normalize_packed_seq(layer, params, torch.zeros(tokens, 1, 128))

@@ -28,6 +28,7 @@ import torch
 from host_counts import HostReads, OpCounter
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import mla_adapter
+from mla_build import packed_seq_params
 from mla_configs import SMALL, YARN, make_config
 from rope_calls import CPGroup, mla_rope_kwargs
 from rope_calls import freqs as _freqs
@@ -45,14 +46,7 @@ def _cu(*lengths, device="cpu"):
 
 
 def _params(cu, longest=None, **kwargs):
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-        **kwargs,
-    )
+    return packed_seq_params(cu=cu, max_seqlen=longest, **kwargs)
 
 
 def _upstream(t, freqs, config, cu, mscale=1.0, max_seqlen=None):

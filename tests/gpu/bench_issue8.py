@@ -39,7 +39,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 import torch
 from bench import time_ms
-from mla_build import NO_CUDA, NO_TE, build_attention, have_adapter, have_te
+from mla_build import NO_CUDA, NO_TE, build_attention, have_adapter, have_te, packed_seq_params
 from oracles import V2_LITE, make_input
 
 pytestmark = [
@@ -92,21 +92,7 @@ def _offsets(lengths: List[int]) -> torch.Tensor:
 
 def _packed_factory(lengths: List[int]):
     """A new ``PackedSeqParams`` per call (same device offsets), as a new batch each step."""
-    from megatron.core.packed_seq_params import PackedSeqParams  # pylint: disable=C0415
-
-    cu = _offsets(lengths)
-    longest = max(lengths)
-
-    def make():
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
-        )
-
-    return make
+    return functools.partial(packed_seq_params, cu=_offsets(lengths), max_seqlen=max(lengths))
 
 
 def _build(spec: str, backend: str, fusion: bool = False):

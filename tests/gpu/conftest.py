@@ -13,6 +13,10 @@ run on the CPU too (Megatron 0.19+, see :func:`megatron_env`).
 
 Records: a test calls the ``record`` fixture; each call appends one JSON line to the file named
 by ``MLA_SEAM_RESULTS`` (nothing is written when it is unset).
+
+No file depends on another having run first: what a test needs comes from a fixture here
+(``megatron_env`` makes the process group and parallel state once per session, whichever test
+asks first, and reuses one that exists).
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ TREE = os.environ.get("MLA_SEAM_MEGATRON_TREE")
 if TREE:
     sys.path.insert(0, str(Path(TREE).resolve()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# mla_seam (its data modules: mla_seam.deepseek) where the suite has not put it on PYTHONPATH:
+# a run by hand from the repository.
+_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+if (_SCRIPTS / "mla_seam").is_dir() and str(_SCRIPTS) not in sys.path:
+    sys.path.append(str(_SCRIPTS))
 
 from mla_build import NO_TREE, cpu_blocker  # noqa: E402  pylint: disable=C0413
-
-SMOKE_FILE = "test_smoke.py"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,12 +54,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     """Say which Megatron tree this process imports."""
     return f"megatron tree (tests/gpu): {TREE or '(none)'}"
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items) -> None:
-    """Run ``test_smoke.py`` first: its session fixture initializes the process group without
-    checking whether one exists; the fixtures here reuse an existing group."""
-    items.sort(key=lambda item: 0 if item.path.name == SMOKE_FILE else 1)
 
 
 def free_port() -> int:

@@ -349,30 +349,53 @@ def causal_mask(seq: int, dev: str) -> torch.Tensor:
 
 
 def packed_seq_params(
-    lengths: Sequence[int],
+    lengths: Optional[Sequence[int]] = None,
     padded: Optional[Sequence[int]] = None,
     with_max: bool = True,
     dev: Optional[str] = None,
+    *,
+    cu: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    pad_between_seqs: Optional[bool] = None,
+    **fields: Any,
 ):
-    """``PackedSeqParams(qkv_format='thd')`` for ``lengths`` (optionally padded slots)."""
+    """``PackedSeqParams(qkv_format='thd')``: the one builder of the tests.
+
+    Args:
+        lengths: Tokens per sequence (offsets built on ``dev``, default :func:`device`).
+        padded: Slot per sequence (``cu_seqlens_*_padded``), when sequences are padded.
+        with_max: Give ``max_seqlen_q/kv`` (the longest slot) for ``lengths``.
+        dev: Device of the offsets built from ``lengths``.
+        cu: Offsets already made (a static buffer, a CPU tensor), instead of ``lengths``; the
+            same tensor serves q and kv, and nothing is read back from it.
+        max_seqlen: ``max_seqlen_q/kv`` as given (with ``cu``, the only way to set them).
+        pad_between_seqs: Set where the release's class has the field (0.19+), else left out.
+        **fields: Further ``PackedSeqParams`` fields, as given.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams  # pylint: disable=C0415
 
-    dev = dev or device()
-
-    def cu(values: Sequence[int]) -> torch.Tensor:
-        offsets = [0]
+    def offsets(values: Sequence[int]) -> torch.Tensor:
+        out = [0]
         for v in values:
-            offsets.append(offsets[-1] + int(v))
-        return torch.tensor(offsets, dtype=torch.int32, device=dev)
+            out.append(out[-1] + int(v))
+        return torch.tensor(out, dtype=torch.int32, device=dev or device())
 
-    kwargs: Dict[str, Any] = dict(
-        qkv_format="thd", cu_seqlens_q=cu(lengths), cu_seqlens_kv=cu(lengths)
-    )
+    if cu is None:
+        if lengths is None:
+            raise TypeError("packed_seq_params needs lengths or cu")
+        cu = offsets(lengths)
+        if with_max and max_seqlen is None:
+            max_seqlen = max(padded or lengths)
+    kwargs: Dict[str, Any] = dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
     if padded:
-        kwargs.update(cu_seqlens_q_padded=cu(padded), cu_seqlens_kv_padded=cu(padded))
-    if with_max:
-        longest = max(padded or lengths)
-        kwargs.update(max_seqlen_q=longest, max_seqlen_kv=longest)
+        kwargs.update(cu_seqlens_q_padded=offsets(padded), cu_seqlens_kv_padded=offsets(padded))
+    if max_seqlen is not None:
+        kwargs.update(max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    if pad_between_seqs is not None and "pad_between_seqs" in {
+        f.name for f in dataclasses.fields(PackedSeqParams)
+    }:
+        kwargs["pad_between_seqs"] = pad_between_seqs
+    kwargs.update(fields)
     return PackedSeqParams(**kwargs)
 
 

@@ -39,6 +39,7 @@ import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from mla_seam import deepseek
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters (DeepSeek / HF names)
@@ -60,14 +61,14 @@ class Rope:
         mscale_all_dim: YaRN temperature denominator coefficient; also sets the softmax scale.
     """
 
-    kind: str = "yarn"
+    kind: str = deepseek.YARN["rope_type"]
     theta: float = 10000.0
-    factor: float = 40.0
+    factor: float = deepseek.YARN["rotary_scaling_factor"]
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 0.707
-    mscale_all_dim: float = 1.0
+    mscale: float = deepseek.YARN["mscale"]
+    mscale_all_dim: float = deepseek.YARN["mscale_all_dim"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +91,13 @@ class MLAHyper:
             0.19's QK-norm resolver for ``q_lora_rank=None`` with ``qk_layernorm=True``).
     """
 
-    hidden_size: int = 2048
-    num_heads: int = 16
-    q_lora_rank: Optional[int] = None
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+    hidden_size: int = deepseek.V2_LITE["hidden_size"]
+    num_heads: int = deepseek.V2_LITE["num_attention_heads"]
+    q_lora_rank: Optional[int] = deepseek.V2_LITE["q_lora_rank"]
+    kv_lora_rank: int = deepseek.V2_LITE["kv_lora_rank"]
+    qk_nope_head_dim: int = deepseek.V2_LITE["qk_head_dim"]
+    qk_rope_head_dim: int = deepseek.V2_LITE["qk_pos_emb_head_dim"]
+    v_head_dim: int = deepseek.V2_LITE["v_head_dim"]
     rope: Rope = Rope()
     rms_eps: float = 1e-6
     latent_norms: bool = True
@@ -112,9 +113,10 @@ class MLAHyper:
         return dataclasses.replace(self, **changes)
 
 
-YARN = Rope()  # mscale 0.707 != mscale_all_dim 1.0, factor 40
+YARN = Rope()  # mscale 0.707 != mscale_all_dim 1.0, factor 40 (mla_seam.deepseek.YARN)
 PLAIN_ROPE = Rope(kind="rope")
-#: DeepSeek-V2-Lite attention: hidden 2048, 16 heads, kv_lora 512, no q_lora, 128/64/128.
+#: DeepSeek-V2-Lite attention (mla_seam.deepseek.V2_LITE): hidden 2048, 16 heads, kv_lora 512,
+#: no q_lora, 128/64/128.
 V2_LITE = MLAHyper()
 #: De-aliased: 32 heads, so hidden/heads (64) equals neither q/k (192) nor v (128).
 DEALIASED = V2_LITE.replace(num_heads=32)

@@ -26,7 +26,6 @@ MLA cannot be captured.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import statistics
@@ -36,7 +35,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 from bench import time_ms
-from mla_build import NO_CUDA, NO_TE, build_attention, have_adapter, have_te
+from mla_build import NO_CUDA, NO_TE, build_attention, have_adapter, have_te, packed_seq_params
 from oracles import V2_LITE, make_input, max_rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
@@ -99,18 +98,7 @@ class Step:
         """A new batch over the static buffer, sizes given (Megatron's data path); where the
         class has ``pad_between_seqs`` (0.19+) it says there is none, so TE need not compare
         offsets to find out."""
-        from megatron.core.packed_seq_params import PackedSeqParams  # pylint: disable=C0415
-
-        kwargs = dict(
-            qkv_format="thd",
-            cu_seqlens_q=self.cu,
-            cu_seqlens_kv=self.cu,
-            max_seqlen_q=MAX_SEQLEN,
-            max_seqlen_kv=MAX_SEQLEN,
-        )
-        if "pad_between_seqs" in {f.name for f in dataclasses.fields(PackedSeqParams)}:
-            kwargs["pad_between_seqs"] = False
-        return PackedSeqParams(**kwargs)
+        return packed_seq_params(cu=self.cu, max_seqlen=MAX_SEQLEN, pad_between_seqs=False)
 
     def __call__(self) -> torch.Tensor:
         kwargs = {} if self.cu is None else {"packed_seq_params": self.params()}

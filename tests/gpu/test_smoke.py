@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 from mla_build import flash_build_installed, have_adapter
+from mla_build import packed_seq_params as _packed
+from mla_seam import deepseek
 
 TREE = os.environ.get("MLA_SEAM_MEGATRON_TREE")
 if TREE:
@@ -55,20 +57,8 @@ def _decision(config):
 
 
 LENGTHS = [1, 37, 512, 1500]
-HIDDEN = 2048
-DIMS = dict(
-    hidden_size=HIDDEN,
-    num_attention_heads=16,
-    q_lora_rank=None,
-    kv_lora_rank=512,
-    qk_head_dim=128,
-    qk_pos_emb_head_dim=64,
-    v_head_dim=128,
-    rope_type="yarn",
-    rotary_scaling_factor=40.0,
-    mscale=0.707,
-    mscale_all_dim=1.0,
-)
+DIMS = dict(deepseek.V2_LITE, **deepseek.YARN)
+HIDDEN = DIMS["hidden_size"]
 NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 
 
@@ -79,24 +69,14 @@ def _record(**fields) -> None:
             handle.write(json.dumps(fields, sort_keys=True) + "\n")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def distributed():
-    from megatron.core import parallel_state
+@pytest.fixture(scope="module", autouse=True)
+def distributed(megatron_env):
+    """The session's parallel state (``megatron_env`` of conftest.py, made by whichever test
+    asks first), with the model-parallel RNG seeded for this file."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29650")
-    torch.cuda.set_device(0)
-    created = not torch.distributed.is_initialized()
-    if created:
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
-    yield
-    if created:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+    return megatron_env
 
 
 def _config(backend: str):
@@ -141,21 +121,6 @@ def _layer(config, spec: str):
     torch.manual_seed(0)
     layer_spec = make(multi_latent_attention=True)
     return build_module(layer_spec.submodules.self_attention, config=config, layer_number=1).cuda()
-
-
-def _packed(lengths, padded=None, with_max=True):
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    def cu(values):
-        return torch.tensor([0] + list(torch.tensor(values).cumsum(0)), dtype=torch.int32).cuda()
-
-    kwargs = dict(qkv_format="thd", cu_seqlens_q=cu(lengths), cu_seqlens_kv=cu(lengths))
-    if padded:
-        kwargs.update(cu_seqlens_q_padded=cu(padded), cu_seqlens_kv_padded=cu(padded))
-    if with_max:
-        longest = max(padded or lengths)
-        kwargs.update(max_seqlen_q=longest, max_seqlen_kv=longest)
-    return PackedSeqParams(**kwargs)
 
 
 def _run(layer, x, **kwargs):

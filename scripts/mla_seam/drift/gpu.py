@@ -17,9 +17,12 @@ A GPU verdict of ``overlay_broke`` or ``upstream_changed`` makes the tag ``needs
 (``incomplete`` says why in the slot).
 
 The multi-GPU run of the same folder (``multigpu/results.json``, ``mla-seam suite --nproc N``)
-is summarized in the slot's ``multigpu``; a case that fails on the patched tree (outside the
-known upstream issues the case declares) makes the tag ``needs_work`` as well, with the case,
-its failed checks and what the vanilla tree did.
+is summarized in the slot's ``multigpu`` (cases run, the failing ones with their checks and
+what the vanilla tree did). Its cases are already findings of the folder's verdict
+(:func:`mla_seam.suite.attribution.build_verdict`), the one place that decides whether a
+failure is the overlay's, upstream's or standing; a ``verdict.json`` that does not record the
+multi-GPU run beside it is stale, and the report says so (re-derive it with
+``mla-seam suite --reattribute FOLDER``).
 """
 
 from __future__ import annotations
@@ -121,10 +124,29 @@ def _vanilla_outcome(vanilla: Dict[str, Any]) -> str:
     return str(vanilla.get("outcome") or "not run")
 
 
+def multigpu_passed(multigpu: Mapping[str, Any]) -> str:
+    """A :func:`multigpu_summary` in a table cell: ``2 GPUs 6/12`` (cases passed of run)."""
+    ok = multigpu["cases"] - len(multigpu["failed"])
+    return f"{multigpu.get('world_size')} GPUs {ok}/{multigpu['cases']}"
+
+
 def multigpu_failure(failed: Mapping[str, Any]) -> str:
     """One failing multi-GPU case of :func:`multigpu_summary`, in words (reasons and drift.md)."""
     why = ", ".join(failed["checks"]) or failed["message"] or "failed"
     return f"{failed['case']} fails on the patched tree ({why}); vanilla: {failed['vanilla']}"
+
+
+def stale_verdict(doc: Mapping[str, Any], multigpu: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Why a verdict document does not speak for its folder's multi-GPU run, or ``None``."""
+    recorded = (doc.get("multigpu") or {}).get("started")
+    found = (multigpu or {}).get("timestamp")
+    if recorded == found:
+        return None
+    folder = doc["_path"].parent
+    return (
+        f"{folder}/{VERDICT_FILE} was derived {'without' if not recorded else 'before'} the "
+        f"multi-GPU run beside it ({found or 'none now'}): run mla-seam suite --reattribute {folder}"
+    )
 
 
 def slot(doc: Dict[str, Any], root: Path) -> Dict[str, Any]:
@@ -187,14 +209,10 @@ def attach(report: Dict[str, Any], results_dir: Path) -> int:
             entry["reasons"] = list(entry["reasons"]) + [
                 f"GPU ({doc.get('card_slug')}, {doc['verdict']}): {r}" for r in reasons[:5]
             ]
-        multigpu = entry["gpu"].get("multigpu")
-        if multigpu and multigpu["failed"]:
-            entry["verdict"] = NEEDS_WORK
-            entry["reasons"] = list(entry["reasons"]) + [
-                f"GPU ({doc.get('card_slug')}, {multigpu.get('world_size')} GPUs): "
-                + multigpu_failure(f)
-                for f in multigpu["failed"]
-            ]
+        stale = stale_verdict(doc, entry["gpu"].get("multigpu"))
+        if stale:
+            log.warning("mla-seam drift: %s", stale)
+            entry["gpu"]["stale"] = stale
     report["run"]["cards"] = sorted(c for c in cards if c)
     report["run"]["versions"] = versions
     refresh(report)

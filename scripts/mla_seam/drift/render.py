@@ -6,7 +6,7 @@ import html
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mla_seam import contracts, releases
-from mla_seam.drift.gpu import multigpu_failure
+from mla_seam.drift.gpu import multigpu_failure, multigpu_passed
 from mla_seam.drift.sweep import SUPPORTED
 
 _SHORT = {
@@ -73,8 +73,9 @@ def _gpu_cell(entry: Mapping[str, Any]) -> str:
     cell = f"{gpu['verdict']} ({gpu.get('card_slug')})"
     multigpu = gpu.get("multigpu")
     if multigpu:
-        ok = multigpu["cases"] - len(multigpu["failed"])
-        cell += f"; {multigpu.get('world_size')} GPUs {ok}/{multigpu['cases']}"
+        cell += f"; {multigpu_passed(multigpu)}"
+    if gpu.get("stale"):
+        cell += " (stale verdict.json: re-derive it with --reattribute)"
     return cell
 
 

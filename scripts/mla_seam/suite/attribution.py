@@ -18,7 +18,13 @@ A finding is ``regressed`` when the shipped tree (patched) is worse than the bas
 where the base was not seen to fail. The verdict of the tag: ``overlay_broke`` if any finding
 says so, else ``upstream_changed`` if an attributed finding regressed (upstream moved and the
 adapter does not absorb it yet), else ``incomplete`` if an unattributed finding regressed, a
-phase of the patched tree broke down or no vanilla tree ran, else ``pass``. The document (:func:`build_verdict`) is ``verdict.json`` of the run, schema
+phase of the patched tree broke down or no vanilla tree ran, else ``pass``.
+
+The verdict is the results folder's, not one process's: the multi-GPU run of the same folder
+(``multigpu/results.json``, ``mla-seam suite --nproc N``) adds one finding per case, its base
+read from the base release's multi-GPU run (:func:`multigpu_findings`), so a case failing on
+the patched tree decides the tag as a failing single-GPU test would. The document
+(:func:`build_verdict`) is ``verdict.json`` of the folder, schema
 ``schemas/gpu_verdict.schema.json``; ``mla-seam drift --gpu-results`` reads it.
 """
 
@@ -376,6 +382,52 @@ def golden_findings(golden: Mapping[str, Mapping[str, Any]]) -> List[Finding]:
     return findings
 
 
+def _case_ok(side: Any) -> Optional[bool]:
+    """A multi-GPU case's outcome on one tree: ``ok``, or ``None`` when it was not measured."""
+    if not isinstance(side, Mapping) or side.get("outcome") in (None, "skipped", "not_run"):
+        return None
+    return bool(side.get("ok"))
+
+
+def multigpu_findings(
+    multigpu: Optional[Mapping[str, Any]], base_multigpu: Optional[Mapping[str, Any]] = None
+) -> List[Finding]:
+    """Per multi-GPU case (``mla-seam suite --nproc N``), its outcome on each tree.
+
+    Args:
+        multigpu: The folder's ``multigpu/results.json``: every case on the patched tree and on
+            the vanilla tree of the release.
+        base_multigpu: The base release's ``multigpu/results.json``; its patched tree is the base
+            (``None``: the base was not run on several GPUs).
+    """
+    if not multigpu:
+        return []
+    base = {c.get("name"): c for c in (base_multigpu or {}).get("cases") or ()}
+    size = (multigpu.get("parallel") or {}).get("world_size")
+    findings = []
+    for case in multigpu.get("cases") or ():
+        values = {
+            "vanilla": _case_ok(case.get("vanilla")),
+            "patched": _case_ok(case.get("patched")),
+            "base": _case_ok((base.get(case.get("name")) or {}).get("patched")),
+        }
+        values = {role: value for role, value in values.items() if value is not None}
+        subject = f"{size} GPUs: {case.get('name')}"
+        found = _finding("correctness", subject, "passed", values, good_or_bad, _failed)
+        if found.attribution != "unchanged" or found.regressed:
+            found.cause += _messages(
+                {role: _case_failure(case.get(role)) for role in ("vanilla", "patched")}
+            )
+            findings.append(found)
+    return findings
+
+
+def _case_failure(side: Any) -> str:
+    if _case_ok(side) in (None, True):
+        return ""
+    return ", ".join(side.get("failed_checks") or ()) or str(side.get("message") or "")
+
+
 # --- the verdict document ---------------------------------------------------------------------
 
 
@@ -458,10 +510,24 @@ def broke_down(phase: Mapping[str, Any]) -> bool:
     return not any(o in ("failed", "errors") for o in (phase.get("tests") or {}).values())
 
 
-def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
-    """The GPU verdict document of one suite run (``verdict.json``)."""
+def build_verdict(
+    results: Mapping[str, Any],
+    multigpu: Optional[Mapping[str, Any]] = None,
+    base_multigpu: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The GPU verdict document of one results folder (``verdict.json``).
+
+    Args:
+        results: The single-GPU suite run (``results.json``).
+        multigpu: The same folder's multi-GPU run (``multigpu/results.json``), if any: its cases
+            are findings of the tag like the single-GPU tests (:func:`multigpu_findings`).
+        base_multigpu: The base release's multi-GPU run (the base role of those cases); for a
+            release that is its own base, its own run is read as the base's.
+    """
     measured = _measured(results)
-    findings = _findings(measured)
+    if multigpu and base_multigpu is None and base_is_patched(results):
+        base_multigpu = multigpu
+    findings = _findings(measured) + multigpu_findings(multigpu, base_multigpu)
     verdict, reasons = verdict_of(findings, results)
     env = results.get("environment") or {}
     counts = {a: 0 for a in ATTRIBUTIONS}
@@ -474,7 +540,7 @@ def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
             for p in measured.get("phases") or []
         )
         trees[role] = {"tag": tree["tag"], "version": tree["version"], "ran": ran}
-    return {
+    doc = {
         "schema_version": SCHEMA_VERSION,
         "kind": "mla-seam-gpu-verdict",
         "tag": results["tag"],
@@ -510,6 +576,13 @@ def build_verdict(results: Mapping[str, Any]) -> Dict[str, Any]:
         "verdict": verdict,
         "reasons": reasons,
     }
+    if multigpu:
+        doc["multigpu"] = {
+            "world_size": (multigpu.get("parallel") or {}).get("world_size"),
+            "started": multigpu.get("started"),
+            "base_started": (base_multigpu or {}).get("started"),
+        }
+    return doc
 
 
 def validate(doc: Mapping[str, Any]) -> None:

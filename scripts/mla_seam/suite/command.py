@@ -27,7 +27,7 @@ from mla_seam.errors import SeamError, UsageError
 from mla_seam.output import emit
 from mla_seam.suite import device, dist, lines
 from mla_seam.suite.phases import PHASE_NAMES
-from mla_seam.suite.runner import reattribute, run_suite
+from mla_seam.suite.runner import default_out, reattribute, run_suite
 from mla_seam.suite.trees import DEFAULT_BASE, choose_base, stage
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ def _counts(verdict: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The ``suite`` verb; exit 0 when the patched tree passed and the overlay broke nothing."""
+    if args.index is not None:
+        from mla_seam import results_index  # pylint: disable=import-outside-toplevel
+
+        emit(str(results_index.write(Path(args.index) if args.index else default_out())))
+        return 0
     if args.reattribute:
         for folder in args.reattribute:
             verdict = reattribute(folder, args.out)["verdict"]
@@ -272,6 +277,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="derive the verdict of stored runs (results/<tag>/<card>) again with this "
         "version's attribution; runs nothing, needs no GPU; with --out the new files go to "
         "<out>/<tag>/<card> and RUN is left as it was",
+    )
+    parser.add_argument(
+        "--index",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write the index that opens DIR/README.md (default: the repository's results/): "
+        "per tag and moving target, is it ok and since when, from every verdict.json and the "
+        "drift report; runs nothing, needs no GPU",
     )
     fleet = parser.add_argument_group("several suites over a host's GPUs")
     fleet.add_argument(

@@ -182,7 +182,7 @@ def run_suite(
         seconds=time.monotonic() - t0,
     )
     results["merged_from"] = merged_from
-    results["verdict"] = attribution.build_verdict(results)
+    results["verdict"] = folder_verdict(results, out_dir)
     write_outputs(out_dir, results)
     return results, out_dir
 
@@ -334,6 +334,37 @@ def merge_previous(
     return merged, old_records + records, merged_golden
 
 
+#: A results folder's multi-GPU run (``mla-seam suite --nproc N``), beside its suite run.
+MULTIGPU_RESULTS = Path("multigpu") / "results.json"
+
+
+def folder_verdict(results: Mapping[str, Any], folder: Path) -> Dict[str, Any]:
+    """The verdict of a results folder (``<out>/<tag>/<card>``): its suite run ``results`` and
+    the multi-GPU run beside it, whose base is the base release's multi-GPU run of the card.
+    """
+    own = _multigpu_run(folder / MULTIGPU_RESULTS, results.get("tag"))
+    base = None
+    base_tree = (results.get("trees") or {}).get("base") or {}
+    if own and base_tree.get("tag") and not attribution.base_is_patched(results):
+        base_folder = folder.parent.parent / str(base_tree["tag"]) / folder.name
+        base = _multigpu_run(base_folder / MULTIGPU_RESULTS, base_tree["tag"])
+    return attribution.build_verdict(results, own, base)
+
+
+def _multigpu_run(path: Path, tag: Any) -> Optional[Dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("mla-seam suite: %s is not readable (%s): its cases are left out", path, exc)
+        return None
+    if not isinstance(doc, dict) or doc.get("tag") != tag:
+        log.warning("mla-seam suite: %s is not a multi-GPU run of %s: left out", path, tag)
+        return None
+    return doc
+
+
 def reattribute(folder: os.PathLike, out: Optional[os.PathLike] = None) -> Dict[str, Any]:
     """Derive a stored run's verdict again with this version's attribution (no GPU needed).
 
@@ -368,7 +399,7 @@ def reattribute(folder: os.PathLike, out: Optional[os.PathLike] = None) -> Dict[
             f"(kind {results.get('kind')!r}, schema_version {results.get('schema_version')!r})",
             "only runs of the three-tree suite carry what attribution compares",
         )
-    results["verdict"] = attribution.build_verdict(results)
+    results["verdict"] = folder_verdict(results, path.parent)
     results["reattributed"] = {
         "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "mla_seam_version": __version__,

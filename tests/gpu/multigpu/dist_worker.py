@@ -26,6 +26,9 @@ TREE = os.environ.get("MLA_SEAM_MEGATRON_TREE")
 if TREE:
     sys.path.insert(0, str(Path(TREE).resolve()))
 sys.path[:0] = [str(HERE.parent), str(HERE)]
+_SCRIPTS = HERE.parents[2] / "scripts"  # mla_seam.deepseek for oracles.py, from the repository
+if (_SCRIPTS / "mla_seam").is_dir() and str(_SCRIPTS) not in sys.path:
+    sys.path.append(str(_SCRIPTS))
 
 import dist_cases  # noqa: E402  pylint: disable=C0413
 import dist_env  # noqa: E402  pylint: disable=C0413

@@ -18,7 +18,7 @@ from mla_seam.suite.device import probe_device
 from mla_seam.suite.dist.cases import check_devices, default_cases, select, validate
 from mla_seam.suite.dist.launch import run_side
 from mla_seam.suite.dist.report import build_results, render_markdown, settle_goldens
-from mla_seam.suite.runner import default_out, results_folder
+from mla_seam.suite.runner import default_out, reattribute, results_folder
 from mla_seam.suite.trees import inspect_tree
 
 log = logging.getLogger(__name__)
@@ -103,5 +103,7 @@ def run_multigpu(
         json.dumps(results, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
     )
     (folder / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    if (folder.parent / "results.json").is_file():  # the folder's verdict counts these cases
+        reattribute(folder.parent)
     results["folder"] = str(folder)
     return results
