@@ -28,7 +28,7 @@ from mla_seam.drift import history as drift_history
 from mla_seam.drift.gpu import VERDICT_FILE, multigpu_passed, multigpu_summary, stale_verdict
 from mla_seam.drift.sweep import NEEDS_WORK, SUPPORTED
 from mla_seam.errors import UsageError
-from mla_seam.releases import MOVING_TARGETS
+from mla_seam.releases import MOVING_TARGETS, moving_target
 from mla_seam.suite import attribution
 from mla_seam.tree import replace_atomic
 
@@ -116,9 +116,11 @@ def rows(results_dir: Path) -> List[Row]:
     report = _load_json(root / DRIFT_JSON, "the drift report")
     entries = drift_history.load(root / HISTORY) if (root / HISTORY).is_file() else []
     found: List[Row] = []
-    reported = {str(e["tag"]): e for e in report.get("tags") or ()}
+    # a moving target is swept as the ref the nightly fetched it to (upstream-main): one row
+    reported = {moving_target(str(e["tag"])) or str(e["tag"]): e for e in report.get("tags") or ()}
     for target in list(reported) + [t for t in MOVING_TARGETS if t not in reported]:
         entry = reported.get(target)
+        swept = str(entry["tag"]) if entry else target
         slot = (entry or {}).get("gpu") or {}
         if target in MOVING_TARGETS:
             doc = _newest_verdict(sorted(p for p in (root / target).glob("*") if p.is_dir()))
@@ -145,7 +147,7 @@ def rows(results_dir: Path) -> List[Row]:
             Row(
                 target=target,
                 answer=now,
-                since=_since(entries, target, now) if entry else None,
+                since=_since(entries, swept, now) if entry else None,
                 drift_verdict=verdict,
                 series=(entry or {}).get("series"),
                 gpu=doc,
