@@ -23,6 +23,7 @@ from mla_seam.suite.trees import inspect_tree
 
 log = logging.getLogger(__name__)
 
+
 def run_multigpu(
     megatron_dir: os.PathLike,
     baseline_dir: Optional[os.PathLike],
