@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mla_seam import gitlayer, patching, earlier_versions
+from mla_seam import earlier_versions, gitlayer, patching
 from mla_seam.errors import (
     DirtyTreeError,
     DriftedTreeError,

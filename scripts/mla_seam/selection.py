@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-from mla_seam import gitlayer, paths, earlier_versions, releases
+from mla_seam import earlier_versions, gitlayer, paths, releases
 from mla_seam.assess import TreeView, _converts
 from mla_seam.errors import SeamError, UnsupportedVersionError, UsageError
 from mla_seam.record import State

@@ -45,8 +45,8 @@ import git
 from mla_seam import gitlayer, index, output
 from mla_seam.errors import UpstreamError, UsageError
 from mla_seam.paths import cache_dir
+from mla_seam.releases import TAG_PREFIX  # callers read it from here too
 from mla_seam.releases import (  # pylint: disable=unused-import
-    TAG_PREFIX,  # callers read it from here too
     is_prerelease,
     line_of,
     tag_of,
